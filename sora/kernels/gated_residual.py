@@ -1,0 +1,184 @@
+"""Gated residual add: out = x + gate * y.
+
+x is the (B, N, C) residual stream, frame-major; gate is a per-sample (B, C) or shared (1, C) row (adaLN's
+gate_msa / gate_mlp). With temporal=T, y is a temporal-attention output in "(B S) T C" layout and is read
+back into frame-major order inside the kernel, so the rearrange + contiguous copy before the add is gone.
+
+Forward: one pass, reads x and y, writes out. Backward: dx = dout (no kernel), dy = dout * gate written in
+y's layout, and dgate, a reduction over each sample's tokens, as per-program partial sums (grid
+(B, P, channel blocks)) finished by a small second reduction. No atomics, for the same reason as in
+layernorm_modulate.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sora.kernels._common import (
+    batch_stride,
+    check_frames,
+    check_same,
+    check_tokens,
+    col_tile,
+    compute_dtype,
+    new_buffer,
+    per_sample_rows,
+    reduce_partials,
+    reduction_split,
+    temporal_row,
+    use_triton,
+)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    x_ptr, y_ptr, gate_ptr, out_ptr,
+    M, N, C, T, S, gate_stride,
+    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    if TEMPORAL:
+        y_rows = temporal_row(rows, T, S)
+    else:
+        y_rows = rows
+    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + y_rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + (rows // N)[:, None] * gate_stride + cols[None, :], mask=mask, other=0.0)
+    out = x + gate.to(tl.float32) * y
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_ptr,
+    N, C, T, S, gate_stride, rows_per_program,
+    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    program = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    first = program * rows_per_program
+    last = tl.minimum(first + rows_per_program, N)
+    gate = tl.load(gate_ptr + sample * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+
+    for start in range(first, last, BLOCK_M):
+        local = start + tl.arange(0, BLOCK_M)
+        rows = sample.to(tl.int64) * N + local
+        mask = (local < last)[:, None] & col_ok[None, :]
+        if TEMPORAL:
+            y_rows = temporal_row(rows, T, S)
+        else:
+            y_rows = rows
+        dout = tl.load(dout_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y_offsets = y_rows[:, None] * C + cols[None, :]
+        y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
+        acc_gate += tl.sum(dout * y, axis=0)
+        tl.store(dy_ptr + y_offsets, (dout * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+
+    partial = (sample * tl.num_programs(1) + program) * C + cols
+    tl.store(dgate_ptr + partial, acc_gate, mask=col_ok)
+
+
+def _launch_forward(x, y, gate, T):
+    x = x.contiguous()
+    y = y.contiguous()
+    B, N, C = x.shape
+    out = new_buffer(x.shape, x.dtype, x.device)
+    block_m, block_c, num_warps = col_tile(C)
+    grid = (triton.cdiv(B * N, block_m), triton.cdiv(C, block_c))
+    _gated_residual_fwd_kernel[grid](
+        x, y, gate, out, B * N, N, C, T, N // T, batch_stride(gate),
+        TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+def _launch_backward(dout, y, gate, T):
+    dout = dout.contiguous()
+    y = y.contiguous()
+    B, N, C = dout.shape
+    dy = new_buffer(y.shape, y.dtype, y.device)
+    block_m, block_c, num_warps = col_tile(C)
+    programs, rows_per_program = reduction_split(N, B, block_m, dout)
+    dgate = new_buffer((B * programs, C), torch.float32, dout.device)
+    _gated_residual_bwd_kernel[(B, programs, triton.cdiv(C, block_c))](
+        dout, y, gate, dy, dgate, N, C, T, N // T, batch_stride(gate), rows_per_program,
+        TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return dy, reduce_partials(dgate, B, gate)
+
+
+@torch.library.custom_op("sora::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, T: int) -> torch.Tensor:
+    return _launch_forward(x, y, gate, T)
+
+
+@_gated_residual_op.register_fake
+def _(x, y, gate, T):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sora::gated_residual_backward", mutates_args=())
+def _gated_residual_backward_op(
+    dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, T: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(dout, y, gate, T)
+
+
+@_gated_residual_backward_op.register_fake
+def _(dout, y, gate, T):
+    return (
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, y, gate, T = inputs
+    ctx.save_for_backward(y, gate)
+    ctx.T = T
+
+
+def _backward(ctx, dout):
+    y, gate = ctx.saved_tensors
+    dy, dgate = _gated_residual_backward_op(dout, y, gate, ctx.T)
+    return dout, dy, dgate, None
+
+
+_gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_residual_reference(x, y, gate, temporal=None):
+    """Eager PyTorch: the definition the kernel is tested against, and the fallback off-GPU."""
+    B, N, C = x.shape
+    if temporal is not None and temporal > 1:
+        y = y.reshape(B, N // temporal, temporal, C).transpose(1, 2).reshape(B, N, C)
+    acc = compute_dtype(x)
+    return (x.to(acc) + gate.to(acc).reshape(-1, 1, C) * y.to(acc)).to(x.dtype)
+
+
+def gated_residual(x, y, gate, temporal=None):
+    """x + gate * y for the (B, N, C) residual stream x.
+
+    gate: (B, 1, C), (1, 1, C), (B, C), (1, C) or (C,). y: (B, N, C), or with temporal=T the temporal-attention
+    layout (B*S, T, C) with S = N / T. Differentiable in x, y and gate; output dtype is x.dtype.
+    """
+    check_tokens("x", x)
+    check_tokens("y", y)
+    check_same("y", y, "x", x)
+    T = check_frames(temporal, x)
+    B, N, C = x.shape
+    expected = (B * (N // T), T, C) if T > 1 else (B, N, C)
+    if tuple(y.shape) != expected:
+        layout = f"temporal layout (B*S, T, C) for temporal={T}" if T > 1 else "the shape of x"
+        raise ValueError(f"y must have {layout}, i.e. {expected}, got {tuple(y.shape)} (x is {tuple(x.shape)})")
+    if gate is None:
+        raise ValueError("gate is required; for a plain residual add use x + y")
+    gate_rows = per_sample_rows("gate", gate, x)
+    if not use_triton(x):
+        return gated_residual_reference(x, y, gate_rows, T)
+    return _gated_residual_op(x, y, gate_rows, T)

@@ -1,0 +1,117 @@
+"""Layout changes between frame-major tokens and temporal attention.
+
+to_temporal:   "B (T S) C -> (B S) T C"
+from_temporal: "(B S) T C -> B (T S) C"
+(The spatial layout "(B T) S C" is a free reshape of "B (T S) C" and needs no kernel.)
+
+One kernel serves both directions: each program walks frame-major rows and reads or writes the matching
+temporal rows, so stores (to_temporal) or loads (from_temporal) are row-gathers of whole C-wide rows,
+which stay coalesced along C. Each is the other's backward.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sora.kernels._common import check_tokens, col_tile, new_buffer, temporal_row, use_triton
+
+
+@triton.jit
+def _temporal_copy_kernel(
+    src_ptr, dst_ptr, M, C, T, S,
+    TO_TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    frame_major = rows[:, None] * C + cols[None, :]
+    temporal = temporal_row(rows, T, S)[:, None] * C + cols[None, :]
+    if TO_TEMPORAL:
+        tl.store(dst_ptr + temporal, tl.load(src_ptr + frame_major, mask=mask), mask=mask)
+    else:
+        tl.store(dst_ptr + frame_major, tl.load(src_ptr + temporal, mask=mask), mask=mask)
+
+
+def _launch(x, out_shape, T, S, to_temporal):
+    x = x.contiguous()
+    out = new_buffer(out_shape, x.dtype, x.device)
+    C = x.shape[-1]
+    M = x.numel() // C
+    block_m, block_c, num_warps = col_tile(C)
+    _temporal_copy_kernel[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+        x, out, M, C, T, S,
+        TO_TEMPORAL=to_temporal, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+def _temporal_shape(x, T):
+    B, N, C = x.shape
+    return (B * (N // T), T, C)
+
+
+def _frame_major_shape(x, B):
+    BS, T, C = x.shape
+    return (B, T * (BS // B), C)
+
+
+@torch.library.custom_op("sora::to_temporal", mutates_args=())
+def _to_temporal_op(x: torch.Tensor, T: int) -> torch.Tensor:
+    return _launch(x, _temporal_shape(x, T), T, x.shape[1] // T, to_temporal=True)
+
+
+@_to_temporal_op.register_fake
+def _(x, T):
+    return x.new_empty(_temporal_shape(x, T))
+
+
+@torch.library.custom_op("sora::from_temporal", mutates_args=())
+def _from_temporal_op(x: torch.Tensor, B: int) -> torch.Tensor:
+    return _launch(x, _frame_major_shape(x, B), x.shape[1], x.shape[0] // B, to_temporal=False)
+
+
+@_from_temporal_op.register_fake
+def _(x, B):
+    return x.new_empty(_frame_major_shape(x, B))
+
+
+def _save_batch(ctx, inputs, output):
+    ctx.B = inputs[0].shape[0]
+
+
+def _save_frames(ctx, inputs, output):
+    ctx.T = inputs[0].shape[1]
+
+
+_to_temporal_op.register_autograd(lambda ctx, dout: (_from_temporal_op(dout, ctx.B), None), setup_context=_save_batch)
+_from_temporal_op.register_autograd(lambda ctx, dout: (_to_temporal_op(dout, ctx.T), None), setup_context=_save_frames)
+
+
+def to_temporal_reference(x, T):
+    B, N, C = x.shape
+    return x.reshape(B, T, N // T, C).transpose(1, 2).reshape(B * (N // T), T, C)
+
+
+def from_temporal_reference(x, B):
+    BS, T, C = x.shape
+    return x.reshape(B, BS // B, T, C).transpose(1, 2).reshape(B, T * (BS // B), C)
+
+
+def to_temporal(x, T):
+    """"B (T S) C -> (B S) T C": (B, T*S, C) frame-major tokens to the temporal-attention layout."""
+    check_tokens("x", x)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1 or x.shape[1] % T != 0:
+        raise ValueError(f"T must be a positive int dividing the token count of x {tuple(x.shape)}, got {T!r}")
+    if not use_triton(x):
+        return to_temporal_reference(x, T)
+    return _to_temporal_op(x, T)
+
+
+def from_temporal(x, B):
+    """"(B S) T C -> B (T S) C": back from the temporal-attention layout; B is the batch size."""
+    check_tokens("x", x)
+    if isinstance(B, bool) or not isinstance(B, int) or B < 1 or x.shape[0] % B != 0:
+        raise ValueError(f"B must be a positive int dividing the first dim of x {tuple(x.shape)}, got {B!r}")
+    if not use_triton(x):
+        return from_temporal_reference(x, B)
+    return _from_temporal_op(x, B)
