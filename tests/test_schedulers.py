@@ -1,0 +1,461 @@
+"""IDDPM and DPM-Solver against formulas written out here in float64 numpy, and end to end with
+toy models whose answers are known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sora.schedulers import IDDPM, DPMSolver, build_scheduler
+from sora.schedulers.iddpm import guided_output
+
+SHAPE = (2, 4, 3, 4, 5)  # (B, C, T, H, W): small, odd sizes
+
+
+def reference_schedule():
+    """The 1000-step linear DDPM schedule and its posterior, float64 numpy."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    return betas, abar, abar_prev, post_var
+
+
+def bcast(values, t, ndim):
+    """values[t] as (B, 1, ...) numpy."""
+    return np.asarray(values)[np.asarray(t)].reshape(-1, *([1] * (ndim - 1)))
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def exact_eps_model(x0, channels_out, calls=None):
+    """A model whose eps is exact when the data is always x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar),
+    abar taken at the original 1000-step timestep it is given. Extra channels: a variance fraction."""
+    abar = torch.from_numpy(reference_schedule()[1])
+
+    def model(x, t, y, mask=None):
+        if calls is not None:
+            calls.append(dict(x=x.clone(), t=t.clone(), y=y.clone(), mask=mask))
+        a = abar[t.cpu()].to(x).view(-1, *([1] * (x.ndim - 1)))
+        data = x0.to(x).repeat(len(x) // len(x0), *([1] * (x.ndim - 1)))  # the batch may be doubled for CFG
+        eps = (x - a.sqrt() * data) / (1 - a).sqrt()
+        var_frac = torch.tanh(x[:, : channels_out - x.shape[1]])
+        return torch.cat([eps, var_frac], dim=1)
+
+    return model
+
+
+def conditional_model(x, t, y, mask=None):
+    """A smooth toy model (2C output channels) whose output depends on x, t and the caption y (B, 1, L, C_y)."""
+    y_scale = y.flatten(1).mean(1).view(-1, *([1] * (x.ndim - 1)))
+    tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) / 1000
+    eps = torch.tanh(x * (1 + y_scale)) + 0.5 * tt * y_scale
+    var_frac = torch.sin(x + y_scale) * 0.5
+    return torch.cat([eps, var_frac], dim=1)
+
+
+# ---------------------------------------------------------------- IDDPM formulas
+
+
+def test_schedule_constants_match_the_linear_ddpm_schedule():
+    betas, abar, abar_prev, post_var = reference_schedule()
+    diffusion = IDDPM()
+    assert diffusion.num_timesteps == 1000
+    assert diffusion.timestep_map.tolist() == list(range(1000))
+    assert diffusion.betas.dtype == torch.float64
+    np.testing.assert_allclose(diffusion.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(diffusion.alphas_cumprod.numpy(), abar, rtol=1e-12)
+    np.testing.assert_allclose(diffusion.posterior_variance.numpy(), post_var, rtol=1e-12, atol=0)
+    clipped = np.log(np.concatenate([[post_var[1]], post_var[1:]]))
+    np.testing.assert_allclose(diffusion.posterior_log_variance_clipped.numpy(), clipped, rtol=1e-12)
+    assert IDDPM(timestep_respacing="").num_timesteps == 1000
+
+
+def test_q_sample_and_posterior_match_the_formulas():
+    betas, abar, abar_prev, post_var = reference_schedule()
+    diffusion = IDDPM()
+    x0, noise, x_t = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2), randn(*SHAPE, seed=3)
+    for t_list in ([0, 999], [1, 417]):
+        t = torch.tensor(t_list)
+        expected = np.sqrt(bcast(abar, t, 5)) * x0.numpy() + np.sqrt(1 - bcast(abar, t, 5)) * noise.numpy()
+        np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+        mean, var, log_var = diffusion.q_posterior_mean_variance(x0, x_t, t)
+        b, a, ap = bcast(betas, t, 5), bcast(abar, t, 5), bcast(abar_prev, t, 5)
+        expected_mean = b * np.sqrt(ap) / (1 - a) * x0.numpy() + (1 - ap) * np.sqrt(1 - b) / (1 - a) * x_t.numpy()
+        np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(var.numpy().ravel(), post_var[t_list], rtol=1e-12)
+        # log-variance at t=0 is clipped to t=1's (the posterior variance is 0 there)
+        expected_log = np.log([post_var[max(s, 1)] for s in t_list])
+        np.testing.assert_allclose(log_var.numpy().ravel(), expected_log, rtol=1e-12)
+
+
+def test_learned_range_variance_interpolates_between_posterior_variance_and_beta():
+    betas, abar, abar_prev, post_var = reference_schedule()
+    diffusion = IDDPM()
+    x_t, eps = randn(*SHAPE, seed=4), randn(*SHAPE, seed=5)
+    frac_raw = torch.rand(*SHAPE, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 523])
+    mean, log_var, pred_x0 = diffusion.p_mean_variance(torch.cat([eps, frac_raw], 1), x_t, t)
+
+    frac = (frac_raw.numpy() + 1) / 2
+    min_log = np.log(np.array([post_var[1], post_var[523]])).reshape(-1, 1, 1, 1, 1)
+    max_log = np.log(bcast(betas, t, 5))
+    np.testing.assert_allclose(log_var.numpy(), frac * max_log + (1 - frac) * min_log, rtol=1e-12)
+    a = bcast(abar, t, 5)
+    expected_x0 = (x_t.numpy() - np.sqrt(1 - a) * eps.numpy()) / np.sqrt(a)
+    np.testing.assert_allclose(pred_x0.numpy(), expected_x0, rtol=1e-10, atol=1e-10)
+    b, ap = bcast(betas, t, 5), bcast(abar_prev, t, 5)
+    expected_mean = b * np.sqrt(ap) / (1 - a) * expected_x0 + (1 - ap) * np.sqrt(1 - b) / (1 - a) * x_t.numpy()
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("sigma_small", [False, True])
+def test_fixed_variances_and_x0_prediction(sigma_small):
+    betas, abar, abar_prev, post_var = reference_schedule()
+    diffusion = IDDPM(learn_sigma=False, sigma_small=sigma_small, predict_xstart=True)
+    x_t, x0_pred = randn(*SHAPE, seed=30), randn(*SHAPE, seed=31)
+    t = torch.tensor([0, 811])
+    mean, log_var, pred_x0 = diffusion.p_mean_variance(x0_pred, x_t, t)
+    # "large" is beta except at t=0, "small" the posterior variance; both use t=1's posterior at t=0
+    expected_var = [post_var[1], post_var[811] if sigma_small else betas[811]]
+    np.testing.assert_allclose(log_var[:, 0, 0, 0, 0].numpy(), np.log(expected_var), rtol=1e-12)
+    assert torch.equal(pred_x0, x0_pred)
+    b, a, ap = bcast(betas, t, 5), bcast(abar, t, 5), bcast(abar_prev, t, 5)
+    expected_mean = b * np.sqrt(ap) / (1 - a) * x0_pred.numpy() + (1 - ap) * np.sqrt(1 - b) / (1 - a) * x_t.numpy()
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-9, atol=1e-10)
+
+
+def reference_vlb(x0, x_t, t, eps, frac_raw):
+    """KL (t > 0) or discretized-Gaussian decoder NLL (t = 0), bits per dim, written out in numpy."""
+    betas, abar, abar_prev, post_var = reference_schedule()
+    out = []
+    for i, s in enumerate(t):
+        x0_i, xt_i, eps_i, v_i = x0[i], x_t[i], eps[i], frac_raw[i]
+        coef1 = betas[s] * np.sqrt(abar_prev[s]) / (1 - abar[s])
+        coef2 = (1 - abar_prev[s]) * np.sqrt(1 - betas[s]) / (1 - abar[s])
+        true_mean = coef1 * x0_i + coef2 * xt_i
+        true_logvar = np.log(post_var[max(s, 1)])
+        pred_x0 = (xt_i - np.sqrt(1 - abar[s]) * eps_i) / np.sqrt(abar[s])
+        model_mean = coef1 * pred_x0 + coef2 * xt_i
+        frac = (v_i + 1) / 2
+        model_logvar = frac * np.log(betas[s]) + (1 - frac) * np.log(post_var[max(s, 1)])
+        if s > 0:
+            kl = 0.5 * (
+                -1
+                + model_logvar
+                - true_logvar
+                + np.exp(true_logvar - model_logvar)
+                + (true_mean - model_mean) ** 2 * np.exp(-model_logvar)
+            )
+            out.append(kl.mean() / math.log(2))
+        else:
+            cdf = lambda v: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))  # noqa: E731
+            inv_std = np.exp(-0.5 * model_logvar)
+            plus = cdf(inv_std * (x0_i - model_mean + 1 / 255))
+            minus = cdf(inv_std * (x0_i - model_mean - 1 / 255))
+            log_p = np.where(
+                x0_i < -0.999,
+                np.log(np.maximum(plus, 1e-12)),
+                np.where(x0_i > 0.999, np.log(np.maximum(1 - minus, 1e-12)), np.log(np.maximum(plus - minus, 1e-12))),
+            )
+            out.append(-log_p.mean() / math.log(2))
+    return np.array(out)
+
+
+def test_vlb_terms_match_kl_and_decoder_nll():
+    diffusion = IDDPM()
+    shape = (3, *SHAPE[1:])
+    # data in [-1, 1] with some values on the edge bins, as the decoder likelihood expects
+    x0 = (randn(*shape, seed=7) * 0.8).clamp(-1, 1)
+    x_t, eps = randn(*shape, seed=8), randn(*shape, seed=9)
+    frac_raw = torch.rand(*shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 1, 640])
+    got = diffusion.vlb_terms(x0, x_t, t, torch.cat([eps, frac_raw], 1))
+    expected = reference_vlb(x0.numpy(), x_t.numpy(), t.tolist(), eps.numpy(), frac_raw.numpy())
+    assert (x0.abs() >= 0.999).any() and expected[1] > 0.01
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8)
+
+
+# ---------------------------------------------------------------- respacing
+
+
+@pytest.mark.parametrize("steps", [10, 37, 100])
+def test_respacing_keeps_alpha_bar_at_the_kept_timesteps(steps):
+    abar = reference_schedule()[1]
+    diffusion = IDDPM(num_sampling_steps=steps)
+    kept = diffusion.timestep_map.numpy()
+    assert diffusion.num_timesteps == steps and len(kept) == steps
+    assert kept[0] == 0 and kept[-1] == 999 and np.all(np.diff(kept) > 0)
+    np.testing.assert_allclose(np.cumprod(1 - diffusion.betas.numpy()), abar[kept], rtol=1e-12)
+
+
+def test_respacing_picks_improved_diffusions_timesteps():
+    # improved-diffusion (and Open-Sora) accumulate a float stride: 21 steps keep 499, not 500
+    expected = list(range(0, 500, 50))[:-1] + [450, 499] + list(range(549, 1000, 50))
+    assert IDDPM(num_sampling_steps=21).timestep_map.tolist() == expected
+    assert IDDPM(timestep_respacing="3,5").timestep_map.tolist() == [0, 250, 499, 500, 625, 750, 874, 999]
+    assert IDDPM(timestep_respacing="ddim50").timestep_map.tolist() == list(range(0, 1000, 20))
+
+
+def test_sampling_calls_the_model_at_original_timesteps_with_a_doubled_batch():
+    calls = []
+    x0 = randn(*SHAPE, seed=11).float()
+    diffusion = IDDPM(num_sampling_steps=7)
+    y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    z = torch.randn(SHAPE)
+    diffusion.sample(exact_eps_model(x0, 8, calls), z, y, y_null, mask=mask, progress=False)
+    kept = diffusion.timestep_map.tolist()
+    assert [c["t"].tolist() for c in calls] == [[k] * 4 for k in reversed(kept)]
+    assert torch.equal(calls[0]["x"], torch.cat([z, z]))
+    for call in calls:
+        assert torch.equal(call["y"], torch.cat([y, y_null]))
+        assert torch.equal(call["mask"], torch.cat([mask, mask]))
+
+
+# ---------------------------------------------------------------- classifier-free guidance
+
+
+def test_guidance_combines_cond_and_uncond_on_the_first_cfg_channels():
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    t = torch.tensor([900, 900])
+    y, y_null = torch.randn(2, 1, 3, 6, dtype=torch.float64), torch.randn(2, 1, 3, 6, dtype=torch.float64)
+    cond = conditional_model(x, t, y)
+    uncond = conditional_model(x, t, y_null)
+    for scale, cfg_channel in [(1.0, None), (4.5, None), (7.0, 3)]:
+        got = guided_output(conditional_model, x, t, y, y_null, None, scale, cfg_channel)
+        k = 4 if cfg_channel is None else cfg_channel
+        expected = torch.cat([uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], 1)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(cond[:, :4], uncond[:, :4])
+
+
+def test_guidance_with_class_ids_and_no_mask_argument():
+    def class_model(x, t, y):  # no mask parameter, like a class-conditioned DiT
+        return torch.cat([x * y.view(-1, 1, 1, 1, 1), x], dim=1)
+
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    y, y_null = torch.tensor([3, 7]), torch.tensor([1000, 1000])
+    got = guided_output(class_model, x, torch.tensor([5, 5]), y, y_null, None, 2.0, None)
+    expected_eps = x * 1000 + 2.0 * (x * torch.tensor([3.0, 7.0]).view(-1, 1, 1, 1, 1) - x * 1000)
+    torch.testing.assert_close(got, torch.cat([expected_eps, x], 1))
+
+
+@pytest.mark.parametrize("make", [lambda s: IDDPM(num_sampling_steps=8, cfg_scale=s), lambda s: DPMSolver(8, s)])
+def test_cfg_scale_one_samples_the_conditional_model(make):
+    y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
+
+    def conditional_only(x, t, y):  # both halves see the caption: no guidance at any scale
+        return conditional_model(x, t, y[: len(y) // 2].repeat(2, 1, 1, 1))
+
+    z = torch.randn(SHAPE)
+
+    def sample(scale, model):
+        return make(scale).sample(model, z, y, y_null, progress=False, generator=torch.Generator().manual_seed(0))
+
+    guided, strong = sample(1.0, conditional_model), sample(6.0, conditional_model)
+    torch.testing.assert_close(guided, sample(1.0, conditional_only), rtol=1e-5, atol=1e-5)
+    assert (strong - guided).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_sampling_is_reproducible_from_the_generator():
+    diffusion = IDDPM(num_sampling_steps=6)
+    y, y_null, z = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6), torch.randn(SHAPE)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return diffusion.sample(conditional_model, z, y, y_null, progress=False, generator=generator)
+
+    assert torch.equal(run(3), run(3))
+    assert (run(3) - run(4)).abs().max() > 1e-3
+
+
+def test_iddpm_sampling_with_an_exact_model_ends_at_the_data():
+    x0 = randn(*SHAPE, seed=12).float()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13))
+    y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
+    sample = IDDPM(num_sampling_steps=50, cfg_scale=4.0).sample(
+        exact_eps_model(x0, 8), z, y, y_null, progress=False, generator=torch.Generator().manual_seed(14)
+    )
+    # every step predicts x0 exactly, and the last step's posterior mean is x0 itself
+    torch.testing.assert_close(sample, x0, rtol=0, atol=2e-4)
+
+
+def test_dpm_solver_with_an_exact_model_follows_the_ode_to_step_zero():
+    abar = reference_schedule()[1]
+    x0 = randn(*SHAPE, seed=15).float()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(16))
+    y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
+    sample = DPMSolver(num_sampling_steps=20).sample(exact_eps_model(x0, 8), z, y, y_null, progress=False)
+    # With exact x0 predictions the ODE keeps the noise direction of z: it ends at step 0's marginal.
+    eps = (z.double() - math.sqrt(abar[999]) * x0.double()) / math.sqrt(1 - abar[999])
+    expected = math.sqrt(abar[0]) * x0.double() + math.sqrt(1 - abar[0]) * eps
+    torch.testing.assert_close(sample.double(), expected, rtol=0, atol=1e-4)
+    assert (sample - x0).abs().max() < 0.06
+
+
+def reference_dpm_solver_pp_2m(eps_fn, z, steps):
+    """Multistep DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on the discrete linear schedule, float64."""
+    abar = reference_schedule()[1]
+    timesteps = np.linspace(0, 999, steps + 1).round()[::-1][:-1].astype(int)
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    x, previous = z.double(), None
+    for i, s in enumerate(timesteps):
+        target = timesteps[i + 1] if i + 1 < steps else 0
+        data = (x - sigma[s] * eps_fn(x, s)) / alpha[s]
+        h = lam[target] - lam[s]
+        if previous is None:
+            d = data
+        else:
+            prev_s, prev_data = previous
+            r = (lam[s] - lam[prev_s]) / h
+            d = data + (data - prev_data) / (2 * r)
+        x = sigma[target] / sigma[s] * x - alpha[target] * np.expm1(-h) * d
+        previous = (s, data)
+    return x
+
+
+def test_dpm_solver_matches_a_written_out_dpm_solver_pp():
+    y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17))
+    scale = 3.0
+
+    def guided_eps(x, s):
+        t = torch.full((2,), int(s))
+        cond, uncond = conditional_model(x, t, y.double())[:, :4], conditional_model(x, t, y_null.double())[:, :4]
+        return uncond + scale * (cond - uncond)
+
+    got = DPMSolver(num_sampling_steps=20, cfg_scale=scale).sample(conditional_model, z, y, y_null, progress=False)
+    expected = reference_dpm_solver_pp_2m(guided_eps, z, 20)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- training losses
+
+
+def test_training_losses_vanish_for_an_exact_model_and_true_variance():
+    x0 = randn(*SHAPE, seed=18)
+    diffusion = IDDPM()
+
+    def model(x, t, y):
+        eps = exact_eps_model(x0, 4)(x, t, y)
+        return torch.cat([eps, -torch.ones_like(eps)], 1)  # v = -1: the posterior variance
+
+    t = torch.tensor([1, 700])
+    losses = diffusion.training_losses(model, x0, dict(y=torch.randn(2, 1, 3, 6)), t=t, noise=randn(*SHAPE, seed=19))
+    assert set(losses) == {"loss", "mse", "vb"}
+    assert all(v.shape == (2,) for v in losses.values())
+    assert losses["mse"].max() < 1e-18 and losses["vb"].abs().max() < 1e-9 and losses["loss"].abs().max() < 1e-9
+
+
+def test_training_losses_values_and_detached_mean():
+    diffusion = IDDPM()
+    x0, noise = randn(*SHAPE, seed=20).clamp(-1, 1), randn(*SHAPE, seed=21)
+    output = torch.cat([randn(*SHAPE, seed=22), torch.rand(SHAPE, dtype=torch.float64) * 2 - 1], 1).requires_grad_()
+    t = torch.tensor([0, 333])
+    losses = diffusion.training_losses(lambda x, t: output * 1.0, x0, None, t=t, noise=noise)
+    eps, frac_raw = output.detach()[:, :4], output.detach()[:, 4:]
+    np.testing.assert_allclose(losses["mse"].detach().numpy(), ((noise - eps) ** 2).mean((1, 2, 3, 4)).numpy())
+    x_t = diffusion.q_sample(x0, t, noise)
+    expected_vb = reference_vlb(x0.numpy(), x_t.numpy(), [0, 333], eps.numpy(), frac_raw.numpy())
+    np.testing.assert_allclose(losses["vb"].detach().numpy(), expected_vb, rtol=1e-8)
+    losses["loss"].sum().backward()
+    # the bound does not reach the eps channels: their gradient is the MSE's alone
+    expected_grad = 2 * (eps - noise) / eps[0].numel()
+    torch.testing.assert_close(output.grad[:, :4], expected_grad, rtol=1e-10, atol=1e-12)
+    assert output.grad[:, 4:].abs().max() > 0
+
+
+def test_training_losses_use_kl_is_the_rescaled_bound_through_the_mean():
+    diffusion = IDDPM(use_kl=True)
+    x0, noise = randn(*SHAPE, seed=32).clamp(-1, 1), randn(*SHAPE, seed=33)
+    output = torch.cat([randn(*SHAPE, seed=34), torch.rand(SHAPE, dtype=torch.float64) * 2 - 1], 1).requires_grad_()
+    t = torch.tensor([0, 90])
+    losses = diffusion.training_losses(lambda x, t: output * 1.0, x0, t=t, noise=noise)
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps, frac_raw = output.detach()[:, :4], output.detach()[:, 4:]
+    expected = 1000 * reference_vlb(x0.numpy(), x_t.numpy(), [0, 90], eps.numpy(), frac_raw.numpy())
+    assert set(losses) == {"loss"}
+    np.testing.assert_allclose(losses["loss"].detach().numpy(), expected, rtol=1e-8)
+    losses["loss"].sum().backward()
+    assert output.grad[:, :4].abs().max() > 0
+
+
+def test_training_losses_sample_t_from_the_generator_and_map_respaced_steps():
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t)
+        return torch.cat([x, x], 1)
+
+    diffusion = IDDPM(num_sampling_steps=10)
+    x0 = randn(5, 4, 1, 3, 3, seed=23)
+    diffusion.training_losses(model, x0, dict(y=torch.arange(5)), generator=torch.Generator().manual_seed(24))
+    expected_t = torch.randint(0, 10, (5,), generator=torch.Generator().manual_seed(24))
+    assert torch.equal(seen[0], diffusion.timestep_map[expected_t])
+    diffusion.training_losses(model, x0, dict(y=torch.arange(5)), t=torch.tensor([9, 0, 1, 2, 3]))
+    assert seen[1].tolist() == [999, 0, 111, 222, 333]
+
+
+def test_training_losses_without_learned_sigma_is_plain_mse():
+    diffusion = IDDPM(learn_sigma=False)
+    x0, noise, output = randn(*SHAPE, seed=25), randn(*SHAPE, seed=26), randn(*SHAPE, seed=27)
+    losses = diffusion.training_losses(lambda x, t: output, x0, t=torch.tensor([3, 4]), noise=noise)
+    assert set(losses) == {"loss", "mse"}
+    np.testing.assert_allclose(losses["loss"].numpy(), ((noise - output) ** 2).mean((1, 2, 3, 4)).numpy())
+
+
+# ---------------------------------------------------------------- configuration errors
+
+
+def test_build_scheduler():
+    iddpm = build_scheduler(dict(type="iddpm", num_sampling_steps=100, cfg_scale=7.0))
+    assert isinstance(iddpm, IDDPM) and iddpm.num_timesteps == 100 and iddpm.cfg_scale == 7.0
+    solver = build_scheduler(dict(type="dpm-solver", num_sampling_steps=20, cfg_scale=4.0, cfg_channel=3))
+    assert isinstance(solver, DPMSolver) and solver.num_sampling_steps == 20 and solver.cfg_channel == 3
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(type="ddim"), r"'ddim' is not one of \['dpm-solver', 'iddpm'\]"),
+        (dict(num_sampling_steps=10), r"None is not one of"),
+        (dict(type="iddpm", num_steps=10), r"unknown keyword\(s\) \['num_steps'\].*num_sampling_steps"),
+        (dict(type="dpm-solver", timestep_respacing="10"), r"\['timestep_respacing'\].*cfg_channel"),
+        (dict(type="iddpm", cfg_scale="7"), r"cfg_scale must be a finite number, got '7'"),
+        (dict(type="dpm-solver", cfg_scale=float("nan")), r"cfg_scale must be a finite number"),
+        (dict(type="iddpm", num_sampling_steps=0), r"num_sampling_steps must be an int in \[1, 1000\], got 0"),
+        (dict(type="dpm-solver", num_sampling_steps=1001), r"got 1001"),
+        (dict(type="iddpm", num_sampling_steps=2.5), r"got 2.5"),
+        (dict(type="iddpm", num_sampling_steps=10, timestep_respacing="10"), r"not both"),
+        (dict(type="iddpm", timestep_respacing="fast"), r"timestep_respacing must be"),
+        (dict(type="iddpm", timestep_respacing="ddim600"), r"no integer stride gives 600"),
+        (dict(type="iddpm", cfg_channel=0), r"cfg_channel must be None or a positive int, got 0"),
+        (dict(type="iddpm", noise_schedule="cosine"), r"noise_schedule must be one of"),
+        (dict(type="iddpm", learn_sigma="yes"), r"learn_sigma must be True or False"),
+    ],
+)
+def test_build_scheduler_rejects_bad_configs(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        build_scheduler(cfg)
+
+
+def test_sample_rejects_mismatched_inputs():
+    diffusion = IDDPM(num_sampling_steps=2)
+    z, y = torch.randn(SHAPE), torch.randn(2, 1, 3, 6)
+    with pytest.raises(ValueError, match="y_null must be a tensor with z's batch size 2"):
+        diffusion.sample(conditional_model, z, y, torch.randn(1, 1, 3, 6), progress=False)
+    with pytest.raises(ValueError, match=r"model output must be \(2, 8, 3, 4, 5\)"):
+        diffusion.sample(lambda x, t, y: x, z, y, y, progress=False)
+    with pytest.raises(ValueError, match="cfg_channel=9 exceeds the model's 8 output channels"):
+        IDDPM(num_sampling_steps=2, cfg_channel=9).sample(conditional_model, z, y, y, progress=False)
+    with pytest.raises(ValueError, match="model_kwargs must be a dict"):
+        diffusion.training_losses(conditional_model, z, torch.tensor([1, 2]))
