@@ -1,0 +1,255 @@
+"""Building blocks shared by STDiT, PixArt, DiT and Latte.
+
+Module and parameter names follow Open-Sora v1 (and through it PixArt-alpha and DiT), so their released
+checkpoints load unchanged. Attention runs on torch's scaled_dot_product_attention, or flash-attn's
+flash_attn_func when it is installed and asked for.
+"""
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sora.kernels as K
+
+
+@functools.cache
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention(q, k, v, enable_flashattn=False, mask=None):
+    """Softmax attention over (B, N, H, D) tensors, returning (B, N, H, D).
+
+    enable_flashattn: flash-attn when importable (it takes this layout as is), else SDPA restricted to its
+    flash and memory-efficient backends. mask: (B, Nk) bool, True where a key may be attended.
+    """
+    flash = _flash_attn_func() if enable_flashattn and mask is None and q.is_cuda else None
+    if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return flash(q, k, v)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    if enable_flashattn and q.is_cuda:
+        backends = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]
+        with torch.nn.attention.sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    With an `exchange` (sequence parallelism) the heads are traded for the sequence around the softmax:
+    exchange.gather_sequence turns (B, N/sp, 3, H, D) into (B, N, 3, H/sp, D), and exchange.scatter_sequence
+    undoes it for the output.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, enable_flashattn=False):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.enable_flashattn = enable_flashattn
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, exchange=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        if exchange is not None:
+            qkv = exchange.gather_sequence(qkv, heads_dim=3)
+        q, k, v = qkv.unbind(2)
+        out = attention(q, k, v, self.enable_flashattn)
+        if exchange is not None:
+            out = exchange.scatter_sequence(out, heads_dim=2)
+        return self.proj(out.reshape(B, N, C))
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Image tokens attend to caption tokens; `mask` (B, L) marks the caption's real (non-padding) tokens.
+
+    Each sample attends to its own caption through SDPA's attention mask, the same result as Open-Sora v1's
+    packed sequence with xformers' BlockDiagonalMask, without needing xformers.
+    """
+
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"hidden size {d_model} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q_linear = nn.Linear(d_model, d_model)
+        self.kv_linear = nn.Linear(d_model, d_model * 2)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, cond, mask=None):
+        B, N, C = x.shape
+        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim)
+        k, v = self.kv_linear(cond).view(B, -1, 2, self.num_heads, self.head_dim).unbind(2)
+        out = attention(q, k, v, mask=mask)
+        return self.proj(out.reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """fc1 -> tanh-GELU -> fc2 (timm's Mlp, which Open-Sora's checkpoints were saved from)."""
+
+    def __init__(self, in_features, hidden_features, out_features=None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's branch with probability p during training, scaling survivors."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class PatchEmbed3D(nn.Module):
+    """(B, C, T, H, W) video latents -> (B, N, D) tokens, frame-major ("B (T S) D")."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features ([cos, sin], GLIDE's order) through a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = F.pad(embedding, (0, 1))
+        return embedding
+
+    def forward(self, t, dtype):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(dtype))
+
+
+class CaptionEmbedder(nn.Module):
+    """Projects text-encoder features to the hidden size; during training drops captions for CFG.
+
+    `y_embedding` is the learned-free null caption (a buffer, as in PixArt/Open-Sora: saved, never trained)
+    that replaces a dropped caption, and that samplers use as the unconditional input.
+    """
+
+    def __init__(self, in_channels, hidden_size, uncond_prob, token_num=120):
+        super().__init__()
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
+        self.uncond_prob = uncond_prob
+
+    def forward(self, caption, train, force_drop_ids=None):
+        """caption (B, 1, L, in_channels) -> (B, 1, L, hidden)."""
+        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+            else:
+                drop = force_drop_ids == 1
+            caption = torch.where(drop[:, None, None, None], self.y_embedding.to(caption.dtype), caption)
+        return self.y_proj(caption)
+
+
+class T2IFinalLayer(nn.Module):
+    """PixArt's final layer: LN + modulate by a learned (2, C) table plus the timestep embedding, then linear."""
+
+    def __init__(self, hidden_size, num_patch, out_channels, enable_layernorm_kernel=False):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+        self.enable_layernorm_kernel = enable_layernorm_kernel
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
+        if self.enable_layernorm_kernel:
+            x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
+        else:
+            x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation as Open-Sora's t2i_modulate: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+def get_1d_sincos_pos_embed(embed_dim, length, scale=1.0):
+    """(length, embed_dim) float32: [sin, cos] of positions / scale (MAE's embedding, as Open-Sora uses it)."""
+    return torch.from_numpy(_sincos(embed_dim, np.arange(length, dtype=np.float64) / scale)).float()
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, scale=1.0, base_size=None):
+    """(H*W, embed_dim) float32 for an (H, W) grid, rows first: the first half of the channels encodes the
+    column (w) coordinate, the second half the row (h), as in MAE/PixArt. base_size rescales the grid so that
+    a grid of another size spans the same range of positions (PixArt)."""
+    h, w = grid_size
+    grid_h = np.arange(h, dtype=np.float32) / scale
+    grid_w = np.arange(w, dtype=np.float32) / scale
+    if base_size is not None:
+        grid_h *= base_size / h
+        grid_w *= base_size / w
+    coord_w, coord_h = np.meshgrid(grid_w, grid_h)  # each (h, w)
+    emb = np.concatenate([_sincos(embed_dim // 2, coord_w), _sincos(embed_dim // 2, coord_h)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+def _sincos(embed_dim, positions):
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos position embeddings need an even width, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def basic_init(model):
+    """Open-Sora's initialisation: xavier-uniform linears with zero bias, the patch embed like a linear,
+    N(0, 0.02) timestep and caption MLPs. The zero-initialised output projections are set by each model."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)

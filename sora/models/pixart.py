@@ -1,0 +1,42 @@
+"""PixArt: STDiT's block without temporal attention, attending over all T*S tokens of a sample.
+
+This is Open-Sora v1's PixArt, the "DiT (T5 conditioning like PixArt)" row of its acceleration table: the
+full-attention baseline. With one frame it is PixArt-alpha, whose released checkpoints load (weights under
+"state_dict", a 2-D patch embed that gains a time axis; see sora.models.checkpoint).
+"""
+
+import math
+
+from sora.models.layers import get_2d_sincos_pos_embed
+from sora.models.stdit import XL_2, STDiT
+
+
+class PixArt(STDiT):
+    """Same constructor and forward as STDiT (sequence parallelism aside); parameter names are STDiT's
+    minus `attn_temp`."""
+
+    temporal_attention = False
+
+    def spatial_pos_embed(self, grid_hw):
+        # PixArt spans any grid over base_size positions, base_size = floor(sqrt(S)) of the configured size.
+        _, h, w = self.token_grid(self.input_size)
+        base_size = math.isqrt(h * w)
+        return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale, base_size=base_size)[None]
+
+    def add_pos_embed(self, x, grid):
+        """Spatial embedding on every frame, and the temporal one on every token unless no_temporal_pos_emb;
+        the blocks then need no temporal embedding."""
+        B, N, C = x.shape
+        spatial, temporal = self.pos_embeds(grid, x.device)
+        x = x.view(B, grid[0], -1, C) + spatial.to(x.dtype)
+        if not self.no_temporal_pos_emb:
+            x = x + temporal.to(x.dtype)[:, :, None]
+        return x.view(B, N, C), None
+
+    def run_blocks(self, x, y, t0, mask, T, tpe):
+        # Full attention: the whole sample is one "frame" of N tokens.
+        return super().run_blocks(x, y, t0, mask, 1, None)
+
+
+def PixArt_XL_2(**kwargs):
+    return PixArt(**XL_2, **kwargs)

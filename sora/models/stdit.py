@@ -1,0 +1,268 @@
+"""STDiT: Open-Sora v1's spatial-temporal diffusion transformer, on sora.kernels.
+
+Each block (adaLN-single, as PixArt) runs spatial self-attention over the S tokens of each frame, temporal
+self-attention over the T frames of each spatial position, cross-attention to the caption, and an MLP.
+Tokens are "B (T S) C" frame-major throughout; the spatial layout "(B T) S C" is a free view, and the
+temporal layout "(B S) T C" is produced and consumed by the kernels (to_temporal, gated_residual with
+temporal=T), so enable_layernorm_kernel=True runs no separate rearrange copies.
+
+Parameter and buffer names and shapes are Open-Sora v1's, so its released checkpoints load.
+"""
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import sora.kernels as K
+from sora.models.checkpoint import load_checkpoint
+from sora.models.layers import (
+    Attention,
+    CaptionEmbedder,
+    DropPath,
+    Mlp,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    basic_init,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
+
+
+class STDiTBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, drop_path=0.0, enable_flashattn=False,
+                 enable_layernorm_kernel=False, temporal=True):
+        super().__init__()
+        self.enable_layernorm_kernel = enable_layernorm_kernel
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, enable_flashattn=enable_flashattn)
+        if temporal:
+            self.attn_temp = Attention(hidden_size, num_heads, qkv_bias=True, enable_flashattn=enable_flashattn)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x, y, t0, mask, T, tpe=None, exchange=None):
+        """x (B, T*S, C); y (B, L, C) caption; t0 (B, 6C); mask (B, L) bool or None; tpe (1, T, C) or None.
+
+        `exchange` (sequence parallelism): x holds T whole frames of each sample, out of T * sp; only temporal
+        attention needs the other frames, and gets them from its exchange.
+        """
+        B, N, C = x.shape
+        S = N // T
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t0.reshape(B, 6, C)
+        ).chunk(6, dim=1)  # (B, 1, C) each
+
+        if self.enable_layernorm_kernel:
+            x_m = K.layernorm_modulate(x, shift_msa, scale_msa, eps=1e-6)
+            x_s = self.attn(x_m.view(B * T, S, C)).view(B, N, C)
+            x = K.gated_residual(x, self.drop_path(x_s), gate_msa)
+            if hasattr(self, "attn_temp"):
+                x_t = K.to_temporal(x, T)
+                if tpe is not None:
+                    x_t = x_t + tpe
+                x_t = self.attn_temp(x_t, exchange)
+                x = K.gated_residual(x, self.drop_path(x_t), gate_msa, temporal=T)
+            x = x + self.cross_attn(x, y, mask)
+            x_m = K.layernorm_modulate(x, shift_mlp, scale_mlp, eps=1e-6)
+            return K.gated_residual(x, self.drop_path(self.mlp(x_m)), gate_mlp)
+
+        # The plain PyTorch path: Open-Sora v1's block, op for op.
+        x_m = modulate(self.norm1(x), shift_msa, scale_msa)
+        x_s = self.attn(rearrange(x_m, "B (T S) C -> (B T) S C", T=T))
+        x = x + self.drop_path(gate_msa * rearrange(x_s, "(B T) S C -> B (T S) C", T=T))
+        if hasattr(self, "attn_temp"):
+            x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T)
+            if tpe is not None:
+                x_t = x_t + tpe
+            x_t = self.attn_temp(x_t, exchange)
+            x = x + self.drop_path(gate_msa * rearrange(x_t, "(B S) T C -> B (T S) C", S=S))
+        x = x + self.cross_attn(x, y, mask)
+        return x + self.drop_path(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class STDiT(nn.Module):
+    """Open-Sora v1's STDiT. forward(x (B, C, T, H, W), timestep (B,), y (B, 1, L, caption_channels),
+    mask (B, L)) -> (B, 2C or C, T, H, W) float32."""
+
+    temporal_attention = True
+
+    def __init__(
+        self,
+        input_size=(1, 32, 32),
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        pred_sigma=True,
+        drop_path=0.0,
+        no_temporal_pos_emb=False,
+        caption_channels=4096,
+        model_max_length=120,
+        space_scale=1.0,
+        time_scale=1.0,
+        enable_flashattn=False,
+        enable_layernorm_kernel=False,
+        enable_sequence_parallelism=False,
+        grad_checkpoint=False,
+        from_pretrained=None,
+    ):
+        super().__init__()
+        if len(input_size) != 3 or len(patch_size) != 3:
+            raise ValueError(f"input_size and patch_size must be (T, H, W), got {input_size} and {patch_size}")
+        for size, patch, axis in zip(input_size, patch_size, "THW"):
+            if size % patch != 0:
+                raise ValueError(f"input_size {tuple(input_size)} is not divisible by patch_size {tuple(patch_size)} along {axis}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if enable_sequence_parallelism and not self.temporal_attention:
+            raise ValueError(f"{type(self).__name__} has no temporal attention to split by frames: "
+                             "enable_sequence_parallelism is for STDiT")
+        self.input_size = tuple(input_size)
+        self.patch_size = tuple(patch_size)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.caption_channels = caption_channels
+        self.no_temporal_pos_emb = no_temporal_pos_emb
+        self.space_scale = space_scale
+        self.time_scale = time_scale
+        self.enable_layernorm_kernel = enable_layernorm_kernel
+        self.enable_sequence_parallelism = enable_sequence_parallelism
+        self.grad_checkpoint = grad_checkpoint
+
+        grid = self.token_grid(self.input_size)
+        self.register_buffer("pos_embed", self.spatial_pos_embed(grid[1:]), persistent=True)
+        self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(grid[0]), persistent=True)
+        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
+        rates = np.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            STDiTBlock(hidden_size, num_heads, mlp_ratio, rates[i], enable_flashattn, enable_layernorm_kernel,
+                       temporal=self.temporal_attention)
+            for i in range(depth)
+        )
+        self.final_layer = T2IFinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2],
+                                         self.out_channels, enable_layernorm_kernel)
+        self.initialize_weights()
+        if from_pretrained is not None:
+            load_checkpoint(self, from_pretrained)
+
+    def initialize_weights(self):
+        basic_init(self)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        zero = [self.final_layer.linear] + [block.cross_attn.proj for block in self.blocks]
+        if self.temporal_attention:
+            zero += [block.attn_temp.proj for block in self.blocks]
+        for linear in zero:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    # ---- position embeddings -------------------------------------------------------------------------
+    def token_grid(self, size):
+        """(T, H, W) latent size -> token grid (T/pt, H/ph, W/pw)."""
+        return tuple(s // p for s, p in zip(size, self.patch_size))
+
+    def spatial_pos_embed(self, grid_hw):
+        return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale)[None]
+
+    def temporal_pos_embed(self, frames):
+        return get_1d_sincos_pos_embed(self.hidden_size, frames, scale=self.time_scale)[None]
+
+    def pos_embeds(self, grid, device):
+        """(1, S, C) spatial and (1, T, C) temporal embeddings for a token grid; the buffers when it is the
+        configured one, computed for other sizes (e.g. bucketed training) without touching the buffers."""
+        if grid == self.token_grid(self.input_size):
+            return self.pos_embed, self.pos_embed_temporal
+        return self.spatial_pos_embed(grid[1:]).to(device), self.temporal_pos_embed(grid[0]).to(device)
+
+    def add_pos_embed(self, x, grid):
+        """Spatial embedding on every frame; STDiT adds the temporal one inside block 0's temporal branch."""
+        B, N, C = x.shape
+        spatial, temporal = self.pos_embeds(grid, x.device)
+        x = (x.view(B, grid[0], -1, C) + spatial.to(x.dtype)).view(B, N, C)
+        return x, temporal.to(x.dtype)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def check_inputs(self, x, timestep, y, mask):
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (B, {self.in_channels}, T, H, W), got {tuple(x.shape)}")
+        for size, patch, axis in zip(x.shape[2:], self.patch_size, "THW"):
+            if size % patch != 0:
+                raise ValueError(
+                    f"x of shape {tuple(x.shape)}: {axis}={size} is not divisible by patch size {patch} "
+                    f"(patch_size {self.patch_size})"
+                )
+        B = x.shape[0]
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep must have shape ({B},) for x {tuple(x.shape)}, got {tuple(timestep.shape)}")
+        if y.dim() != 4 or y.shape[0] != B or y.shape[1] != 1 or y.shape[3] != self.caption_channels:
+            raise ValueError(
+                f"y must be (B={B}, 1, L, caption_channels={self.caption_channels}), got {tuple(y.shape)}"
+            )
+        if mask is not None:
+            if tuple(mask.shape) != (B, y.shape[2]):
+                raise ValueError(f"mask must have shape ({B}, {y.shape[2]}) for y {tuple(y.shape)}, got {tuple(mask.shape)}")
+            # A value check reads the tensor (a host sync, and a graph break under torch.compile): eager only.
+            if not torch.compiler.is_compiling() and not mask.bool().any(dim=1).all():
+                raise ValueError("mask marks no caption token at all for some sample; each caption needs at least one")
+
+    def forward(self, x, timestep, y, mask=None):
+        self.check_inputs(x, timestep, y, mask)
+        dtype = self.x_embedder.proj.weight.dtype
+        grid = self.token_grid(x.shape[2:])
+        x = self.x_embedder(x.to(dtype))  # (B, N, C)
+        x, tpe = self.add_pos_embed(x, grid)
+
+        t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+        y = self.y_embedder(y.to(dtype), self.training).squeeze(1)  # (B, L, C)
+        # A mask of all ones is no mask: leaving it out keeps cross-attention on SDPA's fastest kernels.
+        if mask is not None:
+            mask = mask.bool()
+            if not torch.compiler.is_compiling() and bool(mask.all()):
+                mask = None
+
+        x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
+        x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
+        return self.unpatchify(x, grid).float()
+
+    def run_blocks(self, x, y, t0, mask, T, tpe):
+        for i, block in enumerate(self.blocks):
+            args = (x, y, t0, mask, T, tpe if i == 0 else None)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        return x
+
+    def unpatchify(self, x, grid):
+        """(B, N, pt*ph*pw*C_out) -> (B, C_out, T, H, W)."""
+        (nt, nh, nw), (pt, ph, pw) = grid, self.patch_size
+        return rearrange(
+            x, "B (nt nh nw) (pt ph pw c) -> B c (nt pt) (nh ph) (nw pw)",
+            nt=nt, nh=nh, nw=nw, pt=pt, ph=ph, pw=pw, c=self.out_channels,
+        )
+
+
+# The XL/2 preset of Open-Sora v1 (and PixArt-alpha): 28 blocks of width 1152, 16 heads, 2x2 spatial patches.
+XL_2 = dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16)
+
+
+def STDiT_XL_2(**kwargs):
+    return STDiT(**XL_2, **kwargs)
