@@ -250,7 +250,8 @@ def test_bad_inputs(call, message):
     (dict(type="STDiT-XL/2", depth=3), r"unknown argument\(s\) depth for model 'STDiT-XL/2'"),
     (dict(type="STDiT", enable_flash=True), "valid: input_size"),
     (dict(type="STDiT", input_size=(4, 7, 8)), "not divisible by patch_size"),
-    (dict(type="STDiT", hidden_size=64, num_heads=5), "not divisible by num_heads"),
+    (dict(type="STDiT", hidden_size=64, num_heads=5), "must be divisible by num_heads=5"),
+    (dict(type="STDiT", hidden_size=66, num_heads=3), "and by 4"),
     (dict(type="PixArt", enable_sequence_parallelism=True), "no temporal attention"),
 ])
 def test_build_model_errors(cfg, message):

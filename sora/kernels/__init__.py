@@ -1,13 +1,15 @@
 """Fused Triton kernels for video diffusion transformers.
 
 Tokens are (B, N, C) with N = T*S frame-major ("B (T S) C"), as in Open-Sora. CUDA tensors run the Triton
-kernels; CPU tensors run them under TRITON_INTERPRET=1, else the eager references. Every op is a
-torch.library custom op, so it stays inside one graph under torch.compile(fullgraph=True).
+kernels; CPU tensors run them under TRITON_INTERPRET=1, else the eager references. Every single-device op
+is a torch.library custom op, so it stays inside one graph under torch.compile(fullgraph=True); all_to_all
+(sequence parallelism) is a collective and runs eagerly.
 """
 
+from sora.kernels.all_to_all import all_to_all
 from sora.kernels.gated_residual import gated_residual
 from sora.kernels.layernorm_modulate import layernorm_modulate
 from sora.kernels.layout import from_temporal, to_temporal
 from sora.kernels.modules import LayerNorm
 
-__all__ = ["layernorm_modulate", "gated_residual", "to_temporal", "from_temporal", "LayerNorm"]
+__all__ = ["layernorm_modulate", "gated_residual", "to_temporal", "from_temporal", "all_to_all", "LayerNorm"]

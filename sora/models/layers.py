@@ -48,9 +48,8 @@ def attention(q, k, v, enable_flashattn=False, mask=None):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    With an `exchange` (sequence parallelism) the heads are traded for the sequence around the softmax:
-    exchange.gather_sequence turns (B, N/sp, 3, H, D) into (B, N, 3, H/sp, D), and exchange.scatter_sequence
-    undoes it for the output.
+    With a sequence-parallel group (Ulysses), x holds this rank's part of the sequence; heads are traded for
+    the sequence around the softmax: (B, N/sp, 3, H, D) -> all-to-all -> (B, N, 3, H/sp, D), and back.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, enable_flashattn=False):
@@ -63,15 +62,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, exchange=None):
+    def forward(self, x, sp_group=None):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        if exchange is not None:
-            qkv = exchange.gather_sequence(qkv, heads_dim=3)
+        if sp_group is not None:
+            qkv = K.all_to_all(qkv, sp_group, scatter_dim=3, gather_dim=1)
         q, k, v = qkv.unbind(2)
         out = attention(q, k, v, self.enable_flashattn)
-        if exchange is not None:
-            out = exchange.scatter_sequence(out, heads_dim=2)
+        if sp_group is not None:
+            out = K.all_to_all(out, sp_group, scatter_dim=1, gather_dim=2)
         return self.proj(out.reshape(B, N, C))
 
 

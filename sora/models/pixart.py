@@ -33,7 +33,7 @@ class PixArt(STDiT):
             x = x + temporal.to(x.dtype)[:, :, None]
         return x.view(B, N, C), None
 
-    def run_blocks(self, x, y, t0, mask, T, tpe):
+    def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         # Full attention: the whole sample is one "frame" of N tokens.
         return super().run_blocks(x, y, t0, mask, 1, None)
 

@@ -11,6 +11,7 @@ Parameter and buffer names and shapes are Open-Sora v1's, so its released checkp
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -31,6 +32,7 @@ from sora.models.layers import (
     get_2d_sincos_pos_embed,
     modulate,
 )
+from sora.parallel import gather_frames, get_sequence_parallel_group, split_frames
 
 
 class STDiTBlock(nn.Module):
@@ -48,11 +50,11 @@ class STDiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, y, t0, mask, T, tpe=None, exchange=None):
+    def forward(self, x, y, t0, mask, T, tpe=None, sp_group=None):
         """x (B, T*S, C); y (B, L, C) caption; t0 (B, 6C); mask (B, L) bool or None; tpe (1, T, C) or None.
 
-        `exchange` (sequence parallelism): x holds T whole frames of each sample, out of T * sp; only temporal
-        attention needs the other frames, and gets them from its exchange.
+        With a sequence-parallel group, x holds T whole frames of each sample out of T * sp; only temporal
+        attention needs the other frames, and exchanges for them (see sora.parallel).
         """
         B, N, C = x.shape
         S = N // T
@@ -68,7 +70,7 @@ class STDiTBlock(nn.Module):
                 x_t = K.to_temporal(x, T)
                 if tpe is not None:
                     x_t = x_t + tpe
-                x_t = self.attn_temp(x_t, exchange)
+                x_t = self.attn_temp(x_t, sp_group)
                 x = K.gated_residual(x, self.drop_path(x_t), gate_msa, temporal=T)
             x = x + self.cross_attn(x, y, mask)
             x_m = K.layernorm_modulate(x, shift_mlp, scale_mlp, eps=1e-6)
@@ -82,7 +84,7 @@ class STDiTBlock(nn.Module):
             x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T)
             if tpe is not None:
                 x_t = x_t + tpe
-            x_t = self.attn_temp(x_t, exchange)
+            x_t = self.attn_temp(x_t, sp_group)
             x = x + self.drop_path(gate_msa * rearrange(x_t, "(B S) T C -> B (T S) C", S=S))
         x = x + self.cross_attn(x, y, mask)
         return x + self.drop_path(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -123,8 +125,10 @@ class STDiT(nn.Module):
         for size, patch, axis in zip(input_size, patch_size, "THW"):
             if size % patch != 0:
                 raise ValueError(f"input_size {tuple(input_size)} is not divisible by patch_size {tuple(patch_size)} along {axis}")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
+            raise ValueError(
+                f"hidden_size {hidden_size} must be divisible by num_heads={num_heads} and by 4 (2-D sin-cos position embeddings)"
+            )
         if enable_sequence_parallelism and not self.temporal_attention:
             raise ValueError(f"{type(self).__name__} has no temporal attention to split by frames: "
                              "enable_sequence_parallelism is for STDiT")
@@ -238,13 +242,31 @@ class STDiT(nn.Module):
             if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
 
-        x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
+        if self.enable_sequence_parallelism:
+            group = self.sequence_parallel_group(grid[0])
+            sp, rank = dist.get_world_size(group), dist.get_rank(group)
+            x = split_frames(x, grid[0], group)
+            T = grid[0] // sp
+            x = self.run_blocks(x, y, t0, mask, T, tpe[:, rank * T:(rank + 1) * T], group)
+            x = gather_frames(x, group)
+        else:
+            x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
         x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
         return self.unpatchify(x, grid).float()
 
-    def run_blocks(self, x, y, t0, mask, T, tpe):
+    def sequence_parallel_group(self, frames):
+        """This rank's sp group, once frames and heads are known to split evenly over it."""
+        group = get_sequence_parallel_group()
+        sp = dist.get_world_size(group)
+        if frames % sp != 0:
+            raise ValueError(f"sequence parallelism splits frames: {frames} latent frames are not divisible by sp_size={sp}")
+        if self.num_heads % sp != 0:
+            raise ValueError(f"sequence parallelism splits heads: num_heads={self.num_heads} is not divisible by sp_size={sp}")
+        return group
+
+    def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         for i, block in enumerate(self.blocks):
-            args = (x, y, t0, mask, T, tpe if i == 0 else None)
+            args = (x, y, t0, mask, T, tpe if i == 0 else None, sp_group)
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
