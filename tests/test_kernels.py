@@ -114,6 +114,21 @@ def test_layernorm_modulate_large_hidden(dtype):
     check_layernorm_modulate((1, 3, 8192), dtype, "BC", affine=True, temporal=None)
 
 
+@pytest.mark.parametrize("temporal", [1, 4])
+def test_one_frame_keeps_the_temporal_layout(temporal):
+    """temporal=1 still means the (B*S, 1, C) layout (a one-frame video), not "no layout"."""
+    x = torch.randn(2, 4, 24, requires_grad=True)
+    shift, gate = torch.randn(2, 1, 24), torch.randn(2, 1, 24)
+    y = K.layernorm_modulate(x, shift, temporal=temporal)
+    assert y.shape == (2 * 4 // temporal, temporal, 24)
+    assert_matches(y, layernorm_modulate_reference(x.double(), shift.double(), temporal=temporal), torch.float32, "y")
+    out = K.gated_residual(x, y, gate, temporal=temporal)
+    assert_matches(out, gated_residual_reference(x.double(), y.double(), gate.double(), temporal=temporal),
+                   torch.float32, "out")
+    out.sum().backward()
+    assert x.grad is not None and not x.grad.isnan().any()
+
+
 def test_non_contiguous_x():
     base = torch.randn(12, 2, 40)
     x = base.transpose(0, 1).requires_grad_()  # (2, 12, 40), not contiguous

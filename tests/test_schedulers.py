@@ -277,6 +277,19 @@ def test_sampling_is_reproducible_from_the_generator():
     assert (run(3) - run(4)).abs().max() > 1e-3
 
 
+def test_per_sample_generators_make_a_sample_independent_of_its_batch():
+    """With one generator per sample, sample 0 of a batch of two equals sample 0 sampled alone."""
+    diffusion = IDDPM(num_sampling_steps=6)
+    y, y_null, z = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6), torch.randn(SHAPE)
+    pair = diffusion.sample(conditional_model, z, y, y_null, progress=False,
+                            generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    alone = diffusion.sample(conditional_model, z[:1], y[:1], y_null[:1], progress=False,
+                             generator=[torch.Generator().manual_seed(5)])
+    torch.testing.assert_close(pair[:1], alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="got 1 generators for a batch of 2"):
+        diffusion.sample(conditional_model, z, y, y_null, progress=False, generator=[torch.Generator()])
+
+
 def test_iddpm_sampling_with_an_exact_model_ends_at_the_data():
     x0 = randn(*SHAPE, seed=12).float()
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13))

@@ -126,3 +126,16 @@ def test_tiny_config_file(tmp_path, video):
     assert load_config(tmp_path / "again.py") == cfg
     with torch.no_grad():
         torch.testing.assert_close(build_vae(cfg.vae).encode(video), VideoAutoencoderKL(config=TINY_VAE_CONFIG).encode(video))
+
+
+def test_pixel_shuffle_vae_is_lossless_space_to_depth():
+    vae = build_vae(dict(type="PixelShuffleVAE", factor=4))
+    x = torch.rand(2, 3, 3, 8, 12) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 48, 3, 2, 3)
+    assert vae.get_latent_size((3, 8, 12)) == (3, 2, 3)
+    # Channel (c, i, j) of latent pixel (h, w) is pixel (h*4 + i, w*4 + j) of colour channel c.
+    assert torch.equal(z[1, 2 * 16 + 1 * 4 + 3, 2, 1, 2], x[1, 2, 2, 1 * 4 + 1, 2 * 4 + 3])
+    assert torch.equal(vae.decode(z), x)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        vae.encode(torch.zeros(1, 3, 1, 6, 8))

@@ -155,7 +155,7 @@ _gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
 def gated_residual_reference(x, y, gate, temporal=None):
     """Eager PyTorch: the definition the kernel is tested against, and the fallback off-GPU."""
     B, N, C = x.shape
-    if temporal is not None and temporal > 1:
+    if temporal is not None:
         y = y.reshape(B, N // temporal, temporal, C).transpose(1, 2).reshape(B, N, C)
     acc = compute_dtype(x)
     return (x.to(acc) + gate.to(acc).reshape(-1, 1, C) * y.to(acc)).to(x.dtype)
@@ -172,13 +172,15 @@ def gated_residual(x, y, gate, temporal=None):
     check_same("y", y, "x", x)
     T = check_frames(temporal, x)
     B, N, C = x.shape
-    expected = (B * (N // T), T, C) if T > 1 else (B, N, C)
+    expected = (B * (N // T), T, C) if temporal is not None else (B, N, C)
     if tuple(y.shape) != expected:
-        layout = f"temporal layout (B*S, T, C) for temporal={T}" if T > 1 else "the shape of x"
+        layout = f"temporal layout (B*S, T, C) for temporal={T}" if temporal is not None else "the shape of x"
         raise ValueError(f"y must have {layout}, i.e. {expected}, got {tuple(y.shape)} (x is {tuple(x.shape)})")
     if gate is None:
         raise ValueError("gate is required; for a plain residual add use x + y")
     gate_rows = per_sample_rows("gate", gate, x)
     if not use_triton(x):
-        return gated_residual_reference(x, y, gate_rows, T)
+        return gated_residual_reference(x, y, gate_rows, temporal)
+    if T == 1:  # one frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C)
+        y = y.reshape(B, N, C)
     return _gated_residual_op(x, y, gate_rows, T)

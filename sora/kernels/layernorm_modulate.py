@@ -285,7 +285,7 @@ def layernorm_modulate_reference(x, shift=None, scale=None, weight=None, bias=No
     if shift is not None:
         y = y + shift.to(acc).reshape(-1, 1, C)
     y = y.to(x.dtype)
-    if temporal is not None and temporal > 1:
+    if temporal is not None:
         y = y.reshape(B, temporal, N // temporal, C).transpose(1, 2).reshape(-1, temporal, C)
     return y
 
@@ -306,6 +306,7 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     weight = per_channel("weight", weight, x)
     bias = per_channel("bias", bias, x)
     if not use_triton(x):
-        return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, T)
+        return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, temporal)
     y, _, _ = _layernorm_modulate_op(x, shift_rows, scale_rows, weight, bias, float(eps), T)
-    return y
+    # One frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C), and the kernel wrote that.
+    return y.view(-1, 1, x.shape[-1]) if temporal == 1 else y

@@ -14,10 +14,27 @@ MODELS = {
 }
 
 
+def lookup(model_type):
+    """(class, preset) of a model type; ValueError listing the valid types otherwise."""
+    if model_type not in MODELS:
+        raise ValueError(f"unknown model type {model_type!r}; valid types: {', '.join(MODELS)}")
+    return MODELS[model_type]
+
+
 def model_arguments(model_type):
     """The keyword arguments a model type takes."""
-    cls, preset = MODELS[model_type]
+    cls, preset = lookup(model_type)
     return [name for name in inspect.signature(cls.__init__).parameters if name != "self" and name not in preset]
+
+
+def model_patch_size(cfg: dict):
+    """The (T, H, W) patch size a config's `model` dict will get, before building it."""
+    cls, preset = lookup(cfg.get("type"))
+    if "patch_size" in cfg:
+        return tuple(cfg["patch_size"])
+    if "patch_size" in preset:
+        return tuple(preset["patch_size"])
+    return tuple(inspect.signature(cls.__init__).parameters["patch_size"].default)
 
 
 def build_model(cfg: dict, **overrides):
@@ -27,14 +44,12 @@ def build_model(cfg: dict, **overrides):
     """
     kwargs = {**dict(cfg), **overrides}
     model_type = kwargs.pop("type", None)
-    if model_type not in MODELS:
-        raise ValueError(f"unknown model type {model_type!r}; valid types: {', '.join(MODELS)}")
+    cls, preset = lookup(model_type)
     allowed = model_arguments(model_type)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)} for model {model_type!r}; valid: {', '.join(allowed)}")
-    cls, preset = MODELS[model_type]
     return cls(**preset, **kwargs)
 
 
-__all__ = ["MODELS", "build_model", "model_arguments", "STDiT", "PixArt", "STDiT_XL_2", "PixArt_XL_2"]
+__all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "PixArt", "STDiT_XL_2", "PixArt_XL_2"]

@@ -90,12 +90,46 @@ class VideoAutoencoderKL(nn.Module):
         """(T, H, W) of a video -> (T, H/8, W/8) of its latent."""
         if any(size % patch for size, patch in zip(input_size, self.patch_size)):
             raise ValueError(
-                f"video size (T, H, W) = {tuple(input_size)}: H and W must be multiples of {self.patch_size[1]}"
+                f"video size (T, H, W) = {tuple(input_size)}: H and W must be multiples of {self.patch_size[1]} "
+                "(the VAE's downsampling)"
             )
         return tuple(size // patch for size, patch in zip(input_size, self.patch_size))
 
 
-VAES = {"VideoAutoencoderKL": VideoAutoencoderKL}
+class PixelShuffleVAE(nn.Module):
+    """A lossless, weight-free stand-in for the VAE (`type="PixelShuffleVAE"`), for CPU-sized configs.
+
+    Each frame's factor x factor pixel blocks become channels: (B, 3, T, H, W) -> (B, 3*factor**2, T,
+    H/factor, W/factor), and decode is the exact inverse. A tiny AutoencoderKL with random weights would
+    decode whatever a model learned into noise; this keeps the tiny training run's samples readable.
+    """
+
+    def __init__(self, factor=8, micro_batch_size=None):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"PixelShuffleVAE: factor must be a positive int, got {factor!r}")
+        self.factor = factor
+        self.micro_batch_size = micro_batch_size  # accepted like VideoAutoencoderKL's; nothing to batch
+        self.out_channels = 3 * factor**2
+        self.patch_size = (1, factor, factor)
+
+    def encode(self, x, generator=None):
+        if x.ndim != 5 or x.shape[1] != 3:
+            raise ValueError(f"x must be (B, 3, T, H, W), got shape {tuple(x.shape)}")
+        self.get_latent_size(x.shape[2:])
+        f = self.factor
+        return rearrange(x, "B C T (h fh) (w fw) -> B (C fh fw) T h w", fh=f, fw=f)
+
+    def decode(self, z):
+        if z.ndim != 5 or z.shape[1] != self.out_channels:
+            raise ValueError(f"z must be (B, {self.out_channels}, T, h, w), got shape {tuple(z.shape)}")
+        f = self.factor
+        return rearrange(z, "B (C fh fw) T h w -> B C T (h fh) (w fw)", fh=f, fw=f)
+
+    get_latent_size = VideoAutoencoderKL.get_latent_size
+
+
+VAES = {"VideoAutoencoderKL": VideoAutoencoderKL, "PixelShuffleVAE": PixelShuffleVAE}
 
 
 def build_vae(cfg):

@@ -149,8 +149,13 @@ def randn(shape, generator, like):
     """Standard normal noise of `shape` with `like`'s dtype and device.
 
     Drawn on the generator's device and then moved, so one seeded CPU generator gives the same
-    noise whether the computation runs on CPU or GPU.
+    noise whether the computation runs on CPU or GPU. `generator` may also be a list with one
+    generator per sample (dim 0), so that a sample's noise does not depend on its batch.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per sample")
+        return torch.cat([randn((1, *shape[1:]), g, like) for g in generator])
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -370,8 +375,8 @@ class IDDPM:
         """Ancestral sampling from noise z (B, C, T, H, W) to x_0, with classifier-free guidance.
 
         Each step calls model(x, t, y=..., mask=...) once on the doubled batch [x; x] with
-        [y; y_null] (and [mask; mask] when given) at the original timestep index. Returns
-        (B, C, T, H, W) in z's dtype.
+        [y; y_null] (and [mask; mask] when given) at the original timestep index. `generator`: one
+        torch.Generator, or a list of B (one per sample). Returns (B, C, T, H, W) in z's dtype.
         """
         check_sample_inputs(z, y, y_null, mask)
         x = z.to(compute_dtype(z))

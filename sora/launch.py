@@ -1,0 +1,105 @@
+"""What `python -m sora.sample` and `python -m sora.train` share: process setup under torchrun or alone,
+dtypes by their config names, and turning a user's mistake into one line and exit code 2."""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sora.config import format_config, parse_args
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(cfg):
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), pick the device (this rank's
+    GPU, else the CPU) and the compute dtype; seed every generator from cfg.seed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world_size % cfg.sp_size != 0:
+        raise ValueError(f"sp_size={cfg.sp_size} does not divide the number of processes {world_size}")
+    dtype = DTYPES[cfg.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("dtype fp16 needs a GPU; on the CPU use fp32 or bf16")
+    torch.manual_seed(cfg.seed)
+    return Runtime(dist.get_rank() if dist.is_initialized() else 0, world_size, device, dtype)
+
+
+def main(run, mode, argv=None):
+    """Parse the command line, print the resolved config, run; a ValueError or FileNotFoundError (a bad
+    config, flag, path or input, raised with one clear sentence) becomes that sentence and exit code 2
+    (SORA_TRACEBACK=1 shows the traceback instead)."""
+    caller_group = dist.is_available() and dist.is_initialized()
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv, mode)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_config(cfg), flush=True)
+        run(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("SORA_TRACEBACK") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if not caller_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # the one setup() created
+
+
+def build_components(cfg, runtime, sequence_parallel=False):
+    """The text encoder, VAE and diffusion model a config names, wired together as Open-Sora does: the model
+    takes its input size from the VAE's latent of (num_frames, *image_size), its caption width and length
+    from the text encoder, and the text encoder takes the model's null caption for guidance."""
+    from sora.models import build_model, model_arguments, model_patch_size
+    from sora.models.text_encoder import build_text_encoder
+    from sora.models.vae import build_vae
+
+    patch = model_patch_size(cfg.model)
+    vae = build_vae(cfg.vae).to(runtime.device, runtime.dtype).eval()
+    T, H, W = cfg.num_frames, *cfg.image_size
+    height_factor, width_factor = vae.patch_size[1] * patch[1], vae.patch_size[2] * patch[2]
+    if H % height_factor or W % width_factor:
+        raise ValueError(
+            f"image_size {(H, W)} must be divisible by {height_factor} (the VAE's {vae.patch_size[1]}x downsampling "
+            f"times the model's patch {patch[1]})"
+        )
+    if T % patch[0]:
+        raise ValueError(f"num_frames={T} must be divisible by the model's temporal patch size {patch[0]}")
+    latent_size = vae.get_latent_size((T, H, W))
+
+    # T5 overflows in fp16: half-precision runs put it in bf16 (Open-Sora v1 kept it in fp32).
+    text_dtype = torch.float32 if runtime.dtype == torch.float32 else torch.bfloat16
+    text_encoder = build_text_encoder(cfg.text_encoder, runtime.device, text_dtype)
+
+    wiring = dict(
+        input_size=latent_size,
+        in_channels=vae.out_channels,
+        caption_channels=text_encoder.output_dim,
+        model_max_length=text_encoder.model_max_length,
+        enable_sequence_parallelism=sequence_parallel or None,
+    )
+    accepted = model_arguments(cfg.model["type"])
+    model = build_model(cfg.model, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
+    model = model.to(runtime.device, runtime.dtype)
+    text_encoder.y_embedder = model.y_embedder
+    return model, vae, text_encoder, latent_size

@@ -1,0 +1,127 @@
+"""`python -m sora.sample`: the tiny default end to end, reproducibility, several processes, bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sora.data.video import read_video
+from sora.launch import main
+from sora.sample import run
+from spawn import run as spawn_run
+
+TINY = "configs/tiny/sample.py"
+FAST = ["--num-sampling-steps", "3"]
+
+
+def sample(tmp_path, *flags, config=TINY, name="out"):
+    out = tmp_path / name
+    main(run, "sample", [config, "--save-dir", str(out), *FAST, *flags])
+    return out
+
+
+def frames(path):
+    return read_video(str(path))[0].numpy().astype(np.int16)
+
+
+def test_tiny_default_writes_one_video_per_prompt(tmp_path, capsys):
+    out = sample(tmp_path)
+    assert sorted(os.listdir(out)) == ["sample_0000.mp4", "sample_0001.mp4"]
+    for name in ("sample_0000.mp4", "sample_0001.mp4"):
+        video = frames(out / name)
+        assert video.shape == (8, 64, 64, 3)  # num_frames and image_size of the config
+    printed = capsys.readouterr().out
+    assert "num_frames = 8" in printed  # the resolved config is printed first
+    assert f"wrote {out}/sample_0001.mp4  ('a blue circle moving up')" in printed
+
+
+def test_same_seed_same_video_and_seed_flag_takes_effect(tmp_path):
+    first = sample(tmp_path, "--prompt", "a green triangle", name="a")
+    again = sample(tmp_path, "--prompt", "a green triangle", name="b")
+    other = sample(tmp_path, "--prompt", "a green triangle", "--seed", "7", name="c")
+    assert (first / "sample_0000.mp4").read_bytes() == (again / "sample_0000.mp4").read_bytes()
+    assert np.abs(frames(first / "sample_0000.mp4") - frames(other / "sample_0000.mp4")).mean() > 5
+
+
+def test_prompt_file_and_batches(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\n\n  \na blue circle moving up\na white square growing\n")
+    out = sample(tmp_path, "--prompt-path", str(prompts), "--batch-size", "2", "--prompt", "none")
+    assert sorted(os.listdir(out)) == ["sample_0000.mp4", "sample_0001.mp4", "sample_0002.mp4"]
+    # The initial noise of prompt i depends on seed + i only: prompt 0's video does not depend on the batch.
+    alone = sample(tmp_path, "--prompt", "a red square moving left", "--batch-size", "1", name="alone")
+    assert np.abs(frames(out / "sample_0000.mp4") - frames(alone / "sample_0000.mp4")).max() <= 2
+
+
+def test_checkpoint_is_loaded(tmp_path):
+    from sora.config import load_config
+    from sora.launch import build_components, setup
+
+    cfg = load_config(TINY)
+    cfg.sp_size, cfg.dtype, cfg.seed = 1, "fp32", 0
+    model = build_components(cfg, setup(cfg))[0]
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(3.0)  # predicts a large constant eps: a visibly different video
+    torch.save({"ema": model.state_dict()}, tmp_path / "tiny.pth")
+    with_ckpt = sample(tmp_path, "--ckpt-path", str(tmp_path / "tiny.pth"), "--prompt", "x", name="ckpt")
+    without = sample(tmp_path, "--prompt", "x", name="random")
+    assert np.abs(frames(with_ckpt / "sample_0000.mp4") - frames(without / "sample_0000.mp4")).mean() > 5
+
+
+def test_autoencoder_kl_and_one_frame_png(tmp_path):
+    config = tmp_path / "kl.py"
+    config.write_text(open(TINY).read().replace(
+        'vae = dict(type="PixelShuffleVAE", factor=8)',
+        'from sora.models.vae import TINY_VAE_CONFIG\nvae = dict(type="VideoAutoencoderKL", config=TINY_VAE_CONFIG, micro_batch_size=4)',
+    ))
+    out = sample(tmp_path, "--num-frames", "1", "--scheduler.type", "dpm-solver", config=str(config))
+    assert sorted(os.listdir(out)) == ["sample_0000.png", "sample_0001.png"]
+
+
+def dp_worker(rank, world, out, sp_size):
+    main(run, "sample", [TINY, "--save-dir", f"{out}/videos", *FAST, "--sp-size", str(sp_size), "--batch-size", "1",
+                         "--prompt", "a red square moving left", "--prompt", "a blue circle moving up"])
+
+
+def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path):
+    single = sample(tmp_path, "--batch-size", "1", name="single")
+    spawn_run(dp_worker, 2, tmp_path / "dp", 1)  # two data-parallel ranks: one prompt each
+    for name in ("sample_0000.mp4", "sample_0001.mp4"):
+        assert (tmp_path / "dp/videos" / name).read_bytes() == (single / name).read_bytes()
+    spawn_run(dp_worker, 2, tmp_path / "sp", 2)  # one sequence-parallel group of two ranks: same videos
+    for name in ("sample_0000.mp4", "sample_0001.mp4"):
+        assert np.abs(frames(tmp_path / "sp/videos" / name) - frames(single / name)).max() <= 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-path", "missing.txt", "--prompt", "none"], "prompt file 'missing.txt' does not exist"),
+    (["--prompt-path", "EMPTY", "--prompt", "none"], "has no prompts"),
+    (["--image-size", "72,64"], r"image_size \(72, 64\) must be divisible by 16"),
+    (["--model.patch_size", "[2,2,2]", "--num-frames", "7"], "num_frames=7 must be divisible by the model's temporal patch size 2"),
+    (["--scheduler.type", "ddim"], "scheduler type 'ddim' is not one of"),
+    (["--ckpt-path", "nowhere.pth"], "checkpoint 'nowhere.pth' does not exist"),
+    (["--ckpt-path", "WRONG"], "does not match the model"),
+    (["--dtype", "fp8"], "dtype"),
+    (["--num-sampling-step", "4"], "did you mean"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    (tmp_path / "EMPTY").write_text("\n\n")
+    torch.save({"something.weight": torch.ones(2)}, tmp_path / "WRONG")
+    flags = [str(tmp_path / f) if f in ("EMPTY", "WRONG") else f for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    import re
+    assert re.search(message, err[0]), err[0]
+
+
+def test_command_line_exit_code():
+    result = subprocess.run([sys.executable, "-m", "sora.sample", TINY, "--prompt-path", "missing.txt", "--prompt", "none"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: prompt file 'missing.txt' does not exist"
