@@ -2,6 +2,8 @@
 
 import inspect
 
+from sora.models.dit import XL_2x2, DiT, DiT_XL_2, DiT_XL_2x2
+from sora.models.latte import Latte, Latte_XL_2, Latte_XL_2x2
 from sora.models.pixart import PixArt, PixArt_XL_2
 from sora.models.stdit import XL_2, STDiT, STDiT_XL_2
 
@@ -11,6 +13,12 @@ MODELS = {
     "STDiT-XL/2": (STDiT, XL_2),
     "PixArt": (PixArt, {}),
     "PixArt-XL/2": (PixArt, XL_2),
+    "DiT": (DiT, {}),
+    "DiT-XL/2": (DiT, XL_2),
+    "DiT-XL/2x2": (DiT, XL_2x2),
+    "Latte": (Latte, {}),
+    "Latte-XL/2": (Latte, XL_2),
+    "Latte-XL/2x2": (Latte, XL_2x2),
 }
 
 
@@ -52,4 +60,5 @@ def build_model(cfg: dict, **overrides):
     return cls(**preset, **kwargs)
 
 
-__all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "PixArt", "STDiT_XL_2", "PixArt_XL_2"]
+__all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "PixArt", "STDiT_XL_2", "PixArt_XL_2",
+           "DiT", "Latte", "DiT_XL_2", "DiT_XL_2x2", "Latte_XL_2", "Latte_XL_2x2"]

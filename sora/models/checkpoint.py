@@ -4,8 +4,8 @@ Accepted: a training checkpoint folder (its ema.pt), a `.pt`/`.pth` file holding
 does), "model", "state_dict" or "module"; or a `.safetensors` file. Adjustments made for the formats the
 authors released:
 - a 2-D patch-embed weight (C, in, ph, pw) from an image model (PixArt-alpha, DiT, Latte) gains a time axis;
-- position embeddings (`pos_embed`, `pos_embed_temporal`, Latte's `temp_embed`) are dropped: the model
-  recomputes them for its configured size and scales;
+- position embeddings (`pos_embed`, `pos_embed_spatial`, `pos_embed_temporal`, Latte's `temp_embed`) are
+  dropped: the model recomputes them for its configured size and scales;
 - a "module." prefix (DistributedDataParallel) is stripped.
 Loading is non-strict (an STDiT may start from PixArt-alpha weights, which have no temporal attention), but
 a weight whose shape differs from the model's, or a file that matches none of the model's weights, is an
@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 WRAPPERS = ("ema", "model", "state_dict", "module")
-RECOMPUTED = ("pos_embed", "pos_embed_temporal", "temp_embed")
+RECOMPUTED = ("pos_embed", "pos_embed_spatial", "pos_embed_temporal", "temp_embed")
 
 
 def read_state_dict(path):

@@ -188,6 +188,37 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(caption)
 
 
+class LabelEmbedder(nn.Module):
+    """Class ids (B,) -> (B, hidden) rows of a learned table (DiT, Latte).
+
+    With dropout_prob > 0 the table has one more row, the null class `num_classes`: it replaces a dropped label
+    during training and is the unconditional input for classifier-free guidance. Without dropout there is no
+    null row (the table has num_classes rows), as in DiT's and Latte's checkpoints.
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    @property
+    def has_null_class(self):
+        return self.embedding_table.num_embeddings > self.num_classes
+
+    def forward(self, labels, train, force_drop_ids=None):
+        """labels (B,) int64; force_drop_ids (B,): 1 where the null class replaces the label."""
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            if not self.has_null_class:
+                raise ValueError("dropping labels needs the null class, but this embedder has none (dropout_prob=0)")
+            if force_drop_ids is None:
+                drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            else:
+                drop = force_drop_ids == 1
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
 class T2IFinalLayer(nn.Module):
     """PixArt's final layer: LN + modulate by a learned (2, C) table plus the timestep embedding, then linear."""
 
@@ -204,6 +235,25 @@ class T2IFinalLayer(nn.Module):
             x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
         else:
             x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x)
+
+
+class FinalLayer(nn.Module):
+    """DiT's final layer: LN + modulate by shift/scale computed from the condition c (B, C), then linear."""
+
+    def __init__(self, hidden_size, num_patch, out_channels, enable_layernorm_kernel=False):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.enable_layernorm_kernel = enable_layernorm_kernel
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, C) each
+        if self.enable_layernorm_kernel:
+            x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
+        else:
+            x = modulate(self.norm_final(x), shift[:, None], scale[:, None])
         return self.linear(x)
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import sora.kernels as K
+from sora.models.base import VideoTransformer
 from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import (
     Attention,
@@ -28,8 +28,6 @@ from sora.models.layers import (
     T2IFinalLayer,
     TimestepEmbedder,
     basic_init,
-    get_1d_sincos_pos_embed,
-    get_2d_sincos_pos_embed,
     modulate,
 )
 from sora.parallel import gather_frames, get_sequence_parallel_group, split_frames
@@ -90,7 +88,7 @@ class STDiTBlock(nn.Module):
         return x + self.drop_path(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
-class STDiT(nn.Module):
+class STDiT(VideoTransformer):
     """Open-Sora v1's STDiT. forward(x (B, C, T, H, W), timestep (B,), y (B, 1, L, caption_channels),
     mask (B, L)) -> (B, 2C or C, T, H, W) float32."""
 
@@ -120,35 +118,19 @@ class STDiT(nn.Module):
         from_pretrained=None,
     ):
         super().__init__()
-        if len(input_size) != 3 or len(patch_size) != 3:
-            raise ValueError(f"input_size and patch_size must be (T, H, W), got {input_size} and {patch_size}")
-        for size, patch, axis in zip(input_size, patch_size, "THW"):
-            if size % patch != 0:
-                raise ValueError(f"input_size {tuple(input_size)} is not divisible by patch_size {tuple(patch_size)} along {axis}")
-        if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
-            raise ValueError(
-                f"hidden_size {hidden_size} must be divisible by num_heads={num_heads} and by 4 (2-D sin-cos position embeddings)"
-            )
         if enable_sequence_parallelism and not self.temporal_attention:
             raise ValueError(f"{type(self).__name__} has no temporal attention to split by frames: "
                              "enable_sequence_parallelism is for STDiT")
-        self.input_size = tuple(input_size)
-        self.patch_size = tuple(patch_size)
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if pred_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.caption_channels = caption_channels
-        self.no_temporal_pos_emb = no_temporal_pos_emb
         self.space_scale = space_scale
         self.time_scale = time_scale
+        self.init_geometry(input_size, patch_size, in_channels, in_channels * 2 if pred_sigma else in_channels,
+                           hidden_size, num_heads)
+        self.caption_channels = caption_channels
+        self.no_temporal_pos_emb = no_temporal_pos_emb
         self.enable_layernorm_kernel = enable_layernorm_kernel
         self.enable_sequence_parallelism = enable_sequence_parallelism
         self.grad_checkpoint = grad_checkpoint
 
-        grid = self.token_grid(self.input_size)
-        self.register_buffer("pos_embed", self.spatial_pos_embed(grid[1:]), persistent=True)
-        self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(grid[0]), persistent=True)
         self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -178,23 +160,6 @@ class STDiT(nn.Module):
             nn.init.zeros_(linear.bias)
 
     # ---- position embeddings -------------------------------------------------------------------------
-    def token_grid(self, size):
-        """(T, H, W) latent size -> token grid (T/pt, H/ph, W/pw)."""
-        return tuple(s // p for s, p in zip(size, self.patch_size))
-
-    def spatial_pos_embed(self, grid_hw):
-        return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale)[None]
-
-    def temporal_pos_embed(self, frames):
-        return get_1d_sincos_pos_embed(self.hidden_size, frames, scale=self.time_scale)[None]
-
-    def pos_embeds(self, grid, device):
-        """(1, S, C) spatial and (1, T, C) temporal embeddings for a token grid; the buffers when it is the
-        configured one, computed for other sizes (e.g. bucketed training) without touching the buffers."""
-        if grid == self.token_grid(self.input_size):
-            return self.pos_embed, self.pos_embed_temporal
-        return self.spatial_pos_embed(grid[1:]).to(device), self.temporal_pos_embed(grid[0]).to(device)
-
     def add_pos_embed(self, x, grid):
         """Spatial embedding on every frame; STDiT adds the temporal one inside block 0's temporal branch."""
         B, N, C = x.shape
@@ -204,17 +169,8 @@ class STDiT(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
     def check_inputs(self, x, timestep, y, mask):
-        if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (B, {self.in_channels}, T, H, W), got {tuple(x.shape)}")
-        for size, patch, axis in zip(x.shape[2:], self.patch_size, "THW"):
-            if size % patch != 0:
-                raise ValueError(
-                    f"x of shape {tuple(x.shape)}: {axis}={size} is not divisible by patch size {patch} "
-                    f"(patch_size {self.patch_size})"
-                )
+        self.check_video(x, timestep)
         B = x.shape[0]
-        if timestep.shape != (B,):
-            raise ValueError(f"timestep must have shape ({B},) for x {tuple(x.shape)}, got {tuple(timestep.shape)}")
         if y.dim() != 4 or y.shape[0] != B or y.shape[1] != 1 or y.shape[3] != self.caption_channels:
             raise ValueError(
                 f"y must be (B={B}, 1, L, caption_channels={self.caption_channels}), got {tuple(y.shape)}"
@@ -266,20 +222,8 @@ class STDiT(nn.Module):
 
     def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         for i, block in enumerate(self.blocks):
-            args = (x, y, t0, mask, T, tpe if i == 0 else None, sp_group)
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
+            x = self.run_block(block, x, y, t0, mask, T, tpe if i == 0 else None, sp_group)
         return x
-
-    def unpatchify(self, x, grid):
-        """(B, N, pt*ph*pw*C_out) -> (B, C_out, T, H, W)."""
-        (nt, nh, nw), (pt, ph, pw) = grid, self.patch_size
-        return rearrange(
-            x, "B (nt nh nw) (pt ph pw c) -> B c (nt pt) (nh ph) (nw pw)",
-            nt=nt, nh=nh, nw=nw, pt=pt, ph=ph, pw=pw, c=self.out_channels,
-        )
 
 
 # The XL/2 preset of Open-Sora v1 (and PixArt-alpha): 28 blocks of width 1152, 16 heads, 2x2 spatial patches.

@@ -1,0 +1,47 @@
+"""Latte: DiT blocks alternating spatial and temporal attention, as Open-Sora v1 runs Vchitect's Latte.
+
+Even blocks attend within each frame ("(B T) S C", a free view of the frame-major "B (T S) C"), odd blocks
+across the frames of each spatial position ("(B S) T C"); the condition t + y modulates every token of a
+sample (Open-Sora repeats it per frame or per position to match the layout). The temporal position embedding
+is added to the tokens before block 1, the first temporal block.
+
+With enable_layernorm_kernel the tokens stay frame-major throughout: since the condition is one row per
+sample, a temporal block's LayerNorm + modulation writes the temporal layout directly
+(`K.layernorm_modulate(temporal=T)`) and its gated residual reads the attention output back from it
+(`K.gated_residual(temporal=T)`); the MLP is per token and needs no layout. See DiTBlock.
+
+Parameter names and shapes are Open-Sora's (those of DiT), so Latte's `Latte-XL-2-256x256-ucf101.pt` loads
+(weights under "ema", 2-D patch embed lifted, `pos_embed` and `temp_embed` recomputed).
+"""
+
+from sora.models.dit import XL_2x2, DiT
+from sora.models.stdit import XL_2
+
+
+class Latte(DiT):
+    """Same constructor and forward as DiT. no_temporal_pos_emb leaves out the temporal embedding (Open-Sora's
+    Latte ignores the flag and always adds it; the default keeps that behaviour)."""
+
+    def add_pos_embed(self, x, grid):
+        """Spatial embedding on every frame; the temporal one is added before block 1."""
+        B, N, C = x.shape
+        spatial, temporal = self.pos_embeds(grid, x.device)
+        x = (x.view(B, grid[0], -1, C) + spatial.to(x.dtype)).view(B, N, C)
+        return x, None if self.no_temporal_pos_emb else temporal.to(x.dtype)
+
+    def run_blocks(self, x, c, T, tpe):
+        B, N, C = x.shape
+        for i, block in enumerate(self.blocks):
+            if i == 1 and tpe is not None:
+                # Open-Sora adds it in the "(B S) T C" layout; the same sum, frame-major.
+                x = (x.view(B, T, -1, C) + tpe[:, :, None]).view(B, N, C)
+            x = self.run_block(block, x, c, T, i % 2 == 1)
+        return x
+
+
+def Latte_XL_2(**kwargs):
+    return Latte(**XL_2, **kwargs)
+
+
+def Latte_XL_2x2(**kwargs):
+    return Latte(**XL_2x2, **kwargs)
