@@ -1,0 +1,274 @@
+"""Kernel speed suite: sora's Triton kernels beside torch eager, torch.compile, apex and Liger.
+
+One test per (bench, direction, shape, dtype, provider), so each measured function goes through
+pytest-benchmark once. Rows: ms (do_bench median), GB/s from the minimum bytes the op must move
+(bench_utils.kernel_bytes, bench/NOTES.md) and that as a fraction of the measured copy bandwidth.
+The eager providers are what Open-Sora v1 runs with the kernels off: F.layer_norm then `* (1 + scale) + shift`,
+`x + gate * y`, and einops rearranges (made contiguous where attention's input needs it).
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import sora.kernels as K
+from bench.bench_utils import (
+    DTYPE_NAMES,
+    PEDANTIC_ROUNDS,
+    Rotation,
+    kernel_bytes,
+    on_cuda,
+    pedantic_ms,
+    record,
+    skip,
+    synchronize,
+    time_ms,
+)
+from sora.kernels.gated_residual import gated_residual_reference
+from sora.kernels.layernorm_modulate import layernorm_modulate_reference
+from sora.kernels.layout import to_temporal_reference
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Shape:
+    """x = (B, T*S, C): B samples of a `video` (frames x resolution) latent at STDiT-XL/2's patching."""
+
+    video: str
+    B: int
+    T: int
+    S: int
+    C: int
+
+    @property
+    def N(self) -> int:
+        return self.T * self.S
+
+
+# STDiT-XL/2 (C=1152) at Open-Sora's three sizes, batches giving 1M rows (> 2 GB per bf16 tensor, 40x L2).
+# The C=4096 case keeps 512K rows: its eager fwd+bwd holds ~9 tensors of 4.3 GB, 1M rows would not fit 78 GB.
+GPU_SHAPES = [
+    (Shape("16x256", B=256, T=16, S=256, C=1152), (torch.bfloat16, torch.float32)),
+    (Shape("16x512", B=64, T=16, S=1024, C=1152), (torch.bfloat16, torch.float32)),
+    (Shape("64x512", B=16, T=64, S=1024, C=1152), (torch.bfloat16, torch.float32)),
+    (Shape("64x512", B=8, T=64, S=1024, C=4096), (torch.bfloat16,)),
+]
+CPU_SHAPES = [(Shape("tiny", B=2, T=4, S=8, C=64), (torch.float32,))]
+
+LN_PROVIDERS = ("sora", "torch", "torch.compile", "apex", "liger")
+PLAIN_PROVIDERS = ("sora", "torch", "torch.compile")
+BENCHES = {
+    "layernorm_modulate": LN_PROVIDERS,
+    "layernorm_modulate_temporal": LN_PROVIDERS,
+    "gated_residual": PLAIN_PROVIDERS,
+    "gated_residual_temporal": PLAIN_PROVIDERS,
+    "to_temporal": PLAIN_PROVIDERS,
+}
+DIRECTIONS = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    bench: str
+    direction: str
+    shape: Shape
+    dtype: torch.dtype
+    provider: str
+
+    @property
+    def temporal(self) -> int | None:
+        """The frame count for the variants that change layout, else None."""
+        return self.shape.T if self.bench.endswith("temporal") else None
+
+    def __str__(self):
+        s = self.shape
+        return f"{self.bench}-{self.direction}-{s.video}-C{s.C}-{DTYPE_NAMES[self.dtype]}-{self.provider}"
+
+
+def cases(cuda: bool) -> list[Case]:
+    return [
+        Case(bench, direction, shape, dtype, provider)
+        for bench, providers in BENCHES.items()
+        for shape, dtypes in (GPU_SHAPES if cuda else CPU_SHAPES)
+        for dtype in dtypes
+        for direction in DIRECTIONS
+        for provider in providers
+    ]
+
+
+# ---- inputs: fresh random values (never zeros) -------------------------------------------------------
+def make_inputs(case: Case, device, requires_grad: bool) -> dict:
+    s, dtype = case.shape, case.dtype
+
+    def randn(*shape, scale=1.0):
+        tensor = torch.randn(shape, device=device, dtype=dtype)
+        if scale != 1.0:
+            tensor.mul_(scale)  # in place: no second copy of a multi-GB tensor
+        return tensor.requires_grad_(requires_grad)
+
+    if case.bench.startswith("layernorm_modulate"):
+        inputs = dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1), scale=randn(s.B, 1, s.C, scale=0.1))
+    elif case.bench.startswith("gated_residual"):
+        y_shape = (s.B * s.S, s.T, s.C) if case.temporal else (s.B, s.N, s.C)
+        inputs = dict(x=randn(s.B, s.N, s.C), y=randn(*y_shape), gate=randn(s.B, 1, s.C, scale=0.1))
+    else:
+        inputs = dict(x=randn(s.B, s.N, s.C))
+    return inputs
+
+
+def output_shape(case: Case) -> tuple:
+    s = case.shape
+    if case.bench in ("layernorm_modulate_temporal", "to_temporal"):
+        return (s.B * s.S, s.T, s.C)
+    return (s.B, s.N, s.C)
+
+
+# ---- providers: forward functions of the inputs ------------------------------------------------------
+class Unavailable(Exception):
+    """A provider that cannot run here; the message is the row's skip reason."""
+
+
+def eager_layernorm_modulate(T, norm=None):
+    def forward(x, shift, scale):
+        normed = norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)
+        y = normed * (1 + scale) + shift
+        return y if T is None else rearrange(y, "B (T S) C -> (B S) T C", T=T).contiguous()
+
+    return forward
+
+
+def eager_gated_residual(T):
+    def forward(x, y, gate):
+        if T is not None:
+            y = rearrange(y, "(B S) T C -> B (T S) C", B=x.shape[0])
+        return x + gate * y
+
+    return forward
+
+
+def eager_to_temporal(T):
+    def forward(x):
+        return rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
+
+    return forward
+
+
+def external_norm(provider: str, C: int, device, dtype):
+    """apex FusedLayerNorm or Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode)."""
+    if device.type != "cuda":
+        raise Unavailable(f"{provider} needs CUDA")
+    if provider == "apex":
+        try:
+            from apex.normalization import FusedLayerNorm
+        except ImportError:
+            raise Unavailable("apex not importable") from None
+        return FusedLayerNorm(C, eps=EPS, elementwise_affine=False).to(device)
+    try:
+        from liger_kernel.transformers import LigerLayerNorm
+    except ImportError:
+        raise Unavailable("liger_kernel not importable") from None
+    norm = LigerLayerNorm(C, eps=EPS).to(device=device, dtype=dtype)
+    norm.requires_grad_(False)
+    return norm
+
+
+def forward_fn(case: Case, device):
+    T = case.temporal
+    if case.provider == "torch.compile" and device.type != "cuda":
+        raise Unavailable("CPU smoke set: torch.compile is measured on GPUs only")
+    if case.bench.startswith("layernorm_modulate"):
+        if case.provider == "sora":
+            return lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=T)
+        norm = external_norm(case.provider, case.shape.C, device, case.dtype) if case.provider in ("apex", "liger") else None
+        eager = eager_layernorm_modulate(T, norm)
+    elif case.bench.startswith("gated_residual"):
+        if case.provider == "sora":
+            return lambda x, y, gate: K.gated_residual(x, y, gate, temporal=T)
+        eager = eager_gated_residual(T)
+    else:
+        if case.provider == "sora":
+            return lambda x: K.to_temporal(x, case.shape.T)
+        eager = eager_to_temporal(case.shape.T)
+    if case.provider == "torch.compile":
+        return torch.compile(eager, dynamic=False)
+    return eager
+
+
+def reference(case: Case, inputs: dict) -> torch.Tensor:
+    """The eager fp32 reference of the op (sora.kernels' *_reference), for the sora row's rel_err."""
+    if case.bench.startswith("layernorm_modulate"):
+        return layernorm_modulate_reference(inputs["x"], inputs["shift"], inputs["scale"], eps=EPS, temporal=case.temporal)
+    if case.bench.startswith("gated_residual"):
+        return gated_residual_reference(inputs["x"], inputs["y"], inputs["gate"], temporal=case.temporal)
+    return to_temporal_reference(inputs["x"], case.shape.T)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---- the measurement --------------------------------------------------------------------------------
+def base_row(case: Case) -> dict:
+    s = case.shape
+    return {
+        "suite": "kernels",
+        "bench": case.bench,
+        "direction": case.direction,
+        "shape": [s.B, s.N, s.C],
+        "video": s.video,
+        "T": s.T,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "provider": case.provider,
+    }
+
+
+@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
+def test_kernel(case, benchmark, bench_env, results, device):
+    s = case.shape
+    row = base_row(case)
+    benchmark.group = f"{case.bench} {case.direction} {s.video} C={s.C} {row['dtype']}"
+    nbytes = kernel_bytes(case.bench, case.direction, s.B, s.N, s.C, torch.empty((), dtype=case.dtype).element_size())
+    try:
+        forward = forward_fn(case, device)
+    except Unavailable as reason:
+        skip(results, benchmark, row, str(reason))
+
+    backward = case.direction == "fwd+bwd"
+
+    def inputs_with_grad():
+        inputs = make_inputs(case, device, requires_grad=backward)
+        if backward:
+            inputs["dout"] = torch.randn(output_shape(case), device=device, dtype=case.dtype)
+        return inputs
+
+    def step(inputs):
+        args = {name: tensor for name, tensor in inputs.items() if name != "dout"}
+        out = forward(**args)
+        if not backward:
+            return out
+        # autograd.grad returns fresh gradients each call: nothing accumulates into .grad between runs.
+        return torch.autograd.grad(out, list(args.values()), inputs["dout"])
+
+    def measure(row):
+        run = Rotation(inputs_with_grad, step, nbytes, device)
+        if case.provider == "sora":
+            with torch.no_grad():
+                probe = {name: tensor.detach() for name, tensor in run.sets[0].items() if name != "dout"}
+                rel_err = relative_error(forward(**probe), reference(case, probe))
+        # Warm-up: Triton JIT, torch.compile (forward and, on the first backward, backward graphs), handles.
+        for _ in range(2):
+            run()
+        synchronize(device)
+        ms = time_ms(run, device)
+        wall_ms = pedantic_ms(benchmark, run, device, rounds=PEDANTIC_ROUNDS if device.type == "cuda" else 3)
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        row.update(ms=ms, gbps=gbps, frac_copy_bw=gbps / bench_env["copy_bandwidth_gbps"], bytes=nbytes, wall_ms=wall_ms)
+        if case.provider == "sora":
+            row["rel_err"] = rel_err
+
+    record(results, benchmark, row, measure)

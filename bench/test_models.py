@@ -1,0 +1,283 @@
+"""Model-level tables: STDiT-XL/2 and PixArt-XL/2 (Open-Sora's "DiT (T5, full attention)") on one GPU.
+
+Rows of stdit_train / pixart_train: one training step = zero_grad + forward + MSE loss + backward, bf16 weights
+and inputs, random weights; the AdamW step, T5 and the VAE are excluded (latents and captions are random
+tensors). stdit_infer: one forward under torch.no_grad(). Providers: sora (enable_layernorm_kernel=True,
+enable_flashattn=True), eager (kernels off, flash on: Open-Sora v1's setting), and both under torch.compile
+(SORA_BENCH_COMPILE=blocks, the default, compiles each transformer block; =model compiles the whole model).
+
+temporal_branch: the part of an STDiT block the layout kernels serve, fwd+bwd: layout -> temporal attention ->
+gated residual back, fused (K.to_temporal + attention + K.gated_residual(temporal=T)) vs eager (rearrange +
+contiguous, attention, rearrange back, x + gate * y).
+"""
+
+import statistics
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import sora.kernels as K
+from bench.bench_utils import compile_mode, on_cuda, pedantic_ms, record, skip, synchronize, time_ms
+from sora.models import build_model
+from sora.models.layers import Attention
+
+CAPTION_TOKENS = 120  # T5 model_max_length
+CAPTION_CHANNELS = 4096  # T5-v1.1-XXL
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video size "frames x height x width" in pixels; the SD VAE makes latents 8x smaller in H and W."""
+
+    label: str
+    frames: int
+    height: int
+    width: int
+    batches: tuple  # tried in order: a batch that runs out of memory is recorded, then the next is tried
+    grad_checkpoint: bool = False
+
+    @property
+    def latent(self) -> tuple:
+        return (self.frames, self.height // 8, self.width // 8)
+
+
+# Activations of an STDiT-XL/2 training step (flash attention, no checkpointing) come to ~27 (B, N, C) bf16
+# tensors per block, ~62 KB per token per block: 16x256 at batch 8 (32K tokens) needs ~57 GB for them,
+# eager a few GB more; 16x512 at batch 2 is the same token count. 64x512 keeps only each block's input under
+# gradient checkpointing (4 GB at batch 1). A batch that does not fit falls back to the next one listed.
+GPU_VIDEOS = [
+    Video("16x256x256", 16, 256, 256, batches=(8, 4)),
+    Video("16x512x512", 16, 512, 512, batches=(2, 1)),
+    Video("64x512x512", 64, 512, 512, batches=(1,), grad_checkpoint=True),
+]
+CPU_VIDEOS = [Video("4x64x64", 4, 64, 64, batches=(2,))]
+TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
+
+MODEL_BENCHES = {  # bench -> (model type, training step?)
+    "stdit_train": ("STDiT-XL/2", True),
+    "pixart_train": ("PixArt-XL/2", True),
+    "stdit_infer": ("STDiT-XL/2", False),
+}
+PROVIDERS = ("sora", "sora+compile", "eager", "eager+compile")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    bench: str
+    video: Video
+    provider: str
+
+    def __str__(self):
+        return f"{self.bench}-{self.video.label}-{self.provider}"
+
+
+def model_cases(cuda: bool) -> list[ModelCase]:
+    return [
+        ModelCase(bench, video, provider)
+        for bench in MODEL_BENCHES
+        for video in (GPU_VIDEOS if cuda else CPU_VIDEOS)
+        for provider in PROVIDERS
+    ]
+
+
+def randomize(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Random weights everywhere: the zero-initialised projections would multiply zeros, which can run
+    faster than real weights do."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(0, std, generator=generator)
+
+
+def build(case: ModelCase, device, dtype):
+    model_type, train = MODEL_BENCHES[case.bench]
+    cfg = dict(
+        type=model_type,
+        input_size=case.video.latent,
+        enable_flashattn=True,
+        enable_layernorm_kernel=case.provider.startswith("sora"),
+        grad_checkpoint=case.video.grad_checkpoint and train,
+    )
+    if device.type != "cuda":  # the CPU smoke set: a tiny STDiT/PixArt with the same code path
+        cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
+    with device:  # parameters are created (and initialised) on the device: much faster than on the host
+        model = build_model(cfg)
+    model.to(device=device, dtype=dtype)
+    randomize(model)
+    model.train(train)
+    return model
+
+
+def compiled(model):
+    if compile_mode() == "model":
+        return torch.compile(model, dynamic=False)
+    # Block 0 (with the temporal position embedding) and the others give two graphs; identical blocks reuse them.
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    return model
+
+
+def model_inputs(model, case: ModelCase, batch: int, device, dtype, generator):
+    T, H, W = case.video.latent
+    L, caption_channels = model.y_embedder.y_embedding.shape
+    x = torch.randn(batch, model.in_channels, T, H, W, device=device, dtype=dtype, generator=generator)
+    timestep = torch.randint(0, 1000, (batch,), device=device, generator=generator)
+    y = torch.randn(batch, 1, L, caption_channels, device=device, dtype=dtype, generator=generator)
+    # Realistic padding: prompts of 20-100 T5 tokens out of 120 (scaled for the tiny model).
+    lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
+    mask = torch.arange(L, device=device)[None] < lengths[:, None]
+    return x, timestep, y, mask
+
+
+def tokens_per_sample(model, video: Video) -> int:
+    T, H, W = video.latent
+    pt, ph, pw = model.patch_size
+    return (T // pt) * (H // ph) * (W // pw)
+
+
+@pytest.mark.parametrize("case", model_cases(on_cuda()), ids=str)
+def test_model(case, benchmark, bench_env, results, device):
+    _, train = MODEL_BENCHES[case.bench]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    benchmark.group = f"{case.bench} {case.video.label}"
+    if case.provider.endswith("+compile") and device.type != "cuda":
+        row = model_row(case, case.video.batches[0])
+        skip(results, benchmark, row, "CPU smoke set: torch.compile is measured on GPUs only")
+
+    def measure(row, batch):
+        generator = torch.Generator(device=device).manual_seed(1)
+        model = build(case, device, dtype)
+        x, timestep, y, mask = model_inputs(model, case, batch, device, dtype, generator)
+        forward = compiled(model) if case.provider.endswith("+compile") else model
+        if train:
+            target = torch.randn((batch, model.out_channels) + case.video.latent, device=device, generator=generator)
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                F.mse_loss(forward(x, timestep, y, mask), target).backward()
+        else:
+
+            @torch.no_grad()
+            def step():
+                forward(x, timestep, y, mask)
+
+        times = []
+
+        def timed_step():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                times.append(time_ms(step, device, repeats=1))
+
+        # Warm-up: kernels' JIT, cuDNN/cuBLAS handles, and for +compile the forward and backward graphs;
+        # the second step's time sets the number of rounds.
+        for _ in range(2):
+            timed_step()
+        rounds = max(3, min(10, int(6000 / times[-1]))) if device.type == "cuda" else 3  # ~6 s of steps
+        times.clear()
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        wall_ms = pedantic_ms(benchmark, timed_step, device, rounds=rounds, warmup_rounds=0)
+        ms = statistics.median(times)
+        samples_per_s = batch / (ms * 1e-3)
+        row.update(
+            ms=ms,
+            wall_ms=wall_ms,
+            samples_per_s=samples_per_s,
+            tokens_per_s=samples_per_s * tokens_per_sample(model, case.video),
+            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            rounds=rounds,
+        )
+
+    for batch in case.video.batches:
+        row = model_row(case, batch)
+        try:
+            record(results, benchmark, row, lambda row: measure(row, batch))
+            return
+        except pytest.skip.Exception:
+            # Out of memory: the next batch size gets the fixture, unless pytest-benchmark already ran it.
+            if batch == case.video.batches[-1] or getattr(benchmark, "_mode", None):
+                raise
+            benchmark.skipped = False
+
+
+def model_row(case: ModelCase, batch: int) -> dict:
+    _, train = MODEL_BENCHES[case.bench]
+    row = {
+        "suite": "models",
+        "bench": case.bench,
+        "provider": case.provider,
+        "shape": case.video.label,
+        "batch_size": batch,
+        "grad_checkpoint": case.video.grad_checkpoint and train,
+    }
+    if case.provider.endswith("+compile"):
+        row["compile_mode"] = compile_mode()
+    return row
+
+
+# ---- temporal branch -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BranchCase:
+    video: Video
+    provider: str  # "sora": the layout kernels; "eager": rearranges and x + gate * y
+
+    def __str__(self):
+        return f"temporal_branch-{self.video.label}-{self.provider}"
+
+
+def temporal_branch(provider: str, attention: Attention, T: int):
+    if provider == "sora":
+        def branch(x, gate):
+            return K.gated_residual(x, attention(K.to_temporal(x, T)), gate, temporal=T)
+    else:
+        def branch(x, gate):
+            x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
+            return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=x.shape[0])
+    return branch
+
+
+@pytest.mark.parametrize(
+    "case", [BranchCase(video, provider) for video in (GPU_VIDEOS if on_cuda() else CPU_VIDEOS) for provider in ("sora", "eager")],
+    ids=str,
+)
+def test_temporal_branch(case, benchmark, bench_env, results, device):
+    """STDiT-XL/2's temporal branch at the model benches' first batch size: C=1152, 16 heads, T latent frames."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, heads = (1152, 16) if device.type == "cuda" else (TINY["hidden_size"], TINY["num_heads"])
+    T, H, W = case.video.latent
+    S = (H // 2) * (W // 2)
+    batch = case.video.batches[0]
+    benchmark.group = f"temporal_branch {case.video.label}"
+    row = {"suite": "models", "bench": "temporal_branch", "direction": "fwd+bwd", "provider": case.provider,
+           "shape": case.video.label, "batch_size": batch}
+
+    def measure(row):
+        attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
+        randomize(attention)
+        x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
+        gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
+        dout = torch.randn_like(x)
+        branch = temporal_branch(case.provider, attention, T)
+        wrt = [x, gate, *attention.parameters()]
+
+        def step():
+            return torch.autograd.grad(branch(x, gate), wrt, dout)
+
+        step()
+        step()
+        synchronize(device)
+        ms = time_ms(step, device)
+        wall_ms = pedantic_ms(benchmark, step, device, rounds=10 if device.type == "cuda" else 3)
+        row.update(ms=ms, wall_ms=wall_ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
+
+    record(results, benchmark, row, measure)
