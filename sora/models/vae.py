@@ -96,40 +96,44 @@ class VideoAutoencoderKL(nn.Module):
         return tuple(size // patch for size, patch in zip(input_size, self.patch_size))
 
 
-class PixelShuffleVAE(nn.Module):
-    """A lossless, weight-free stand-in for the VAE (`type="PixelShuffleVAE"`), for CPU-sized configs.
+class PixelVAE(nn.Module):
+    """A weight-free stand-in for the VAE (`type="PixelVAE"`), for CPU-sized configs: latents are the frames
+    average-pooled by `factor` (3 channels), decoded by bilinear upsampling.
 
-    Each frame's factor x factor pixel blocks become channels: (B, 3, T, H, W) -> (B, 3*factor**2, T,
-    H/factor, W/factor), and decode is the exact inverse. A tiny AutoencoderKL with random weights would
-    decode whatever a model learned into noise; this keeps the tiny training run's samples readable.
+    A tiny AutoencoderKL with random weights would decode whatever a model learned into noise; here colour
+    and motion survive, at 1/factor of the resolution. It also keeps the values per token low (3 x patch
+    area), as real latents do: a tiny model cannot predict many more noise values per token than its width.
     """
 
-    def __init__(self, factor=8, micro_batch_size=None):
+    def __init__(self, factor=4, micro_batch_size=None):
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"PixelShuffleVAE: factor must be a positive int, got {factor!r}")
+            raise ValueError(f"PixelVAE: factor must be a positive int, got {factor!r}")
         self.factor = factor
         self.micro_batch_size = micro_batch_size  # accepted like VideoAutoencoderKL's; nothing to batch
-        self.out_channels = 3 * factor**2
+        self.out_channels = 3
         self.patch_size = (1, factor, factor)
 
     def encode(self, x, generator=None):
         if x.ndim != 5 or x.shape[1] != 3:
             raise ValueError(f"x must be (B, 3, T, H, W), got shape {tuple(x.shape)}")
         self.get_latent_size(x.shape[2:])
-        f = self.factor
-        return rearrange(x, "B C T (h fh) (w fw) -> B (C fh fw) T h w", fh=f, fw=f)
+        frames = rearrange(x, "B C T H W -> (B T) C H W")
+        pooled = torch.nn.functional.avg_pool2d(frames, self.factor)
+        return rearrange(pooled, "(B T) C h w -> B C T h w", B=x.shape[0])
 
     def decode(self, z):
-        if z.ndim != 5 or z.shape[1] != self.out_channels:
-            raise ValueError(f"z must be (B, {self.out_channels}, T, h, w), got shape {tuple(z.shape)}")
-        f = self.factor
-        return rearrange(z, "B (C fh fw) T h w -> B C T (h fh) (w fw)", fh=f, fw=f)
+        if z.ndim != 5 or z.shape[1] != 3:
+            raise ValueError(f"z must be (B, 3, T, h, w), got shape {tuple(z.shape)}")
+        frames = rearrange(z, "B C T h w -> (B T) C h w")
+        upsampled = torch.nn.functional.interpolate(frames, scale_factor=self.factor, mode="bilinear",
+                                                    align_corners=False)
+        return rearrange(upsampled, "(B T) C H W -> B C T H W", B=z.shape[0])
 
     get_latent_size = VideoAutoencoderKL.get_latent_size
 
 
-VAES = {"VideoAutoencoderKL": VideoAutoencoderKL, "PixelShuffleVAE": PixelShuffleVAE}
+VAES = {"VideoAutoencoderKL": VideoAutoencoderKL, "PixelVAE": PixelVAE}
 
 
 def build_vae(cfg):
