@@ -14,6 +14,14 @@ setup(
         "einops",
         "numpy",
         "nvidia-ml-py",
+        # sampling and training: encoders, the VAE, video files, checkpoints, logs
+        "transformers>=4.40",
+        "diffusers>=0.29",
+        "safetensors",
+        "av",
+        "pillow",
+        "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib"],

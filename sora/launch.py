@@ -66,10 +66,13 @@ def main(run, mode, argv=None):
             dist.destroy_process_group()  # the one setup() created
 
 
-def build_components(cfg, runtime, sequence_parallel=False):
+def build_components(cfg, runtime, sequence_parallel=False, training=False):
     """The text encoder, VAE and diffusion model a config names, wired together as Open-Sora does: the model
     takes its input size from the VAE's latent of (num_frames, *image_size), its caption width and length
-    from the text encoder, and the text encoder takes the model's null caption for guidance."""
+    from the text encoder, and the text encoder takes the model's null caption for guidance.
+
+    The model is cast to the compute dtype for sampling; for training it keeps fp32 master weights (the
+    compute dtype is applied by autocast or FSDP2's mixed-precision policy)."""
     from sora.models import build_model, model_arguments, model_patch_size
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
@@ -99,7 +102,9 @@ def build_components(cfg, runtime, sequence_parallel=False):
         enable_sequence_parallelism=sequence_parallel or None,
     )
     accepted = model_arguments(cfg.model["type"])
+    if sequence_parallel and "enable_sequence_parallelism" not in accepted:
+        raise ValueError(f"sp_size > 1 needs a model with sequence parallelism (STDiT); {cfg.model['type']} has none")
     model = build_model(cfg.model, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
-    model = model.to(runtime.device, runtime.dtype)
+    model = model.to(runtime.device, torch.float32 if training else runtime.dtype)
     text_encoder.y_embedder = model.y_embedder
     return model, vae, text_encoder, latent_size

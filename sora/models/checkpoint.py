@@ -21,6 +21,9 @@ import torch
 log = logging.getLogger(__name__)
 
 WRAPPERS = ("ema", "model", "state_dict", "module")
+# torch.load(weights_only=True) keeps arbitrary pickled code out; Latte's release also carries its training
+# arguments as an argparse Namespace, which is plain data.
+torch.serialization.add_safe_globals([argparse.Namespace])
 RECOMPUTED = ("pos_embed", "pos_embed_spatial", "pos_embed_temporal", "temp_embed")
 
 
@@ -39,12 +42,10 @@ def read_state_dict(path):
         from safetensors.torch import load_file
 
         return load_file(path)
-    # weights_only keeps arbitrary pickled code out; Latte's and DiT's files also carry an argparse Namespace.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
-            raise ValueError(f"cannot read checkpoint {path!r}: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
+        raise ValueError(f"cannot read checkpoint {path!r}: {error}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
     for key in WRAPPERS:
