@@ -4,7 +4,8 @@ minimum-bytes formulas, and the rows collector that conftest writes out at the e
 Timing: on CUDA, `triton.testing.do_bench(..., return_mode="median")` (CUDA events, L2 flushed before each
 run) after an explicit warm-up that keeps JIT and torch.compile work out of the numbers; each measured
 function also goes once through pytest-benchmark's `benchmark.pedantic` (synchronized wall clock) as a
-cross-check and so that `--benchmark-only` selects the test. On a CPU-only machine: wall clock (smoke only).
+cross-check and so that `--benchmark-only` selects the test. Whole steps (training steps, sampling, encoders):
+CUDA events around each synchronized call, median (time_steps). On a CPU-only machine: wall clock (smoke only).
 """
 
 import datetime
@@ -32,6 +33,8 @@ REP_MS = 200
 L2_FALLBACK_BYTES = 50 * 2**20
 # pytest-benchmark's wall-clock cross-check: rounds for kernels (a few ms each).
 PEDANTIC_ROUNDS = 10
+# Whole steps (training, sampling, encoders): about this much time of timed calls per case.
+STEP_BUDGET_MS = 6000
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -222,6 +225,45 @@ def pedantic_ms(benchmark, fn, device: torch.device, rounds: int, warmup_rounds:
     return benchmark.stats.stats.median * 1e3
 
 
+def time_steps(benchmark, step, device: torch.device, warmup: int = 2, budget_ms: float = STEP_BUDGET_MS) -> dict:
+    """Time a whole step (a training step, a sampling run, an encoder call: tens of ms to seconds, host work
+    included): `warmup` untimed calls (JIT, compile, handles, optimizer state), then 3-10 calls (about
+    budget_ms of them) through pytest-benchmark, each timed with CUDA events and synchronized.
+
+    Returns ms (median of the events), wall_ms (pytest-benchmark's median), rounds, peak_mem_gb (over the timed
+    calls; None on a CPU). On a CPU: wall clock, 3 rounds.
+    """
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (its time sets the rounds), got {warmup}")
+    times = []
+
+    def timed_step():
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append(time_ms(step, device, repeats=1))
+
+    for _ in range(warmup):
+        timed_step()
+    rounds = max(3, min(10, int(budget_ms / times[-1]))) if device.type == "cuda" else 3
+    times.clear()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    wall_ms = pedantic_ms(benchmark, timed_step, device, rounds=rounds, warmup_rounds=0)
+    return {
+        "ms": statistics.median(times),
+        "wall_ms": wall_ms,
+        "rounds": rounds,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+    }
+
+
 class Rotation:
     """Calls step(inputs) on each of several input sets in turn, so that a working set that fits in L2
     is not served from it on every repetition."""
@@ -271,11 +313,39 @@ def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) 
     return fwd if direction == "fwd" else fwd + bwd
 
 
+def all_to_all_volume(S: int, T: int, C: int, sp: int, elem: int, depth: int) -> dict:
+    """Bytes one rank sends to the others in STDiT's sequence-parallel temporal attention, per sample.
+
+    Each rank holds T/sp frames: n = S*T/sp tokens. Forward, per layer: qkv (n, 3C) scatters heads and gathers
+    frames, the attention output (n, C) goes back; all_to_all_single keeps 1/sp of each tensor on the rank, so
+    (sp-1)/sp of it crosses the links. Backward runs the inverse exchanges on the gradients: the same bytes.
+    Gradient checkpointing recomputes the forward in backward, exchanges included. Formulas in bench/NOTES.md.
+    """
+    tokens = S * T // sp
+    share = (sp - 1) / sp
+    qkv = round(3 * tokens * C * elem * share)
+    out = round(tokens * C * elem * share)
+    layer_fwd = qkv + out
+    return {
+        "tokens_per_rank": tokens,
+        "qkv_send_bytes": qkv,
+        "out_send_bytes": out,
+        "layer_fwd_bytes": layer_fwd,
+        "layer_bwd_bytes": layer_fwd,
+        "step_bytes": depth * 2 * layer_fwd,  # forward + backward
+        "step_bytes_gc": depth * 3 * layer_fwd,  # + the forward recomputed under gradient checkpointing
+    }
+
+
 # ---- rows ----------------------------------------------------------------------------------------------
+# What tells two rows apart; a field a bench does not use is None in its rows.
+ROW_KEY_FIELDS = ("suite", "bench", "direction", "shape", "dtype", "provider", "batch_size",
+                  "model", "video", "exchange", "sp", "micro_batch_size", "encoders")
+
+
 def row_key(row: dict) -> str:
     """Rows of two runs with this key measure the same thing (a later run replaces the earlier row)."""
-    fields = ("suite", "bench", "direction", "shape", "dtype", "provider", "batch_size")
-    return json.dumps([row.get(field) for field in fields])
+    return json.dumps([row.get(field) for field in ROW_KEY_FIELDS])
 
 
 class Results:
@@ -363,6 +433,34 @@ def record(results: Results, benchmark, row: dict, measure) -> None:
     if reason is not None:
         skip(results, benchmark, row, reason)
     row.setdefault("skipped", None)
+    benchmark.extra_info.update(row)
+    results.add(row)
+
+
+def record_largest_batch(results: Results, benchmark, make_row, measure, batches) -> None:
+    """record() at the first of `batches` that fits: a batch that runs out of memory is recorded as a skipped
+    row ("OOM at batch 8") and the next one is tried; the last one's OOM skips the test.
+
+    make_row(batch) -> the row; measure(row, batch) fills it (see record)."""
+    for batch in batches:
+        row = make_row(batch)
+        try:
+            record(results, benchmark, row, lambda row: measure(row, batch))
+            return
+        except pytest.skip.Exception:
+            # Out of memory: the next batch size gets the fixture, unless pytest-benchmark already ran it.
+            oom = str(row.get("skipped") or "").startswith("OOM")
+            if not oom or batch == batches[-1] or getattr(benchmark, "_mode", None):
+                raise
+            benchmark.skipped = False
+
+
+def record_computed(results: Results, benchmark, row: dict, compute) -> None:
+    """Record a row whose numbers are computed, not timed (bytes a collective must send): compute(row) fills
+    it, run once through pytest-benchmark so that --benchmark-only selects the test (the time pytest-benchmark
+    shows is the arithmetic's). The row says computed=True and has no ms."""
+    benchmark.pedantic(compute, args=(row,), rounds=1, iterations=1)
+    row.update(computed=True, ms=None, skipped=None)
     benchmark.extra_info.update(row)
     results.add(row)
 

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
     sys.path.insert(0, str(REPO))
 
-from bench.bench_utils import Results, kernel_bytes  # noqa: E402
+from bench.bench_utils import Results, all_to_all_volume, kernel_bytes, row_key  # noqa: E402
 from bench.report import OPEN_SORA_COLUMN, main, render_markdown, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,6 +83,83 @@ def test_report_tables_hold_the_rows_values_and_skip_reasons(summary, tmp_path):
         assert path in written and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
 
 
+def pipeline_summary(summary):
+    """The run of `summary` with one row of each communication, pipeline and training bench instead."""
+
+    def timed(row, ms, **rates):
+        return {**row, "ms": ms, "skipped": None, **rates}
+
+    def train(bench, model, shape, encoders, provider, batch, ms=None, skipped=None, **extra):
+        row = {"suite": "train", "bench": bench, "model": model, "provider": provider, "shape": shape,
+               "batch_size": batch, "encoders": encoders, "optimizer_step": True, "ms": ms, "skipped": skipped, **extra}
+        if ms is not None:
+            samples = batch / (ms * 1e-3)
+            row.update(samples_per_s=samples, tokens_per_s=samples * 4096, peak_mem_gb=70.0)
+        return row
+
+    pack = {"suite": "comm", "bench": "all_to_all_pack", "direction": "pack", "exchange": "qkv", "video": "64x512",
+            "sp": 2, "shape": [196608, 2, 576], "batch_size": 2, "dtype": "bf16", "bytes": 452984832}
+    volume = {"suite": "comm", "bench": "all_to_all_volume", "provider": "computed", "video": "64x512", "sp": 2,
+              "batch_size": 1, "depth": 28, "link_gbps_assumed": 450.0, "computed": True, "ms": None, "skipped": None,
+              **all_to_all_volume(1024, 64, 1152, 2, elem=2, depth=28)}
+    volume.update(step_comm_ms=volume["step_bytes"] / 450e6, step_comm_ms_gc=volume["step_bytes_gc"] / 450e6)
+    sampling = {"suite": "pipeline", "bench": "sampling_step", "model": "STDiT-XL/2", "shape": "16x256x256",
+                "batch_size": 2, "model_batch": 4, "dtype": "fp16", "steps_per_call": 5}
+    e2e = {"suite": "pipeline", "bench": "sample_e2e", "model": "STDiT-XL/2", "shape": "16x256x256", "batch_size": 1,
+           "dtype": "fp16", "steps": 100}
+    rows = [
+        timed({**pack, "provider": "sora"}, 0.2, gbps=2264.9, frac_copy_bw=0.755, exact=True),
+        timed({**pack, "provider": "torch"}, 0.4, gbps=1132.5, frac_copy_bw=0.3775),
+        {**pack, "direction": "unpack", "shape": [2, 65536, 1728], "provider": "sora", "ms": None, "skipped": "OOM"},
+        volume,
+        timed({**sampling, "provider": "sora"}, 50.0),
+        timed({**sampling, "provider": "eager"}, 60.0),
+        timed({"suite": "pipeline", "bench": "t5_encode", "model": "T5-v1.1-XXL encoder", "provider": "transformers",
+               "shape": "120 tokens", "batch_size": 32, "dtype": "bf16"}, 64.0, prompts_per_s=500.0,
+              tokens_per_s=60000.0, peak_mem_gb=12.5),
+        {"suite": "pipeline", "bench": "vae_decode", "model": "SD VAE", "provider": "diffusers", "shape": "512x512",
+         "micro_batch_size": 64, "batch_size": 64, "dtype": "fp16", "ms": None, "skipped": "OOM"},
+        timed({**e2e, "provider": "sora"}, 4000.0, s_per_video=4.0),
+        timed({**e2e, "provider": "eager"}, 5000.0, s_per_video=5.0),
+        train("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8, skipped="OOM at batch 8"),
+        train("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 4, ms=400.0),
+        train("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "eager", 4, ms=500.0),
+        train("train_step_full", "PixArt-XL/2", "64x512x512", "none", "sora", 1, grad_checkpoint=True,
+              skipped="sora.train not importable here (No module named 'av')"),
+        train("dit_image_train", "DiT-XL/2", "1x256x256", "none", "sora", 128, ms=500.0),
+        train("latte_train", "Latte-XL/2", "16x256x256", "none", "eager", 4, ms=1000.0),
+    ]
+    return {**summary, "rows": rows}
+
+
+def test_report_renders_communication_pipeline_and_training_tables(summary, tmp_path):
+    text = render_markdown(pipeline_summary(summary))
+    # all_to_all_pack: the kernel cell (2265 GB/s is 76% of 3000), the ratio to torch, the exactness check, an OOM
+    assert "| 64x512 | 2 | qkv | pack | 196608 x 2 x 576 | 2 | 226 | 0.200 ms<br>2,265 GB/s (76%) |" in text
+    assert "| 2.00x | yes |" in text and "skipped: OOM" in text and "Target: sora >= 80% of copy bandwidth" in text
+    # the computed volume: 151 MB per layer, 8.46 GB per step (12.7 with GC), at the assumed 450 GB/s
+    assert "computed, not timed" in text and "assumed" in text
+    assert "| 64x512 | 2 | 32,768 | 113 | 37.7 | 151 | 8.46 | 12.7 | 18.8 | 28.2 |" in text
+    # sampling: ms per step and the speedup; T5 throughput; the VAE's OOM; end to end in seconds per video
+    assert "| 16x256x256 | sora | 2 (4) | fp16 | 50.0 | 5 | 1.20x vs eager |" in text
+    assert "| T5-v1.1-XXL encoder | 120 tokens | 32 | bf16 | 64.0 | 500 | 60,000 | 12.5 |" in text
+    assert "| 512x512 | 64 | 64 | fp16 | skipped: OOM | - | - |" in text
+    assert "| 16x256x256 | sora | 100 | fp16 | 4.00 | - | 1.25x vs eager |" in text
+    # training: optimizer step included, samples/s 4 / 0.4 s = 10, 1.25x eager, 10 / 7.00 = 1.43x Open-Sora's
+    assert "AdamW step (lr 2e-5, weight decay 0) and the fp32 EMA update are all INCLUDED" in text
+    assert ("| STDiT-XL/2 | 16x256x256 | T5+VAE | sora | 4 | 400.0 | 10 | 40,960 | 70 | 1.25x | 1.43x | "
+            "7.00 samples/s, 28k tokens/s; encoders: baseline 6.16 / with faster T5 7.00 samples/s |") in text
+    assert "skipped: OOM at batch 8" in text
+    assert "| PixArt-XL/2 | 64x512x512 (GC) | none | sora | 1 | skipped: sora.train not importable here" in text
+    assert "0.08 samples/s (GC), 5k tokens/s" in text
+    assert "| STDiT-XL/2 16x256x256, encoders T5+VAE | 10 | 1.43x (goal >= 1.3x) | 1.25x (goal >= 1.2x) |" in text
+    # images: 128 / 0.5 s = 256 img/s, 1.46x Open-Sora's 175, their three figures beside
+    assert "| DiT-XL/2 | 1x256x256 | sora | 128 | 500.0 | 256 |" in text
+    assert "| 1.46x | DiT 100 / OpenDiT 175 / Open-Sora 175 img/s (26k / 45k / 45k tokens/s) |" in text
+    assert "| Latte-XL/2 | 16x256x256 | eager | 4 | 1000.0 | 4 |" in text
+    assert text.count(OPEN_SORA_COLUMN) == 2
+
+
 def test_report_cli_regenerates_from_summary_json(summary, tmp_path):
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
@@ -107,6 +184,25 @@ def test_minimum_bytes():
     assert kernel_bytes("to_temporal", "fwd+bwd", B, N, C, e) == 4 * tokens
     with pytest.raises(ValueError, match="no byte formula"):
         kernel_bytes("softmax", "fwd", B, N, C, e)
+
+
+def test_all_to_all_volume():
+    # S=4 tokens per frame, T=8 frames over sp=2 ranks: 16 tokens per rank; C=16, 2 bytes; half leaves the rank
+    volume = all_to_all_volume(S=4, T=8, C=16, sp=2, elem=2, depth=3)
+    assert volume["tokens_per_rank"] == 16
+    assert volume["qkv_send_bytes"] == 3 * 16 * 16 * 2 // 2 and volume["out_send_bytes"] == 16 * 16 * 2 // 2
+    assert volume["layer_fwd_bytes"] == volume["layer_bwd_bytes"] == 1024
+    assert volume["step_bytes"] == 3 * 2 * 1024 and volume["step_bytes_gc"] == 3 * 3 * 1024
+    assert all_to_all_volume(S=4, T=8, C=16, sp=1, elem=2, depth=3)["step_bytes"] == 0  # nothing to send
+
+
+def test_row_key_tells_apart_what_new_benches_vary():
+    row = {"suite": "comm", "bench": "all_to_all_pack", "shape": [8, 2, 4], "provider": "sora", "sp": 2,
+           "exchange": "qkv"}
+    assert row_key(row) != row_key({**row, "sp": 4}) and row_key(row) != row_key({**row, "exchange": "out"})
+    train = {"suite": "train", "bench": "train_step_full", "shape": "16x256x256", "provider": "sora", "batch_size": 8}
+    assert row_key({**train, "encoders": "T5+VAE"}) != row_key({**train, "encoders": "none"})
+    assert row_key({**train, "model": "STDiT-XL/2"}) != row_key({**train, "model": "PixArt-XL/2"})
 
 
 def test_append_keeps_earlier_rows_and_replaces_remeasured_ones(summary, tmp_path):
@@ -140,6 +236,7 @@ def test_benchmark_switch():
     assert "skipped" in plain.stdout and "pytest bench/ --benchmark" in plain.stdout
     assert " passed" not in plain.stdout
     for flag in ("--benchmark", "--benchmark-only"):
-        collected = run_pytest(flag, "--co", "-k", "to_temporal")
+        collected = run_pytest(flag, "--co", "-k", "to_temporal or train_step_full or all_to_all_volume")
         assert collected.returncode == 0, collected.stdout + collected.stderr
         assert "test_kernel[to_temporal-fwd-" in collected.stdout
+        assert "test_train[train_step_full-STDiT-" in collected.stdout and "test_all_to_all_volume[" in collected.stdout
