@@ -158,3 +158,13 @@ def test_bucketed_training(tmp_path):
     exp = train(tmp_path, tmp_path / "clips/data.csv", "--max-steps", "2", "--ckpt-every", "0", "--model.depth", "1",
                 "--frame-interval", "1", "--bucket-config", "{'144p': {4: (1.0, 2)}}")
     assert len(losses(exp)) == 2
+
+
+def test_trainer_pieces_import_without_pyav():
+    """The benchmarks reuse update_ema on GPU machines without PyAV: only building a dataset needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['av'] = None; from sora.train import update_ema, run; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
