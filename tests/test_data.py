@@ -111,7 +111,19 @@ def test_synthetic_cli_is_deterministic(tmp_path, capsys):
         assert a.shape == (5, 32, 32, 3) and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("args", [["--size", "15"], ["--num-videos", "0"], ["--frames", "x"], []])
+def test_synthetic_vocabulary_options(tmp_path):
+    main([str(tmp_path), "--num-videos", "12", "--frames", "3", "--size", "32", "--colors", "red,blue",
+          "--shapes", "square", "--motions", "moving left,growing"])
+    with open(tmp_path / "data.csv") as f:
+        captions = {row["text"] for row in csv.DictReader(f)}
+    assert captions <= {f"a {c} square {m}" for c in ("red", "blue") for m in ("moving left", "growing")}
+    assert len(captions) > 1
+    with pytest.raises(ValueError, match=r"colors \['purple'\]: each must be one of red"):
+        make_synthetic_dataset(str(tmp_path / "x"), num_videos=1, colors=("purple",))
+
+
+@pytest.mark.parametrize("args", [["--size", "15"], ["--num-videos", "0"], ["--frames", "x"], [],
+                                  ["--colors", "red,purple"], ["--motions", "jumping"]])
 def test_synthetic_cli_rejects_bad_arguments(tmp_path, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(([str(tmp_path)] if args else []) + args)

@@ -1,6 +1,7 @@
 """A tiny captioned video dataset: one coloured shape moving on a black background.
 
     python -m sora.data.synthetic OUT_DIR --num-videos 32 [--frames 16] [--size 64] [--fps 8] [--seed 0]
+        [--colors red,green,blue] [--shapes square,circle] [--motions "moving left,moving right"]
 
 writes `OUT_DIR/clip_0000.mp4 ...` (h264, size x size) and `OUT_DIR/data.csv` with columns
 `path,text,num_frames,height,width,aspect_ratio,fps` (paths relative to OUT_DIR). Captions say exactly
@@ -69,13 +70,19 @@ def render_clip(shape, color, motion, num_frames, size, rng):
     return frames
 
 
-def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8, seed=0):
-    """Write the clips and `out_dir/data.csv`; returns the CSV path."""
+def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8, seed=0,
+                           colors=tuple(COLORS), shapes=SHAPES, motions=MOTIONS):
+    """Write the clips and `out_dir/data.csv`; returns the CSV path. `colors`, `shapes` and `motions` choose
+    the vocabulary clips are drawn from (a smaller one is learned faster)."""
+    for name, chosen, known in (("colors", colors, COLORS), ("shapes", shapes, SHAPES), ("motions", motions, MOTIONS)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown or not chosen:
+            raise ValueError(f"{name} {list(chosen)}: each must be one of {', '.join(known)}")
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(num_videos):
-        shape, color, motion = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(MOTIONS)
+        shape, color, motion = rng.choice(shapes), rng.choice(colors), rng.choice(motions)
         name = f"clip_{i:04d}.mp4"
         frames = render_clip(shape, color, motion, num_frames, size, rng)
         write_video(os.path.join(out_dir, name), torch.from_numpy(frames), fps=fps)
@@ -98,6 +105,17 @@ def _at_least(minimum, even=False):
     return parse
 
 
+def _names(known):
+    def parse(text):
+        names = tuple(name.strip() for name in text.split(","))
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: each must be one of {', '.join(known)}")
+        return names
+
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sora.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
@@ -106,8 +124,12 @@ def main(argv=None):
     parser.add_argument("--size", type=_at_least(16, even=True), default=64, help="height = width, even")
     parser.add_argument("--fps", type=_at_least(1), default=8)
     parser.add_argument("--seed", type=_at_least(0), default=0)
+    parser.add_argument("--colors", type=_names(COLORS), default=tuple(COLORS), help="comma-separated; default: all")
+    parser.add_argument("--shapes", type=_names(SHAPES), default=SHAPES, help="comma-separated; default: all")
+    parser.add_argument("--motions", type=_names(MOTIONS), default=MOTIONS, help="comma-separated; default: all")
     args = parser.parse_args(argv)
-    csv_path = make_synthetic_dataset(args.out_dir, args.num_videos, args.frames, args.size, args.fps, args.seed)
+    csv_path = make_synthetic_dataset(args.out_dir, args.num_videos, args.frames, args.size, args.fps, args.seed,
+                                      args.colors, args.shapes, args.motions)
     print(f"wrote {args.num_videos} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) "
           f"to {args.out_dir} and their captions to {csv_path}")
 
