@@ -11,7 +11,6 @@ gated residual back, fused (K.to_temporal + attention + K.gated_residual(tempora
 contiguous, attention, rearrange back, x + gate * y).
 """
 
-import statistics
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import compile_mode, on_cuda, pedantic_ms, record, skip, synchronize, time_ms
+from bench.bench_utils import compile_mode, on_cuda, pedantic_ms, record, skip, synchronize, time_ms, time_steps
 from sora.models import build_model
 from sora.models.layers import Attention
 
@@ -164,38 +163,16 @@ def test_model(case, benchmark, bench_env, results, device):
             def step():
                 forward(x, timestep, y, mask)
 
-        times = []
-
-        def timed_step():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                times.append(time_ms(step, device, repeats=1))
-
-        # Warm-up: kernels' JIT, cuDNN/cuBLAS handles, and for +compile the forward and backward graphs;
-        # the second step's time sets the number of rounds.
-        for _ in range(2):
-            timed_step()
-        rounds = max(3, min(10, int(6000 / times[-1]))) if device.type == "cuda" else 3  # ~6 s of steps
-        times.clear()
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        wall_ms = pedantic_ms(benchmark, timed_step, device, rounds=rounds, warmup_rounds=0)
-        ms = statistics.median(times)
-        samples_per_s = batch / (ms * 1e-3)
+        # Warm-up (2 steps): kernels' JIT, cuDNN/cuBLAS handles, and for +compile the forward and backward graphs.
+        timing = time_steps(benchmark, step, device, warmup=2, budget_ms=6000)
+        samples_per_s = batch / (timing["ms"] * 1e-3)
         row.update(
-            ms=ms,
-            wall_ms=wall_ms,
+            ms=timing["ms"],
+            wall_ms=timing["wall_ms"],
             samples_per_s=samples_per_s,
             tokens_per_s=samples_per_s * tokens_per_sample(model, case.video),
-            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            rounds=rounds,
+            peak_mem_gb=timing["peak_mem_gb"],
+            rounds=timing["rounds"],
         )
 
     for batch in case.video.batches:

@@ -55,6 +55,17 @@ class VideoTransformer(nn.Module):
             return getattr(self, self.spatial_buffer), self.pos_embed_temporal
         return self.spatial_pos_embed(grid[1:]).to(device), self.temporal_pos_embed(grid[0]).to(device)
 
+    def add_pos_embed(self, x, grid):
+        """Spatial embedding on every frame, and the temporal one on every token unless no_temporal_pos_emb
+        (full-attention models: PixArt, DiT). Returns (x, the temporal embedding the blocks still have to
+        add): None here; STDiT and Latte add it inside their temporal blocks instead."""
+        B, N, C = x.shape
+        spatial, temporal = self.pos_embeds(grid, x.device)
+        x = x.view(B, grid[0], -1, C) + spatial.to(x.dtype)
+        if not self.no_temporal_pos_emb:
+            x = x + temporal.to(x.dtype)[:, :, None]
+        return x.view(B, N, C), None
+
     def check_video(self, x, timestep):
         """x (B, in_channels, T, H, W) with T, H, W divisible by the patch size; timestep (B,)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:

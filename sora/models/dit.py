@@ -157,17 +157,6 @@ class DiT(VideoTransformer):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    # ---- position embeddings -------------------------------------------------------------------------
-    def add_pos_embed(self, x, grid):
-        """Spatial embedding on every frame, temporal on every token unless no_temporal_pos_emb.
-        Returns (x, the temporal embedding the blocks still have to add: None for DiT)."""
-        B, N, C = x.shape
-        spatial, temporal = self.pos_embeds(grid, x.device)
-        x = x.view(B, grid[0], -1, C) + spatial.to(x.dtype)
-        if not self.no_temporal_pos_emb:
-            x = x + temporal.to(x.dtype)[:, :, None]
-        return x.view(B, N, C), None
-
     # ---- forward ------------------------------------------------------------------------------------
     def check_inputs(self, x, timestep, y):
         self.check_video(x, timestep)

@@ -8,6 +8,7 @@ full-attention baseline. With one frame it is PixArt-alpha, whose released check
 import math
 
 from sora.models.layers import get_2d_sincos_pos_embed
+from sora.models.base import VideoTransformer
 from sora.models.stdit import XL_2, STDiT
 
 
@@ -23,15 +24,8 @@ class PixArt(STDiT):
         base_size = math.isqrt(h * w)
         return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale, base_size=base_size)[None]
 
-    def add_pos_embed(self, x, grid):
-        """Spatial embedding on every frame, and the temporal one on every token unless no_temporal_pos_emb;
-        the blocks then need no temporal embedding."""
-        B, N, C = x.shape
-        spatial, temporal = self.pos_embeds(grid, x.device)
-        x = x.view(B, grid[0], -1, C) + spatial.to(x.dtype)
-        if not self.no_temporal_pos_emb:
-            x = x + temporal.to(x.dtype)[:, :, None]
-        return x.view(B, N, C), None
+    # add_pos_embed: the base's, the temporal embedding on every token.
+    add_pos_embed = VideoTransformer.add_pos_embed
 
     def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         # Full attention: the whole sample is one "frame" of N tokens.
