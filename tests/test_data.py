@@ -122,8 +122,29 @@ def test_synthetic_vocabulary_options(tmp_path):
         make_synthetic_dataset(str(tmp_path / "x"), num_videos=1, colors=("purple",))
 
 
+def test_same_frames_same_file_even_after_decoding(tmp_path):
+    """x264's mbtree rate control made files differ after a decode in the same process; write_video turns it off."""
+    frames = (torch.rand(6, 32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    write_video(tmp_path / "other.mp4", frames, fps=8)
+    files = set()
+    for _ in range(8):
+        files.add((tmp_path / "out.mp4").read_bytes() if write_video(tmp_path / "out.mp4", frames, fps=8) else None)
+        read_video(tmp_path / "other.mp4")
+    assert len(files) == 1
+
+
+def test_synthetic_shape_size(tmp_path):
+    """--shape-size fixes a square's half-width as a fraction of the frame: 0.25 of 32 px is a 16 px square."""
+    main([str(tmp_path), "--num-videos", "1", "--frames", "2", "--size", "32", "--shapes", "square",
+          "--motions", "staying still", "--shape-size", "0.25"])
+    frame = read_video(tmp_path / "clip_0000.mp4")[0][0].float()
+    lit = frame.amax(-1) > 100
+    rows, cols = lit.any(1).nonzero().flatten(), lit.any(0).nonzero().flatten()
+    assert 15 <= rows[-1] - rows[0] + 1 <= 17 and 15 <= cols[-1] - cols[0] + 1 <= 17
+
+
 @pytest.mark.parametrize("args", [["--size", "15"], ["--num-videos", "0"], ["--frames", "x"], [],
-                                  ["--colors", "red,purple"], ["--motions", "jumping"]])
+                                  ["--colors", "red,purple"], ["--motions", "jumping"], ["--shape-size", "0.6"]])
 def test_synthetic_cli_rejects_bad_arguments(tmp_path, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(([str(tmp_path)] if args else []) + args)

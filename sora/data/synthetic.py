@@ -1,7 +1,7 @@
 """A tiny captioned video dataset: one coloured shape moving on a black background.
 
     python -m sora.data.synthetic OUT_DIR --num-videos 32 [--frames 16] [--size 64] [--fps 8] [--seed 0]
-        [--colors red,green,blue] [--shapes square,circle] [--motions "moving left,moving right"]
+        [--colors red,green,blue] [--shapes square,circle] [--motions "moving left,moving right"] [--shape-size 0.2]
 
 writes `OUT_DIR/clip_0000.mp4 ...` (h264, size x size) and `OUT_DIR/data.csv` with columns
 `path,text,num_frames,height,width,aspect_ratio,fps` (paths relative to OUT_DIR). Captions say exactly
@@ -42,11 +42,15 @@ def _mask(shape, x, y, cx, cy, r):
     return (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
 
 
-def render_clip(shape, color, motion, num_frames, size, rng):
-    """uint8 `(num_frames, size, size, 3)` frames of one shape; `rng` places it (a numpy Generator)."""
+def render_clip(shape, color, motion, num_frames, size, rng, shape_size=None):
+    """uint8 `(num_frames, size, size, 3)` frames of one shape; `rng` places it (a numpy Generator).
+    `shape_size`: the shape's half-width as a fraction of the frame (default: drawn from 1/10 to 1/6)."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
     small, large = size / 12, size / 4
-    r = rng.uniform(size / 10, size / 6) if motion.startswith(("moving", "staying")) else large
+    if shape_size is not None:
+        r = shape_size * size
+    else:
+        r = rng.uniform(size / 10, size / 6) if motion.startswith(("moving", "staying")) else large
     margin = r + 1
     cx, cy = rng.uniform(margin, size - margin, 2)
     frames = np.zeros((num_frames, size, size, 3), np.uint8)
@@ -71,9 +75,12 @@ def render_clip(shape, color, motion, num_frames, size, rng):
 
 
 def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8, seed=0,
-                           colors=tuple(COLORS), shapes=SHAPES, motions=MOTIONS):
+                           colors=tuple(COLORS), shapes=SHAPES, motions=MOTIONS, shape_size=None):
     """Write the clips and `out_dir/data.csv`; returns the CSV path. `colors`, `shapes` and `motions` choose
-    the vocabulary clips are drawn from (a smaller one is learned faster)."""
+    the vocabulary clips are drawn from, `shape_size` fixes the shapes' half-width as a fraction of the frame
+    (a smaller vocabulary and bigger shapes are learned faster)."""
+    if shape_size is not None and not 0 < shape_size < 0.5:
+        raise ValueError(f"shape_size {shape_size} must be a fraction of the frame in (0, 0.5)")
     for name, chosen, known in (("colors", colors, COLORS), ("shapes", shapes, SHAPES), ("motions", motions, MOTIONS)):
         unknown = [c for c in chosen if c not in known]
         if unknown or not chosen:
@@ -84,7 +91,7 @@ def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8
     for i in range(num_videos):
         shape, color, motion = rng.choice(shapes), rng.choice(colors), rng.choice(motions)
         name = f"clip_{i:04d}.mp4"
-        frames = render_clip(shape, color, motion, num_frames, size, rng)
+        frames = render_clip(shape, color, motion, num_frames, size, rng, shape_size)
         write_video(os.path.join(out_dir, name), torch.from_numpy(frames), fps=fps)
         rows.append((name, f"a {color} {shape} {motion}", num_frames, size, size, 1.0, fps))
     csv_path = os.path.join(out_dir, "data.csv")
@@ -127,9 +134,12 @@ def main(argv=None):
     parser.add_argument("--colors", type=_names(COLORS), default=tuple(COLORS), help="comma-separated; default: all")
     parser.add_argument("--shapes", type=_names(SHAPES), default=SHAPES, help="comma-separated; default: all")
     parser.add_argument("--motions", type=_names(MOTIONS), default=MOTIONS, help="comma-separated; default: all")
+    parser.add_argument("--shape-size", type=float, help="half-width as a fraction of the frame, in (0, 0.5)")
     args = parser.parse_args(argv)
+    if args.shape_size is not None and not 0 < args.shape_size < 0.5:
+        parser.error(f"--shape-size {args.shape_size} must be in (0, 0.5)")
     csv_path = make_synthetic_dataset(args.out_dir, args.num_videos, args.frames, args.size, args.fps, args.seed,
-                                      args.colors, args.shapes, args.motions)
+                                      args.colors, args.shapes, args.motions, args.shape_size)
     print(f"wrote {args.num_videos} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) "
           f"to {args.out_dir} and their captions to {csv_path}")
 

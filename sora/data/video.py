@@ -115,7 +115,9 @@ def write_video(path, frames, fps=DEFAULT_FPS, crf=18):
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = array.shape[2], array.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "threads": "1"}  # one encoder thread: the same frames, the same file
+        # Repeatable files: with x264's macroblock-tree rate control (and its lookahead) the same frames gave
+        # different files after any decode earlier in the process; without it, and on one thread, they do not.
+        stream.options = {"crf": str(crf), "threads": "1", "x264-params": "mbtree=0:rc-lookahead=0"}
         for image in array:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
