@@ -123,6 +123,21 @@ def test_kernels_on_equals_off(model_type):
         assert rel(g_fused[name], g_plain[name]) < 1e-4, name
 
 
+def test_stochastic_depth_is_per_sample_on_both_paths():
+    """drop_path drops whole samples' branches; with the same random draws the fused path equals the plain one."""
+    plain = randomize(tiny(drop_path=0.5)).train()
+    fused = tiny(drop_path=0.5, enable_layernorm_kernel=True).train()
+    fused.load_state_dict(plain.state_dict())
+    x, t, y, mask = inputs(B=4)
+    torch.manual_seed(3)
+    out_plain = plain(x, t, y, mask)
+    torch.manual_seed(3)
+    out_fused = fused(x, t, y, mask)
+    assert rel(out_fused, out_plain) < 1e-5
+    torch.manual_seed(4)
+    assert rel(fused(x, t, y, mask), out_plain) > 1e-3  # other draws drop other samples: the test is not vacuous
+
+
 def test_fused_path_is_the_same_function_in_float64():
     """float64 runs the kernels' exact references: the fused path's wiring must then equal the plain path."""
     plain = randomize(tiny("STDiT", pred_sigma=False)).double()

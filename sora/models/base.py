@@ -12,6 +12,9 @@ from sora.models.layers import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
 class VideoTransformer(nn.Module):
     # Name of the (1, S, C) spatial position-embedding buffer in the authors' checkpoints.
     spatial_buffer = "pos_embed"
+    # False: the temporal position embedding is added to every token (PixArt, DiT); True: the model's temporal
+    # blocks add it (STDiT in block 0's temporal branch, Latte before block 1).
+    temporal_in_blocks = False
     space_scale = 1.0
     time_scale = 1.0
 
@@ -56,15 +59,16 @@ class VideoTransformer(nn.Module):
         return self.spatial_pos_embed(grid[1:]).to(device), self.temporal_pos_embed(grid[0]).to(device)
 
     def add_pos_embed(self, x, grid):
-        """Spatial embedding on every frame, and the temporal one on every token unless no_temporal_pos_emb
-        (full-attention models: PixArt, DiT). Returns (x, the temporal embedding the blocks still have to
-        add): None here; STDiT and Latte add it inside their temporal blocks instead."""
+        """Add the spatial embedding to every frame, and the temporal one (unless no_temporal_pos_emb) to every
+        token, or, for models whose temporal blocks add it (temporal_in_blocks: STDiT, Latte), return it for them.
+        Returns (x, the temporal embedding the blocks have to add, or None)."""
         B, N, C = x.shape
         spatial, temporal = self.pos_embeds(grid, x.device)
         x = x.view(B, grid[0], -1, C) + spatial.to(x.dtype)
-        if not self.no_temporal_pos_emb:
-            x = x + temporal.to(x.dtype)[:, :, None]
-        return x.view(B, N, C), None
+        temporal = None if self.no_temporal_pos_emb else temporal.to(x.dtype)
+        if temporal is not None and not self.temporal_in_blocks:
+            x, temporal = x + temporal[:, :, None], None
+        return x.view(B, N, C), temporal
 
     def check_video(self, x, timestep):
         """x (B, in_channels, T, H, W) with T, H, W divisible by the patch size; timestep (B,)."""

@@ -22,12 +22,7 @@ class Latte(DiT):
     """Same constructor and forward as DiT. no_temporal_pos_emb leaves out the temporal embedding (Open-Sora's
     Latte ignores the flag and always adds it; the default keeps that behaviour)."""
 
-    def add_pos_embed(self, x, grid):
-        """Spatial embedding on every frame; the temporal one is added before block 1."""
-        B, N, C = x.shape
-        spatial, temporal = self.pos_embeds(grid, x.device)
-        x = (x.view(B, grid[0], -1, C) + spatial.to(x.dtype)).view(B, N, C)
-        return x, None if self.no_temporal_pos_emb else temporal.to(x.dtype)
+    temporal_in_blocks = True  # added to the tokens before block 1, the first temporal block
 
     def run_blocks(self, x, c, T, tpe):
         B, N, C = x.shape

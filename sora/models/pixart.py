@@ -8,7 +8,6 @@ full-attention baseline. With one frame it is PixArt-alpha, whose released check
 import math
 
 from sora.models.layers import get_2d_sincos_pos_embed
-from sora.models.base import VideoTransformer
 from sora.models.stdit import XL_2, STDiT
 
 
@@ -17,15 +16,13 @@ class PixArt(STDiT):
     minus `attn_temp`."""
 
     temporal_attention = False
+    temporal_in_blocks = False  # the temporal embedding goes on every token
 
     def spatial_pos_embed(self, grid_hw):
         # PixArt spans any grid over base_size positions, base_size = floor(sqrt(S)) of the configured size.
         _, h, w = self.token_grid(self.input_size)
         base_size = math.isqrt(h * w)
         return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale, base_size=base_size)[None]
-
-    # add_pos_embed: the base's, the temporal embedding on every token.
-    add_pos_embed = VideoTransformer.add_pos_embed
 
     def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         # Full attention: the whole sample is one "frame" of N tokens.

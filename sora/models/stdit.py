@@ -61,18 +61,20 @@ class STDiTBlock(nn.Module):
         ).chunk(6, dim=1)  # (B, 1, C) each
 
         if self.enable_layernorm_kernel:
+            # Stochastic depth drops a sample's whole branch: dropping its (B, 1, C) gate is the same, and
+            # stays per sample whatever layout the branch output is in.
             x_m = K.layernorm_modulate(x, shift_msa, scale_msa, eps=1e-6)
             x_s = self.attn(x_m.view(B * T, S, C)).view(B, N, C)
-            x = K.gated_residual(x, self.drop_path(x_s), gate_msa)
+            x = K.gated_residual(x, x_s, self.drop_path(gate_msa))
             if hasattr(self, "attn_temp"):
                 x_t = K.to_temporal(x, T)
                 if tpe is not None:
                     x_t = x_t + tpe
                 x_t = self.attn_temp(x_t, sp_group)
-                x = K.gated_residual(x, self.drop_path(x_t), gate_msa, temporal=T)
+                x = K.gated_residual(x, x_t, self.drop_path(gate_msa), temporal=T)
             x = x + self.cross_attn(x, y, mask)
             x_m = K.layernorm_modulate(x, shift_mlp, scale_mlp, eps=1e-6)
-            return K.gated_residual(x, self.drop_path(self.mlp(x_m)), gate_mlp)
+            return K.gated_residual(x, self.mlp(x_m), self.drop_path(gate_mlp))
 
         # The plain PyTorch path: Open-Sora v1's block, op for op.
         x_m = modulate(self.norm1(x), shift_msa, scale_msa)
@@ -90,9 +92,11 @@ class STDiTBlock(nn.Module):
 
 class STDiT(VideoTransformer):
     """Open-Sora v1's STDiT. forward(x (B, C, T, H, W), timestep (B,), y (B, 1, L, caption_channels),
-    mask (B, L)) -> (B, 2C or C, T, H, W) float32."""
+    mask (B, L)) -> (B, 2C or C, T, H, W) float32. no_temporal_pos_emb=True leaves out the temporal position
+    embedding (Open-Sora v1's STDiT ignored the flag; the default behaves the same)."""
 
     temporal_attention = True
+    temporal_in_blocks = True  # block 0 adds the temporal embedding to its temporal branch's input
 
     def __init__(
         self,
@@ -160,13 +164,6 @@ class STDiT(VideoTransformer):
             nn.init.zeros_(linear.bias)
 
     # ---- position embeddings -------------------------------------------------------------------------
-    def add_pos_embed(self, x, grid):
-        """Spatial embedding on every frame; STDiT adds the temporal one inside block 0's temporal branch."""
-        B, N, C = x.shape
-        spatial, temporal = self.pos_embeds(grid, x.device)
-        x = (x.view(B, grid[0], -1, C) + spatial.to(x.dtype)).view(B, N, C)
-        return x, temporal.to(x.dtype)
-
     # ---- forward ------------------------------------------------------------------------------------
     def check_inputs(self, x, timestep, y, mask):
         self.check_video(x, timestep)
@@ -174,6 +171,12 @@ class STDiT(VideoTransformer):
         if y.dim() != 4 or y.shape[0] != B or y.shape[1] != 1 or y.shape[3] != self.caption_channels:
             raise ValueError(
                 f"y must be (B={B}, 1, L, caption_channels={self.caption_channels}), got {tuple(y.shape)}"
+            )
+        null_tokens = self.y_embedder.y_embedding.shape[0]
+        if self.training and self.y_embedder.uncond_prob > 0 and y.shape[2] != null_tokens:
+            raise ValueError(
+                f"y has {y.shape[2]} caption tokens but training drops captions for the null caption of "
+                f"model_max_length={null_tokens} tokens: pad captions to {null_tokens}"
             )
         if mask is not None:
             if tuple(mask.shape) != (B, y.shape[2]):
@@ -203,7 +206,8 @@ class STDiT(VideoTransformer):
             sp, rank = dist.get_world_size(group), dist.get_rank(group)
             x = split_frames(x, grid[0], group)
             T = grid[0] // sp
-            x = self.run_blocks(x, y, t0, mask, T, tpe[:, rank * T:(rank + 1) * T], group)
+            local_tpe = None if tpe is None else tpe[:, rank * T:(rank + 1) * T]
+            x = self.run_blocks(x, y, t0, mask, T, local_tpe, group)
             x = gather_frames(x, group)
         else:
             x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
