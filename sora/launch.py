@@ -99,7 +99,8 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False):
         in_channels=vae.out_channels,
         caption_channels=text_encoder.output_dim,
         model_max_length=text_encoder.model_max_length,
-        enable_sequence_parallelism=sequence_parallel or None,
+        # The process layout decides sequence parallelism (sp_size), whatever the model dict says.
+        enable_sequence_parallelism=sequence_parallel,
     )
     accepted = model_arguments(cfg.model["type"])
     if sequence_parallel and "enable_sequence_parallelism" not in accepted:

@@ -1,4 +1,5 @@
-"""Process groups for data and sequence parallelism, and the frame split/gather of sequence-parallel STDiT.
+"""Process groups for data and sequence parallelism, the frame split/gather of sequence-parallel STDiT, and
+the FSDP2 (ZeRO-2) wrapping of a model over all ranks.
 
 Layout of ranks: the world is a (dp, sp) mesh; ranks k*sp ... k*sp + sp - 1 form sequence-parallel group k
 (consecutive ranks share a node, where the all-to-all traffic goes), and ranks with the same index inside
@@ -87,3 +88,24 @@ def gather_frames(x, group):
     if dist.get_world_size(group) == 1:
         return x
     return _GatherFrames.apply(x, group)
+
+
+def shard(model, mixed_bf16):
+    """ZeRO-2 with FSDP2: each block, then the rest, sharded over all ranks; parameters stay gathered from
+    forward to backward (reshard_after_forward=False), gradients are reduce-scattered (averaged)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
+    kwargs = dict(reshard_after_forward=False, **({"mp_policy": policy} if policy else {}))
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def local(tensor):
+    """The shard this rank holds (a DTensor under FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

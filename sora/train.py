@@ -23,12 +23,10 @@ from torch.utils.data import DataLoader
 
 from sora.checkpointing import load_checkpoint, save_checkpoint
 from sora.launch import build_components, main, setup
-from sora.parallel import init_sequence_parallel
+from sora.parallel import init_sequence_parallel, local, shard
 from sora.schedulers import IDDPM, build_scheduler
 
 log = logging.getLogger("sora.train")
-
-
 
 
 def experiment_dir(cfg, is_main):
@@ -36,7 +34,8 @@ def experiment_dir(cfg, is_main):
     name = None
     if is_main:
         os.makedirs(cfg.outputs, exist_ok=True)
-        index = len([d for d in os.listdir(cfg.outputs) if d[:3].isdigit()])
+        numbers = [int(d[:3]) for d in os.listdir(cfg.outputs) if d[:3].isdigit()]
+        index = max(numbers, default=-1) + 1
         name = os.path.join(cfg.outputs, f"{index:03d}-{cfg.model['type'].replace('/', '-')}")
         os.makedirs(name)
     if dist.is_initialized():
@@ -52,6 +51,7 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
     from sora.data import StatefulDistributedSampler, VariableVideoBatchSampler, VariableVideoTextDataset, VideoTextDataset
 
     if cfg.bucket_config:
+        check_bucket_frames(cfg)
         dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root,
                                            seed=cfg.seed)
         sampler = VariableVideoBatchSampler(dataset, cfg.bucket_config, num_replicas=dp_size, rank=dp_rank,
@@ -74,25 +74,33 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
     return loader, sampler, cfg.batch_size  # the sampler counts samples
 
 
-def shard(model, mixed_bf16):
-    """ZeRO-2 with FSDP2: each block, then the rest, sharded over all ranks; parameters stay gathered from
-    forward to backward (reshard_after_forward=False), gradients are reduce-scattered (averaged)."""
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+def check_bucket_frames(cfg):
+    """Every frame count a bucket may draw must split into the model's temporal patches and, under sequence
+    parallelism, over the sp group: found now, not mid-run on the one rank that draws the bucket."""
+    from sora.models import model_patch_size
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
-    kwargs = dict(reshard_after_forward=False, **({"mp_policy": policy} if policy else {}))
-    for block in model.blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+    patch_t = model_patch_size(cfg.model)[0]
+    for resolution, frames in cfg.bucket_config.items():
+        for t, (keep_prob, _) in frames.items():
+            if keep_prob and (t % patch_t or (t // patch_t) % cfg.sp_size):
+                raise ValueError(
+                    f"bucket_config[{resolution!r}][{t}]: {t} frames do not split into temporal patches of "
+                    f"{patch_t} over sp_size={cfg.sp_size}"
+                )
 
 
-def local(tensor):
-    """The shard this rank holds (a DTensor under FSDP2), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+def data_position(states, cfg, dp_size, sampler_unit):
+    """Steps into the current epoch to resume at. The data order of an epoch is one list that the
+    data-parallel ranks take turns in, so the same position carries over to another number of ranks or batch
+    size, rounded down to a whole step when it does not divide."""
+    saved = states.get("data", {})
+    consumed = states["step"] * saved.get("per_step", sampler_unit) * saved.get("dp_size", dp_size)
+    per_step = sampler_unit * dp_size
+    if consumed % per_step:
+        log.warning("resuming mid-epoch on %d data-parallel ranks with batch size %d: %d of the epoch's entries "
+                    "were seen, not a whole number of steps; %d are seen again", dp_size, cfg.batch_size,
+                    consumed, consumed % per_step)
+    return consumed // per_step
 
 
 @torch.no_grad()
@@ -130,12 +138,9 @@ class Logger:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
                             handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(exp_dir, "log.txt"))],
                             force=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
-        except ImportError:
-            log.warning("tensorboard is not installed: logging to stdout and log.txt only")
+        self.writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
         if cfg.wandb:
             import wandb
 
@@ -161,6 +166,8 @@ def run(cfg):
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("wandb=True but wandb is not installed: pip install wandb, or set --wandb false") from None
+    if cfg.dtype == "fp16":
+        raise ValueError("dtype fp16 is not supported for training (no loss scaling): use bf16 or fp32")
     if cfg.plugin == "zero2" and cfg.sp_size > 1:
         raise ValueError(f"sp_size={cfg.sp_size} needs plugin='zero2-seq' (plugin='zero2' has no sequence parallelism)")
     runtime = setup(cfg)  # checks that sp_size divides the number of processes
@@ -193,13 +200,20 @@ def run(cfg):
     epoch, step, global_step = 0, 0, 0
     if cfg.load:
         states = load_checkpoint(cfg.load, model, ema, optimizer)
-        epoch, step, global_step = states["epoch"], states["step"], states["global_step"]
+        epoch, global_step = states["epoch"], states["global_step"]
+        step = data_position(states, cfg, dp_size, sampler_unit)
+        for group in optimizer.param_groups:  # the optimizer state came back with the old run's lr: --lr wins
+            group["lr"] = cfg.lr
+        if states["seed"] != cfg.seed:
+            log.warning("the checkpoint was trained with seed %d, this run uses %d: the data order and noise "
+                        "differ from the original run's", states["seed"], cfg.seed)
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d", cfg.load, epoch, step, global_step)
     multiple = vae.patch_size[1] * model.patch_size[1]
     log.info("experiment folder %s; %d process(es), sp_size %d", exp_dir, runtime.world_size, sp_size)
 
     def checkpoint():
         states = dict(epoch=epoch, step=step, global_step=global_step, seed=cfg.seed,
+                      data=dict(dp_size=dp_size, per_step=sampler_unit),
                       sampler=sampler.state_dict(index=step * sampler_unit))
         log.info("saved %s", save_checkpoint(exp_dir, model, ema, optimizer, states))
 
@@ -214,8 +228,9 @@ def run(cfg):
             seed = step_seed(cfg.seed, global_step, dp_rank)
             torch.manual_seed(seed)  # caption dropout and anything else drawing from the global generators
             generator = torch.Generator().manual_seed(seed)  # timesteps and noise
-            with torch.no_grad():
-                x = vae.encode(crop_to(batch["video"], multiple).to(runtime.device, runtime.dtype)).float()
+            with torch.no_grad():  # latents drawn from the VAE's posterior, as Open-Sora v1 trains
+                video = crop_to(batch["video"], multiple).to(runtime.device, runtime.dtype)
+                x = vae.encode(video, generator=generator).float()
                 condition = text_encoder.encode(list(batch["text"]))
             with autocast:
                 losses = diffusion.training_losses(model, x, dict(y=condition["y"], mask=condition["mask"]),

@@ -281,7 +281,7 @@ def test_all_unreadable_raises(tmp_path):
     (tmp_path / "garbage.mp4").write_bytes(b"\x00" * 100)
     data = write_csv(tmp_path / "data.csv", [["garbage.mp4", "bad"], ["missing.mp4", "gone"]])
     dataset = VideoTextDataset(data, num_frames=2, image_size=(8, 8))
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="none of the 2 samples"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 2 samples"):
         dataset[0]
 
 

@@ -132,9 +132,9 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-path", "missing.txt", "--prompt", "none"], "prompt file 'missing.txt' does not exist"),
     (["--prompt-path", "EMPTY", "--prompt", "none"], "has no prompts"),
-    (["--image-size", "68,64"], r"image_size \(68, 64\) must be divisible by 8 \(the VAE.s 4x downsampling times the model.s patch 2\)"),
+    (["--image-size", "72,64"], r"image_size \(72, 64\) must be divisible by 16 \(the VAE.s 8x downsampling times the model.s patch 2\)"),
     (["--model.patch_size", "[2,2,2]", "--num-frames", "7"], "num_frames=7 must be divisible by the model's temporal patch size 2"),
-    (["--scheduler.type", "ddim"], "scheduler type 'ddim' is not one of"),
+    (["--scheduler.type", "ddim"], "unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
     (["--ckpt-path", "nowhere.pth"], "checkpoint 'nowhere.pth' does not exist"),
     (["--ckpt-path", "WRONG"], "does not match the model"),
     (["--dtype", "fp8"], "dtype"),

@@ -439,10 +439,10 @@ def test_build_scheduler():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (dict(type="ddim"), r"'ddim' is not one of \['dpm-solver', 'iddpm'\]"),
-        (dict(num_sampling_steps=10), r"None is not one of"),
-        (dict(type="iddpm", num_steps=10), r"unknown keyword\(s\) \['num_steps'\].*num_sampling_steps"),
-        (dict(type="dpm-solver", timestep_respacing="10"), r"\['timestep_respacing'\].*cfg_channel"),
+        (dict(type="ddim"), r"unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
+        (dict(num_sampling_steps=10), r"unknown scheduler type None"),
+        (dict(type="iddpm", num_steps=10), r"unknown scheduler option 'num_steps' for type 'iddpm'; valid options: num_sampling_steps"),
+        (dict(type="dpm-solver", timestep_respacing="10"), r"option 'timestep_respacing' for type 'dpm-solver'; valid options: .*cfg_channel"),
         (dict(type="iddpm", cfg_scale="7"), r"cfg_scale must be a finite number, got '7'"),
         (dict(type="dpm-solver", cfg_scale=float("nan")), r"cfg_scale must be a finite number"),
         (dict(type="iddpm", num_sampling_steps=0), r"num_sampling_steps must be an int in \[1, 1000\], got 0"),

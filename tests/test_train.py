@@ -59,6 +59,19 @@ def test_tiny_run_writes_checkpoints_and_metrics(tmp_path, clips):
     assert train(tmp_path, clips, "--max-steps", "1", "--ckpt-every", "0").name == "001-STDiT"
 
 
+def test_new_run_folder_follows_the_highest_number(tmp_path, clips):
+    (tmp_path / "outputs/002-STDiT").mkdir(parents=True)  # 000 and 001 were deleted
+    assert train(tmp_path, clips, "--max-steps", "1", "--ckpt-every", "0").name == "003-STDiT"
+
+
+def test_resume_takes_the_new_lr(tmp_path, clips):
+    first = train(tmp_path, clips, "--max-steps", "2", "--ckpt-every", "2", outputs="first")
+    resumed = train(tmp_path, clips, "--max-steps", "3", "--lr", "3e-4", "--load", str(checkpoint_at(first, 2)),
+                    outputs="second")
+    with open(resumed / "metrics.jsonl") as f:
+        assert [json.loads(line)["lr"] for line in f] == [3e-4]
+
+
 def test_resume_continues_the_run_exactly(tmp_path, clips):
     whole = losses(train(tmp_path, clips, "--max-steps", "6", "--ckpt-every", "3", outputs="whole"))
     first = train(tmp_path, clips, "--max-steps", "3", "--ckpt-every", "3", outputs="first")
@@ -138,6 +151,9 @@ def test_zero2_on_two_ranks_resumes_on_one(tmp_path, clips):
     (["--plugin", "zero2-seq", "--sp-size", "3"], "sp_size=3 does not divide the number of processes 1"),
     (["--load", "nowhere"], "load='nowhere': no such checkpoint folder"),
     (["--scheduler", "{'type': 'dpm-solver'}"], "training needs scheduler type 'iddpm'"),
+    (["--dtype", "fp16"], "dtype fp16 is not supported for training"),
+    (["--model.patch_size", "[2,2,2]", "--bucket-config", "{'144p': {3: (1.0, 2)}}"],
+     r"bucket_config\['144p'\]\[3\]: 3 frames do not split into temporal patches of 2"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, clips, capsys, flags, message):
     (tmp_path / "NO_TEXT").write_text("path\nclip_0000.mp4\n")

@@ -145,7 +145,7 @@ class _ClipTable(torch.utils.data.Dataset):
             except _DECODE_ERRORS as error:
                 last_error = f"{type(error).__name__}: {error}"
                 self._warn_once(candidate, f"cannot read it ({last_error})")
-        raise RuntimeError(f"none of the {len(self)} samples of {self.data_path} could be read; last error: {last_error}")
+        raise ValueError(f"none of the {len(self)} samples of {self.data_path} could be read; last error: {last_error}")
 
 
 class VideoTextDataset(_ClipTable):
