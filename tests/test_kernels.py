@@ -313,13 +313,14 @@ def test_compile_fullgraph(backend):
         (lambda: K.layernorm_modulate(torch.randn(2, 3, 4), weight=torch.randn(5)), "weight must have shape"),
         (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), temporal=4), "temporal=4 does not divide"),
         (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), temporal=0), "temporal must be a positive int"),
+        (lambda: K.to_temporal(torch.randn(2, 6, 4), None), "T must be a positive int"),
         (lambda: K.layernorm_modulate(torch.randn(2, 3, 4), shift=torch.randn(2, 1, 4, device="meta")), "is on meta"),
         (lambda: K.layernorm_modulate(torch.randn(1, 1, 20000)), "C <= 16384"),
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(3, 4)), "gate of shape"),
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(4), temporal=3),
          "y must have temporal layout"),
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), None), "gate is required"),
-        (lambda: K.to_temporal(torch.randn(2, 6, 4), 4), "T must be a positive int dividing"),
+        (lambda: K.to_temporal(torch.randn(2, 6, 4), 4), "T=4 does not divide the token count N=6"),
         (lambda: K.from_temporal(torch.randn(6, 2, 4), 4), "B must be a positive int dividing"),
         (lambda: K.LayerNorm(8)(torch.randn(2, 3, 4)), "last dim must be 8"),
     ],
@@ -327,3 +328,27 @@ def test_compile_fullgraph(backend):
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_import_and_run_without_triton():
+    """Where Triton has no wheel (macOS, Windows), sora imports and every op runs its eager reference."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+sys.modules["triton"] = None  # as if not installed
+import sora.kernels as K
+from sora.kernels.layernorm_modulate import layernorm_modulate_reference
+from sora.models import build_model
+x, shift = torch.randn(2, 6, 16), torch.randn(2, 1, 16)
+assert torch.equal(K.layernorm_modulate(x, shift, shift), layernorm_modulate_reference(x, shift, shift))
+assert torch.equal(K.from_temporal(K.to_temporal(x, 3), 2), x)
+model = build_model(dict(type="STDiT", input_size=(2, 4, 4), hidden_size=32, depth=1, num_heads=4,
+                         caption_channels=8, model_max_length=3, enable_layernorm_kernel=True))
+out = model(torch.randn(1, 4, 2, 4, 4), torch.tensor([5]), torch.randn(1, 1, 3, 8))
+print(tuple(out.shape))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "(1, 8, 2, 4, 4)", result.stderr

@@ -9,8 +9,8 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from sora.kernels._triton import AVAILABLE, tl, triton  # noqa: F401 - tl: Triton needs it in the globals of a module with @triton.jit functions
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _probe():
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted (TRITON_INTERPRET), so the
 # type of a decorated function is the ground truth for "can CPU tensors run our kernels".
-INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+INTERPRETED = AVAILABLE and type(_probe).__name__ == "InterpretedFunction"
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -38,7 +38,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
     float64 always takes the reference: the kernels compute in fp32, which would silently lose its precision.
     """
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or not AVAILABLE:
         return False
     if x.device.type == "cuda":
         return True
@@ -154,15 +154,18 @@ def per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor) -> torch.Ten
     return t.contiguous()
 
 
-def check_frames(temporal, x: torch.Tensor) -> int:
-    """`temporal` is the frame count T of x = (B, T*S, C); None means no layout change (T=1 is the same map)."""
-    if temporal is None:
-        return 1
-    if isinstance(temporal, bool) or not isinstance(temporal, int) or temporal < 1:
-        raise ValueError(f"temporal must be a positive int (the frame count T) or None, got {temporal!r}")
-    if x.shape[1] % temporal != 0:
-        raise ValueError(f"temporal={temporal} does not divide the token count N={x.shape[1]} of x {tuple(x.shape)}")
-    return temporal
+def check_frames(T, x: torch.Tensor, name: str = "temporal") -> int:
+    """T, passed as `name`, is the frame count of x = (B, T*S, C): a positive int dividing N."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{name} must be a positive int (the frame count T), got {T!r}")
+    if x.shape[1] % T != 0:
+        raise ValueError(f"{name}={T} does not divide the token count N={x.shape[1]} of x {tuple(x.shape)}")
+    return T
+
+
+def temporal_shape(B: int, N: int, C: int, T: int) -> tuple[int, int, int]:
+    """Shape of (B, N, C) tokens in temporal-attention layout: (B*S, T, C) with S = N / T."""
+    return (B * (N // T), T, C)
 
 
 def batch_stride(rows: torch.Tensor | None) -> int:
@@ -173,8 +176,9 @@ def batch_stride(rows: torch.Tensor | None) -> int:
 
 
 def reduce_partials(partial: torch.Tensor, B: int, like: torch.Tensor) -> torch.Tensor:
-    """Second stage of a per-sample reduction: (B*P, C) fp32 partial sums -> the shape of `like` ((1|B), C)."""
+    """Second stage of a per-sample reduction: (B*P, C) fp32 partial sums -> the shape of `like`: (B, C) per
+    sample, or summed over samples for (1, C) and (C,)."""
     per_sample = partial.view(B, -1, partial.shape[-1]).sum(1)
-    if like.shape[0] == 1:
-        per_sample = per_sample.sum(0, keepdim=True)
+    if like.dim() == 1 or like.shape[0] == 1:
+        per_sample = per_sample.sum(0, keepdim=like.dim() == 2)
     return per_sample.to(like.dtype)

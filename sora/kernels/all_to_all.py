@@ -14,10 +14,9 @@ import math
 
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
 from sora.kernels._common import new_buffer, use_triton
+from sora.kernels._triton import tl, triton
 
 
 @triton.jit

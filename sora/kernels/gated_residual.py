@@ -11,8 +11,6 @@ layernorm_modulate.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from sora.kernels._common import (
     batch_stride,
@@ -26,8 +24,10 @@ from sora.kernels._common import (
     reduce_partials,
     reduction_split,
     temporal_row,
+    temporal_shape,
     use_triton,
 )
+from sora.kernels._triton import tl, triton
 
 
 @triton.jit
@@ -170,9 +170,9 @@ def gated_residual(x, y, gate, temporal=None):
     check_tokens("x", x)
     check_tokens("y", y)
     check_same("y", y, "x", x)
-    T = check_frames(temporal, x)
+    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
     B, N, C = x.shape
-    expected = (B * (N // T), T, C) if temporal is not None else (B, N, C)
+    expected = temporal_shape(B, N, C, T) if temporal is not None else (B, N, C)
     if tuple(y.shape) != expected:
         layout = f"temporal layout (B*S, T, C) for temporal={T}" if temporal is not None else "the shape of x"
         raise ValueError(f"y must have {layout}, i.e. {expected}, got {tuple(y.shape)} (x is {tuple(x.shape)})")

@@ -14,8 +14,6 @@ reduction over the (B * programs, C) partials finishes them. No atomics: many pr
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from sora.kernels._common import (
     batch_stride,
@@ -29,8 +27,10 @@ from sora.kernels._common import (
     reduction_split,
     row_tile,
     temporal_row,
+    temporal_shape,
     use_triton,
 )
+from sora.kernels._triton import tl, triton
 
 # Whole rows live in registers; beyond this the row no longer fits a program's register file sensibly.
 MAX_CHANNELS = 16384
@@ -159,7 +159,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, T):
     x = x.contiguous()
     B, N, C = x.shape
     M = B * N
-    y = new_buffer((B * (N // T), T, C) if T > 1 else (B, N, C), x.dtype, x.device)
+    y = new_buffer(temporal_shape(B, N, C, T) if T > 1 else (B, N, C), x.dtype, x.device)
     mean = new_buffer((M,), torch.float32, x.device)
     rstd = new_buffer((M,), torch.float32, x.device)
     block_m, block_c, num_warps = row_tile(C)
@@ -193,16 +193,9 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
-    return dx, *(_finish(partial, B, like, x) for partial, like in ((dshift, shift), (dscale, scale), (dweight, weight), (dbias, bias)))
-
-
-def _finish(partial, B, like, x):
-    """Second reduction stage; an absent argument gets an empty tensor (custom ops cannot return None)."""
-    if partial is None:
-        return x.new_empty(0)
-    if like.dim() == 1:
-        return partial.sum(0).to(like.dtype)
-    return reduce_partials(partial, B, like)
+    # Second reduction stage; an absent argument gets an empty tensor (custom ops cannot return None).
+    return dx, *(x.new_empty(0) if partial is None else reduce_partials(partial, B, like)
+                 for partial, like in ((dshift, shift), (dscale, scale), (dweight, weight), (dbias, bias)))
 
 
 @torch.library.custom_op("sora::layernorm_modulate", mutates_args=())
@@ -221,7 +214,7 @@ def _layernorm_modulate_op(
 @_layernorm_modulate_op.register_fake
 def _(x, shift, scale, weight, bias, eps, T):
     B, N, C = x.shape
-    y = x.new_empty((B * (N // T), T, C) if T > 1 else (B, N, C))
+    y = x.new_empty(temporal_shape(B, N, C, T) if T > 1 else (B, N, C))
     stats = x.new_empty(B * N, dtype=torch.float32)
     return y, stats, torch.empty_like(stats)
 
@@ -300,7 +293,7 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     check_tokens("x", x)
     if x.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"layernorm_modulate supports C <= {MAX_CHANNELS}, got x of shape {tuple(x.shape)}")
-    T = check_frames(temporal, x)
+    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
     shift_rows = per_sample_rows("shift", shift, x)
     scale_rows = per_sample_rows("scale", scale, x)
     weight = per_channel("weight", weight, x)

@@ -10,10 +10,9 @@ which stay coalesced along C. Each is the other's backward.
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from sora.kernels._common import check_tokens, col_tile, new_buffer, temporal_row, use_triton
+from sora.kernels._common import check_frames, check_tokens, col_tile, new_buffer, temporal_row, temporal_shape, use_triton
+from sora.kernels._triton import tl, triton
 
 
 @triton.jit
@@ -46,8 +45,7 @@ def _launch(x, out_shape, T, S, to_temporal):
 
 
 def _temporal_shape(x, T):
-    B, N, C = x.shape
-    return (B * (N // T), T, C)
+    return temporal_shape(*x.shape, T)
 
 
 def _frame_major_shape(x, B):
@@ -100,8 +98,7 @@ def from_temporal_reference(x, B):
 def to_temporal(x, T):
     """"B (T S) C -> (B S) T C": (B, T*S, C) frame-major tokens to the temporal-attention layout."""
     check_tokens("x", x)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1 or x.shape[1] % T != 0:
-        raise ValueError(f"T must be a positive int dividing the token count of x {tuple(x.shape)}, got {T!r}")
+    check_frames(T, x, "T")
     if not use_triton(x):
         return to_temporal_reference(x, T)
     return _to_temporal_op(x, T)
