@@ -3,6 +3,8 @@
 import csv
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -97,6 +99,15 @@ def test_synthetic_pixels_show_the_caption(synthetic):
         rows_lit, cols_lit = np.nonzero(biggest)
         fill = biggest.sum() / ((np.ptp(rows_lit) + 1) * (np.ptp(cols_lit) + 1))
         assert {"square": fill > 0.93, "circle": 0.7 < fill <= 0.93, "triangle": fill <= 0.7}[shape], (row["text"], fill)
+
+
+def test_synthetic_runs_as_a_module_without_warnings(tmp_path):
+    """`python -m sora.data.synthetic`, as README.md has it: sora.data must not import the script before runpy."""
+    result = subprocess.run([sys.executable, "-m", "sora.data.synthetic", str(tmp_path), "--num-videos", "1",
+                             "--frames", "2", "--size", "32"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    assert (tmp_path / "data.csv").is_file() and (tmp_path / "clip_0000.mp4").is_file()
 
 
 def test_synthetic_cli_is_deterministic(tmp_path, capsys):

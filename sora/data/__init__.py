@@ -3,7 +3,6 @@
 from .buckets import ASPECT_RATIOS, RESOLUTIONS, Bucket, get_closest_ratio
 from .datasets import VariableVideoTextDataset, VideoTextDataset, read_csv, resize_crop
 from .sampler import StatefulDistributedSampler, VariableVideoBatchSampler
-from .synthetic import make_synthetic_dataset
 from .video import probe, read_image, read_video, save_sample, write_video
 
 __all__ = [
@@ -24,3 +23,13 @@ __all__ = [
     "save_sample",
     "write_video",
 ]
+
+
+def __getattr__(name):
+    # sora.data.synthetic is also a script (python -m sora.data.synthetic): importing it here, before runpy
+    # runs it, would make Python warn that the module was already imported.
+    if name == "make_synthetic_dataset":
+        from .synthetic import make_synthetic_dataset
+
+        return make_synthetic_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
