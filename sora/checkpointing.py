@@ -15,6 +15,7 @@ sora.train), so seed and global step in running_states.json determine every rand
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,13 @@ def _is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _dcp(fn, state, path):
+    """dcp.save / dcp.load, without its warning that a run without torch.distributed is a single process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        fn(state, checkpoint_id=path)
+
+
 def full_state_dict(model):
     """The whole state dict on rank 0 (gathered from the shards under FSDP2), on the CPU."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -52,8 +60,8 @@ def save_checkpoint(exp_dir, model, ema, optimizer, running_states):
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier save that was killed
         os.makedirs(tmp)
     _barrier()
-    dcp.save(get_model_state_dict(model), checkpoint_id=os.path.join(tmp, "model"))
-    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+    _dcp(dcp.save, get_model_state_dict(model), os.path.join(tmp, "model"))
+    _dcp(dcp.save, get_optimizer_state_dict(model, optimizer), os.path.join(tmp, "optimizer"))
     ema_state = full_state_dict(ema)
     if _is_main():
         torch.save({k: v.float() for k, v in ema_state.items()}, os.path.join(tmp, "ema.pt"))
@@ -73,10 +81,10 @@ def load_checkpoint(path, model, ema, optimizer):
             "and ema.pt, as written by python -m sora.train)"
         )
     model_state = get_model_state_dict(model)
-    dcp.load(model_state, checkpoint_id=os.path.join(path, "model"))
+    _dcp(dcp.load, model_state, os.path.join(path, "model"))
     set_model_state_dict(model, model_state)
     optimizer_state = get_optimizer_state_dict(model, optimizer)
-    dcp.load(optimizer_state, checkpoint_id=os.path.join(path, "optimizer"))
+    _dcp(dcp.load, optimizer_state, os.path.join(path, "optimizer"))
     set_optimizer_state_dict(model, optimizer, optimizer_state)
     ema_state = torch.load(os.path.join(path, "ema.pt"), map_location="cpu", weights_only=True)
     set_model_state_dict(ema, ema_state, options=StateDictOptions(full_state_dict=True))
