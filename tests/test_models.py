@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, randomize, rel
 from sora.models import build_model
 from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
@@ -16,14 +17,6 @@ def tiny(model_type="STDiT", **kwargs):
     return build_model(dict(type=model_type, **TINY), **kwargs)
 
 
-def randomize(model, std=0.05):
-    """Non-zero weights everywhere: the zero-initialised projections would otherwise hide whole branches."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model
-
-
 def inputs(B=2, T=4, H=8, W=8, L=6, caption=32, dtype=torch.float32):
     x = torch.randn(B, 4, T, H, W, dtype=dtype)
     t = torch.randint(0, 1000, (B,))
@@ -31,14 +24,6 @@ def inputs(B=2, T=4, H=8, W=8, L=6, caption=32, dtype=torch.float32):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, L // 2:] = 0  # sample 0's caption is padded
     return x, t, y, mask
-
-
-def grads(model):
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ---- names and shapes: Open-Sora v1's STDiT-XL/2 at 16x256x256 (latent 16x32x32), written out from its
@@ -109,18 +94,7 @@ def test_pos_embed_matches_mae_formula():
 @pytest.mark.parametrize("model_type", ["STDiT", "PixArt"])
 def test_kernels_on_equals_off(model_type):
     """The fused path (Triton kernels under the interpreter) against the plain PyTorch path, fp32."""
-    plain = randomize(tiny(model_type))
-    fused = tiny(model_type, enable_layernorm_kernel=True)
-    fused.load_state_dict(plain.state_dict())
-    x, t, y, mask = inputs()
-    out_plain, out_fused = plain(x, t, y, mask), fused(x, t, y, mask)
-    assert rel(out_fused, out_plain) < 1e-5
-    dout = torch.randn_like(out_plain)
-    out_plain.backward(dout)
-    out_fused.backward(dout)
-    g_plain, g_fused = grads(plain), grads(fused)
-    for name in g_plain:
-        assert rel(g_fused[name], g_plain[name]) < 1e-4, name
+    assert_same_function(randomize(tiny(model_type)), tiny(model_type, enable_layernorm_kernel=True), inputs())
 
 
 def test_stochastic_depth_is_per_sample_on_both_paths():
@@ -162,15 +136,8 @@ def test_padding_tokens_do_not_change_the_output(model_type, kernel):
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_grad_checkpoint_gives_the_same_gradients(kernel):
-    model = randomize(tiny(enable_layernorm_kernel=kernel))
-    checkpointed = tiny(enable_layernorm_kernel=kernel, grad_checkpoint=True)
-    checkpointed.load_state_dict(model.state_dict())
-    x, t, y, mask = inputs()
-    model(x, t, y, mask).square().mean().backward()
-    checkpointed(x, t, y, mask).square().mean().backward()
-    reference = grads(model)
-    for name, g in grads(checkpointed).items():
-        torch.testing.assert_close(g, reference[name], rtol=1e-5, atol=1e-7)
+    assert_checkpointing_keeps_gradients(randomize(tiny(enable_layernorm_kernel=kernel)),
+                                         tiny(enable_layernorm_kernel=kernel, grad_checkpoint=True), inputs())
 
 
 def test_other_sizes_use_recomputed_pos_embeds():
