@@ -19,12 +19,20 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import compile_mode, on_cuda, pedantic_ms, record, skip, synchronize, time_ms, time_steps
+from bench.bench_utils import (
+    PEDANTIC_ROUNDS,
+    compile_mode,
+    on_cuda,
+    pedantic_ms,
+    record,
+    record_largest_batch,
+    skip,
+    synchronize,
+    time_ms,
+    time_steps,
+)
 from sora.models import build_model
 from sora.models.layers import Attention
-
-CAPTION_TOKENS = 120  # T5 model_max_length
-CAPTION_CHANNELS = 4096  # T5-v1.1-XXL
 
 
 @dataclass(frozen=True)
@@ -91,23 +99,24 @@ def randomize(module: torch.nn.Module, std: float = 0.02) -> None:
             parameter.normal_(0, std, generator=generator)
 
 
-def build(case: ModelCase, device, dtype):
-    model_type, train = MODEL_BENCHES[case.bench]
-    cfg = dict(
-        type=model_type,
-        input_size=case.video.latent,
-        enable_flashattn=True,
-        enable_layernorm_kernel=case.provider.startswith("sora"),
-        grad_checkpoint=case.video.grad_checkpoint and train,
-    )
+def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False, **kwargs):
+    """A diffusion transformer for latents (T, H, W) with random weights in dtype (tiny on a CPU)."""
+    cfg = dict(type=model_type, input_size=latent, enable_flashattn=True,
+               enable_layernorm_kernel=provider.startswith("sora"), grad_checkpoint=grad_checkpoint, **kwargs)
     if device.type != "cuda":  # the CPU smoke set: a tiny STDiT/PixArt with the same code path
         cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
     with device:  # parameters are created (and initialised) on the device: much faster than on the host
         model = build_model(cfg)
     model.to(device=device, dtype=dtype)
     randomize(model)
-    model.train(train)
     return model
+
+
+def build(case: ModelCase, device, dtype):
+    model_type, train = MODEL_BENCHES[case.bench]
+    model = build_dit(model_type, case.video.latent, case.provider, device, dtype,
+                      grad_checkpoint=case.video.grad_checkpoint and train)
+    return model.train(train)
 
 
 def compiled(model):
@@ -119,16 +128,21 @@ def compiled(model):
     return model
 
 
+def captions(model, batch, device, dtype, generator):
+    """What T5 hands the model for `batch` prompts: y (B, 1, L, C) and an int64 mask of 20-100 real tokens of
+    120 (scaled for the tiny model)."""
+    L, C = model.y_embedder.y_embedding.shape
+    y = torch.randn(batch, 1, L, C, device=device, dtype=dtype, generator=generator)
+    lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
+    return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
+
+
 def model_inputs(model, case: ModelCase, batch: int, device, dtype, generator):
     T, H, W = case.video.latent
-    L, caption_channels = model.y_embedder.y_embedding.shape
     x = torch.randn(batch, model.in_channels, T, H, W, device=device, dtype=dtype, generator=generator)
     timestep = torch.randint(0, 1000, (batch,), device=device, generator=generator)
-    y = torch.randn(batch, 1, L, caption_channels, device=device, dtype=dtype, generator=generator)
-    # Realistic padding: prompts of 20-100 T5 tokens out of 120 (scaled for the tiny model).
-    lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
-    mask = torch.arange(L, device=device)[None] < lengths[:, None]
-    return x, timestep, y, mask
+    y, mask = captions(model, batch, device, dtype, generator)
+    return x, timestep, y, mask.bool()
 
 
 def tokens_per_sample(model, video: Video) -> int:
@@ -164,7 +178,7 @@ def test_model(case, benchmark, bench_env, results, device):
                 forward(x, timestep, y, mask)
 
         # Warm-up (2 steps): kernels' JIT, cuDNN/cuBLAS handles, and for +compile the forward and backward graphs.
-        timing = time_steps(benchmark, step, device, warmup=2, budget_ms=6000)
+        timing = time_steps(benchmark, step, device)
         samples_per_s = batch / (timing["ms"] * 1e-3)
         row.update(
             ms=timing["ms"],
@@ -175,16 +189,7 @@ def test_model(case, benchmark, bench_env, results, device):
             rounds=timing["rounds"],
         )
 
-    for batch in case.video.batches:
-        row = model_row(case, batch)
-        try:
-            record(results, benchmark, row, lambda row: measure(row, batch))
-            return
-        except pytest.skip.Exception:
-            # Out of memory: the next batch size gets the fixture, unless pytest-benchmark already ran it.
-            if batch == case.video.batches[-1] or getattr(benchmark, "_mode", None):
-                raise
-            benchmark.skipped = False
+    record_largest_batch(results, benchmark, lambda batch: model_row(case, batch), measure, case.video.batches)
 
 
 def model_row(case: ModelCase, batch: int) -> dict:
@@ -254,7 +259,7 @@ def test_temporal_branch(case, benchmark, bench_env, results, device):
         step()
         synchronize(device)
         ms = time_ms(step, device)
-        wall_ms = pedantic_ms(benchmark, step, device, rounds=10 if device.type == "cuda" else 3)
+        wall_ms = pedantic_ms(benchmark, step, device, rounds=PEDANTIC_ROUNDS if device.type == "cuda" else 3)
         row.update(ms=ms, wall_ms=wall_ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
 
     record(results, benchmark, row, measure)

@@ -43,8 +43,7 @@ from bench.bench_utils import (
     skip,
     time_steps,
 )
-from bench.test_models import CPU_VIDEOS, GPU_VIDEOS, TINY, Video, compiled, randomize, tokens_per_sample
-from sora.models import build_model
+from bench.test_models import CPU_VIDEOS, GPU_VIDEOS, TINY, Video, build_dit, captions, compiled, tokens_per_sample
 from sora.schedulers import IDDPM
 
 # DeepFloyd/t5-v1_1-xxl's config.json, the encoder's part: 24 layers of width 4096 (64 heads of 64), gated-GELU
@@ -101,19 +100,6 @@ def model_name(model_type: str, device) -> str:
 
 
 # ---- the pieces, built on the device ---------------------------------------------------------------------
-def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False, **kwargs):
-    """A diffusion transformer for latents (T, H, W) with random weights in dtype (tiny on a CPU)."""
-    cfg = dict(type=model_type, input_size=latent, enable_flashattn=True,
-               enable_layernorm_kernel=provider.startswith("sora"), grad_checkpoint=grad_checkpoint, **kwargs)
-    if device.type != "cuda":
-        cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
-    with device:  # parameters are created (and initialised) on the device: much faster than on the host
-        model = build_model(cfg)
-    model.to(device=device, dtype=dtype)
-    randomize(model)
-    return model
-
-
 def build_t5(device):
     """T5-v1.1-XXL's encoder (TINY_T5_CONFIG on a CPU) in bf16 with seeded random weights."""
     from sora.models.text_encoder import TINY_T5_CONFIG, T5Encoder
@@ -172,15 +158,6 @@ WORDS = "a red panda walks slowly through falling snow in a quiet bamboo forest 
 def prompts(n: int) -> list[str]:
     """n prompts of 10 to 73 words: ByT5 has one token per byte, so most fill the 120 tokens and some are cut."""
     return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(10 + 9 * (i % 8))) for i in range(n)]
-
-
-def captions(model, batch, device, dtype, generator):
-    """What T5 hands the model for `batch` prompts: y (B, 1, L, C) and an int64 mask of 20-100 real tokens of
-    120 (scaled for the tiny model)."""
-    L, C = model.y_embedder.y_embedding.shape
-    y = torch.randn(batch, 1, L, C, device=device, dtype=dtype, generator=generator)
-    lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
-    return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
 
 
 def null_captions(model, n):
