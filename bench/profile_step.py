@@ -18,7 +18,7 @@ from sora.models import build_model
 
 # First match wins: kernel (or, on CPU, operator) names -> category.
 CATEGORIES = [
-    ("sora kernels", r"_layernorm_modulate|_gated_residual|_temporal_copy|_swap_leading"),
+    ("sora kernels", r"_layernorm_modulate|_gated_residual|_temporal_copy"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("matmul", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|xmma|nvjet|linear|conv"),
     ("normalisation", r"layer_norm|layernorm|native_layer_norm"),

@@ -3,7 +3,7 @@
 With W ranks, scatter_dim d and gather_dim g, rank r sends its W slices along d (slice w to rank w) and
 receives one slice from every rank, which it concatenates along g. Around one
 torch.distributed.all_to_all_single the data is permuted twice, each a swap of the two leading axes of a
-3-D view, done by one Triton kernel:
+3-D view, done by the to_temporal layout kernel (the same row permutation, for one sample):
 - pack:   x viewed (P, W, M) -> send buffer (W, P, M), P = prod(shape[:d]), M = the rest after W;
 - unpack: receive buffer (W, P', M') -> out viewed (P', W, M'), P' = prod(chunk[:g]), M' = prod(chunk[g:]).
 When P (or P') is 1 the view already is the buffer and no copy is made. The backward of an exchange is
@@ -15,19 +15,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from sora.kernels._common import new_buffer, use_triton
-from sora.kernels._triton import tl, triton
-
-
-@triton.jit
-def _swap_leading_kernel(src_ptr, dst_ptr, A, B, M, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Row r = a*B + b of src (A, B, M) is row b*A + a of dst (B, A, M); rows are M contiguous elements.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (rows < A * B)[:, None] & (cols < M)[None, :]
-    dst_rows = (rows % B) * A + rows // B
-    values = tl.load(src_ptr + rows[:, None] * M + cols[None, :], mask=mask)
-    tl.store(dst_ptr + dst_rows[:, None] * M + cols[None, :], values, mask=mask)
+from sora.kernels._common import use_triton
+from sora.kernels.layout import _launch
 
 
 def swap_leading_reference(x, A, B):
@@ -35,17 +24,12 @@ def swap_leading_reference(x, A, B):
 
 
 def _swap_leading(x, A, B):
-    """Contiguous x viewed as (A, B, M) -> a new contiguous (B, A, M)."""
+    """Contiguous x viewed as (A, B, M) -> a new contiguous (B, A, M): to_temporal's kernel, for one sample
+    of A frames of B tokens of M channels ("(A B) M -> (B A) M")."""
     if not use_triton(x):
         return swap_leading_reference(x, A, B)
     M = x.numel() // (A * B)
-    out = new_buffer((B, A, M), x.dtype, x.device)
-    block_m = min(triton.next_power_of_2(M), 1024)
-    block_r = max(1, 4096 // block_m)
-    _swap_leading_kernel[(triton.cdiv(A * B, block_r), triton.cdiv(M, block_m))](
-        x, out, A, B, M, BLOCK_R=block_r, BLOCK_M=block_m, num_warps=4,
-    )
-    return out
+    return _launch(x.view(A * B, M), (B, A, M), A, B, to_temporal=True)
 
 
 def _exchange(x, group, scatter_dim, gather_dim):
