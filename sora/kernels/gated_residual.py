@@ -28,6 +28,7 @@ from sora.kernels._common import (
     use_triton,
 )
 from sora.kernels._triton import tl, triton
+from sora.kernels.layout import from_temporal_reference
 
 
 @triton.jit
@@ -156,7 +157,7 @@ def gated_residual_reference(x, y, gate, temporal=None):
     """Eager PyTorch: the definition the kernel is tested against, and the fallback off-GPU."""
     B, N, C = x.shape
     if temporal is not None:
-        y = y.reshape(B, N // temporal, temporal, C).transpose(1, 2).reshape(B, N, C)
+        y = from_temporal_reference(y, B)
     acc = compute_dtype(x)
     return (x.to(acc) + gate.to(acc).reshape(-1, 1, C) * y.to(acc)).to(x.dtype)
 

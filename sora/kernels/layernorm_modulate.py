@@ -31,6 +31,7 @@ from sora.kernels._common import (
     use_triton,
 )
 from sora.kernels._triton import tl, triton
+from sora.kernels.layout import to_temporal_reference
 
 # Whole rows live in registers; beyond this the row no longer fits a program's register file sensibly.
 MAX_CHANNELS = 16384
@@ -279,7 +280,7 @@ def layernorm_modulate_reference(x, shift=None, scale=None, weight=None, bias=No
         y = y + shift.to(acc).reshape(-1, 1, C)
     y = y.to(x.dtype)
     if temporal is not None:
-        y = y.reshape(B, temporal, N // temporal, C).transpose(1, 2).reshape(-1, temporal, C)
+        y = to_temporal_reference(y, temporal)
     return y
 
 
