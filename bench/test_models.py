@@ -11,6 +11,7 @@ gated residual back, fused (K.to_temporal + attention + K.gated_residual(tempora
 contiguous, attention, rearrange back, x + gate * y).
 """
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -146,9 +147,7 @@ def model_inputs(model, case: ModelCase, batch: int, device, dtype, generator):
 
 
 def tokens_per_sample(model, video: Video) -> int:
-    T, H, W = video.latent
-    pt, ph, pw = model.patch_size
-    return (T // pt) * (H // ph) * (W // pw)
+    return math.prod(model.token_grid(video.latent))
 
 
 @pytest.mark.parametrize("case", model_cases(on_cuda()), ids=str)
