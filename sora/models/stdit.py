@@ -203,11 +203,9 @@ class STDiT(VideoTransformer):
 
         if self.enable_sequence_parallelism:
             group = self.sequence_parallel_group(grid[0])
-            sp, rank = dist.get_world_size(group), dist.get_rank(group)
             x = split_frames(x, grid[0], group)
-            T = grid[0] // sp
-            local_tpe = None if tpe is None else tpe[:, rank * T:(rank + 1) * T]
-            x = self.run_blocks(x, y, t0, mask, T, local_tpe, group)
+            local_tpe = None if tpe is None else split_frames(tpe, grid[0], group)
+            x = self.run_blocks(x, y, t0, mask, grid[0] // dist.get_world_size(group), local_tpe, group)
             x = gather_frames(x, group)
         else:
             x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
