@@ -149,6 +149,10 @@ def test_other_sizes_use_recomputed_pos_embeds():
     with torch.no_grad():
         torch.testing.assert_close(small(x, t, y, mask), other(x, t, y, mask))
     assert small.pos_embed.shape == (1, 16, 64)  # the buffers keep the configured size
+    grid = small.token_grid(x.shape[2:])
+    assert small.pos_embeds(grid, x.device)[0] is small.pos_embeds(grid, x.device)[0]  # computed once per size
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, t, y, mask), other(x, t, y, mask))
 
 
 def open_sora_checkpoint(model):

@@ -40,6 +40,7 @@ class VideoTransformer(nn.Module):
         grid = self.token_grid(self.input_size)
         self.register_buffer(self.spatial_buffer, self.spatial_pos_embed(grid[1:]))
         self.register_buffer("pos_embed_temporal", self.temporal_pos_embed(grid[0]))
+        self._other_pos_embeds = {}  # (grid, device) -> embeddings for sizes other than input_size
 
     def token_grid(self, size):
         """(T, H, W) latent size -> token grid (T/pt, H/ph, W/pw)."""
@@ -53,10 +54,16 @@ class VideoTransformer(nn.Module):
 
     def pos_embeds(self, grid, device):
         """(1, S, C) spatial and (1, T, C) temporal embeddings for a token grid; the buffers when it is the
-        configured one, computed for other sizes (e.g. bucketed training) without touching the buffers."""
+        configured one, else computed once per (grid, device) and kept apart from the buffers (bucketed training
+        meets a few sizes over and over: recomputing them in numpy and copying them over each step would stall
+        every step)."""
         if grid == self.token_grid(self.input_size):
             return getattr(self, self.spatial_buffer), self.pos_embed_temporal
-        return self.spatial_pos_embed(grid[1:]).to(device), self.temporal_pos_embed(grid[0]).to(device)
+        key = (grid, torch.device(device))
+        if key not in self._other_pos_embeds:
+            self._other_pos_embeds[key] = (self.spatial_pos_embed(grid[1:]).to(device),
+                                           self.temporal_pos_embed(grid[0]).to(device))
+        return self._other_pos_embeds[key]
 
     def add_pos_embed(self, x, grid):
         """Add the spatial embedding to every frame, and the temporal one (unless no_temporal_pos_emb) to every
