@@ -233,10 +233,12 @@ class IDDPM:
         if sigma_small:
             self.fixed_log_variance = self.posterior_log_variance_clipped
         else:
-            self.fixed_log_variance = torch.cat([self.posterior_log_variance_clipped[:1], torch.log(self.betas[1:])])
+            self.fixed_log_variance = torch.cat([self.posterior_log_variance_clipped[:1], self.log_betas[1:]])
 
     def _set_schedule(self, betas):
+        self._tables = {}  # device -> the tables below, copied there (see _on)
         self.betas = betas
+        self.log_betas = torch.log(betas)
         self.num_timesteps = len(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -255,22 +257,29 @@ class IDDPM:
             (1.0 - self.alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - self.alphas_cumprod)
         )
 
-    @staticmethod
-    def _at(constants, t, x):
-        """constants[t] as (B, 1, ...) in x's dtype and device, to broadcast against x."""
-        return constants.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    def _on(self, name, device):
+        """The schedule table `name` on `device`, copied there once: a copy per lookup would make every step
+        wait for the GPU several times."""
+        tables = self._tables.setdefault(torch.device(device), {})
+        if name not in tables:
+            tables[name] = getattr(self, name).to(device)
+        return tables[name]
+
+    def _at(self, name, t, x):
+        """Table `name` at t, as (B, 1, ...) in x's dtype and device, to broadcast against x."""
+        return self._on(name, x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x_start, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), drawn with the given noise."""
         return (
-            self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self._at("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x_start + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._at("posterior_mean_coef1", t, x_t) * x_start + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._at("posterior_variance", t, x_t), self._at("posterior_log_variance_clipped", t, x_t)
 
     def p_mean_variance(self, model_output, x_t, t):
         """Mean, log-variance and x_0 prediction of p(x_{t-1} | x_t) from the model's output.
@@ -289,17 +298,17 @@ class IDDPM:
         prediction = model_output[:, :channels]
         if self.learn_sigma:
             frac = (model_output[:, channels:] + 1) / 2
-            min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(torch.log(self.betas), t, x_t)
+            min_log = self._at("posterior_log_variance_clipped", t, x_t)
+            max_log = self._at("log_betas", t, x_t)
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
-            log_variance = self._at(self.fixed_log_variance, t, x_t).expand_as(x_t)
+            log_variance = self._at("fixed_log_variance", t, x_t).expand_as(x_t)
         if self.predict_xstart:
             pred_xstart = prediction
         else:
             pred_xstart = (
-                self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * prediction
+                self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * prediction
             )
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return mean, log_variance, pred_xstart
@@ -353,7 +362,7 @@ class IDDPM:
         noise = noise.to(dtype)
 
         x_t = self.q_sample(x_start, t, noise)
-        model_output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {})).to(dtype)
+        model_output = model(x_t, self._on("timestep_map", t.device)[t], **(model_kwargs or {})).to(dtype)
         if self.use_kl:
             return {"loss": self.vlb_terms(x_start, x_t, t, model_output) * self.num_timesteps}
 
@@ -381,7 +390,7 @@ class IDDPM:
         check_sample_inputs(z, y, y_null, mask)
         x = z.to(compute_dtype(z))
         batch = x.shape[0]
-        timesteps = self.timestep_map.to(x.device)
+        timesteps = self._on("timestep_map", x.device)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
             t = torch.full((batch,), i, dtype=torch.long, device=x.device)
             out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel)
