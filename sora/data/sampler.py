@@ -15,6 +15,16 @@ from .buckets import Bucket
 from .datasets import seed_from
 
 
+def _fit(entries, multiple, drop_last):
+    """`entries` cut down to a multiple of `multiple` (drop_last), or padded up to one by cycling them."""
+    remainder = len(entries) % multiple
+    if remainder and drop_last:
+        return entries[: len(entries) - remainder]
+    if remainder:
+        return entries + [entries[i % len(entries)] for i in range(multiple - remainder)]
+    return entries
+
+
 class _ResumableSampler(torch.utils.data.Sampler):
     def __init__(self, num_replicas, rank, shuffle, seed, drop_last):
         if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
@@ -41,12 +51,7 @@ class _ResumableSampler(torch.utils.data.Sampler):
         """This rank's entries for the current (seed, epoch)."""
         key = (self.seed, self.epoch)
         if self._cached[0] != key:
-            entries = self._build()
-            remainder = len(entries) % self.num_replicas
-            if remainder and self.drop_last:
-                entries = entries[: len(entries) - remainder]
-            elif remainder:
-                entries = entries + [entries[i % len(entries)] for i in range(self.num_replicas - remainder)]
+            entries = _fit(self._build(), self.num_replicas, self.drop_last)
             self._cached = (key, entries[self.rank :: self.num_replicas])
         return self._cached[1]
 
@@ -105,16 +110,21 @@ class VariableVideoBatchSampler(_ResumableSampler):
         super().__init__(num_replicas, rank, shuffle, seed, drop_last)
         self.dataset = dataset
         self.bucket = Bucket(bucket_config)
+        self._groups = (None, None)
 
     def group_by_bucket(self):
-        """{bucket_id: [sample indices]} for the current epoch, in sample order."""
-        groups = {}
-        for i in range(len(self.dataset)):
-            T, H, W = self.dataset.get_data_info(i)
-            bucket_id = self.bucket.get_bucket_id(T, H, W, self.dataset.frame_interval, seed=(self.seed, self.epoch, i))
-            if bucket_id is not None:
-                groups.setdefault(bucket_id, []).append(i)
-        return groups
+        """{bucket_id: [sample indices]} for the current epoch, in sample order (worked out once per epoch:
+        it visits every sample)."""
+        key = (self.seed, self.epoch)
+        if self._groups[0] != key:
+            groups = {}
+            for i in range(len(self.dataset)):
+                T, H, W = self.dataset.get_data_info(i)
+                bucket_id = self.bucket.get_bucket_id(T, H, W, self.dataset.frame_interval, seed=(self.seed, self.epoch, i))
+                if bucket_id is not None:
+                    groups.setdefault(bucket_id, []).append(i)
+            self._groups = (key, groups)
+        return self._groups[1]
 
     def _build(self):
         generator = self._generator()
@@ -123,11 +133,7 @@ class VariableVideoBatchSampler(_ResumableSampler):
             if self.shuffle:
                 samples = [samples[i] for i in torch.randperm(len(samples), generator=generator).tolist()]
             batch_size = self.bucket.get_batch_size(bucket_id)
-            remainder = len(samples) % batch_size
-            if remainder and self.drop_last:
-                samples = samples[: len(samples) - remainder]
-            elif remainder:
-                samples = samples + [samples[i % len(samples)] for i in range(batch_size - remainder)]
+            samples = _fit(samples, batch_size, self.drop_last)
             T, H, W = self.bucket.get_thw(bucket_id)
             for start in range(0, len(samples), batch_size):
                 batches.append([(i, T, H, W) for i in samples[start : start + batch_size]])
