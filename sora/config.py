@@ -76,7 +76,7 @@ class Config(dict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_int(value):
+def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -105,13 +105,13 @@ class _Kind(NamedTuple):
 
 
 _KINDS = {
-    "int": _Kind(_is_int, "an integer", int),
-    "posint": _Kind(lambda v: _is_int(v) and v > 0, "a positive integer", int),
-    "float": _Kind(lambda v: _is_int(v) or isinstance(v, float), "a number", float),
+    "int": _Kind(is_int, "an integer", int),
+    "posint": _Kind(lambda v: is_int(v) and v > 0, "a positive integer", int),
+    "float": _Kind(lambda v: is_int(v) or isinstance(v, float), "a number", float),
     "bool": _Kind(lambda v: isinstance(v, bool), "true or false", _parse_bool),
     "str": _Kind(lambda v: isinstance(v, str), "a string", str),
     "size": _Kind(
-        lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(s) and s > 0 for s in v),
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(s) and s > 0 for s in v),
         "(height, width): two positive integers",
         _parse_size,
     ),

@@ -18,6 +18,8 @@ import re
 import torch
 from tqdm import tqdm
 
+from sora.config import is_int
+
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 
@@ -90,10 +92,6 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 def mean_flat(x):
     """Mean over every dimension but the batch: (B, ...) -> (B,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_guidance(cfg_scale, cfg_channel):
