@@ -121,10 +121,10 @@ class _ClipTable(torch.utils.data.Dataset):
     def _load(self, index, num_frames, size):
         path = self.path(index)
         if is_image_path(path):
-            return resize_crop(read_image(path)[None].expand(num_frames, -1, -1, -1), size), IMAGE_FPS
-        if self.use_image_transform:
-            frames, _ = read_video(path, pick=lambda total: torch.zeros(num_frames, dtype=torch.long))
-            return resize_crop(frames, size), IMAGE_FPS
+            return resize_crop(read_image(path)[None], size).repeat(1, num_frames, 1, 1), IMAGE_FPS
+        if self.use_image_transform:  # frame 0, resized once, then repeated
+            frame, _ = read_video(path, pick=lambda total: torch.zeros(1, dtype=torch.long))
+            return resize_crop(frame, size).repeat(1, num_frames, 1, 1), IMAGE_FPS
         generator = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, index))
         frames, fps = read_video(path, pick=lambda total: frame_indices(total, num_frames, self.frame_interval, generator))
         return resize_crop(frames, size), fps
