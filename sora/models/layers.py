@@ -164,6 +164,17 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
+def drop_mask(n, device, prob, train, force_drop_ids=None):
+    """Which of n samples lose their condition to the null one (classifier-free guidance dropout): (n,) bool, or
+    None when none can. force_drop_ids (n,): 1 where to drop, whatever train and prob; otherwise each sample is
+    dropped with probability prob while training."""
+    if force_drop_ids is not None:
+        return force_drop_ids == 1
+    if train and prob > 0:
+        return torch.rand(n, device=device) < prob
+    return None
+
+
 class CaptionEmbedder(nn.Module):
     """Projects text-encoder features to the hidden size; during training drops captions for CFG.
 
@@ -179,11 +190,8 @@ class CaptionEmbedder(nn.Module):
 
     def forward(self, caption, train, force_drop_ids=None):
         """caption (B, 1, L, in_channels) -> (B, 1, L, hidden)."""
-        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
-            if force_drop_ids is None:
-                drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
-            else:
-                drop = force_drop_ids == 1
+        drop = drop_mask(caption.shape[0], caption.device, self.uncond_prob, train, force_drop_ids)
+        if drop is not None:
             caption = torch.where(drop[:, None, None, None], self.y_embedding.to(caption.dtype), caption)
         return self.y_proj(caption)
 
@@ -208,29 +216,25 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels, train, force_drop_ids=None):
         """labels (B,) int64; force_drop_ids (B,): 1 where the null class replaces the label."""
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+        drop = drop_mask(labels.shape[0], labels.device, self.dropout_prob, train, force_drop_ids)
+        if drop is not None:
             if not self.has_null_class:
                 raise ValueError("dropping labels needs the null class, but this embedder has none (dropout_prob=0)")
-            if force_drop_ids is None:
-                drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            else:
-                drop = force_drop_ids == 1
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
 
-class T2IFinalLayer(nn.Module):
-    """PixArt's final layer: LN + modulate by a learned (2, C) table plus the timestep embedding, then linear."""
+class _ModulatedOutput(nn.Module):
+    """What both final layers share: LN(x) * (1 + scale) + shift, fused or not, then the linear projection."""
 
     def __init__(self, hidden_size, num_patch, out_channels, enable_layernorm_kernel=False):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
         self.enable_layernorm_kernel = enable_layernorm_kernel
 
-    def forward(self, x, t):
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
+    def project(self, x, shift, scale):
+        """x (B, N, C); shift, scale (B, 1, C)."""
         if self.enable_layernorm_kernel:
             x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
         else:
@@ -238,23 +242,28 @@ class T2IFinalLayer(nn.Module):
         return self.linear(x)
 
 
-class FinalLayer(nn.Module):
+class T2IFinalLayer(_ModulatedOutput):
+    """PixArt's final layer: LN + modulate by a learned (2, C) table plus the timestep embedding, then linear."""
+
+    def __init__(self, hidden_size, num_patch, out_channels, enable_layernorm_kernel=False):
+        super().__init__(hidden_size, num_patch, out_channels, enable_layernorm_kernel)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, C) each
+        return self.project(x, shift, scale)
+
+
+class FinalLayer(_ModulatedOutput):
     """DiT's final layer: LN + modulate by shift/scale computed from the condition c (B, C), then linear."""
 
     def __init__(self, hidden_size, num_patch, out_channels, enable_layernorm_kernel=False):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        super().__init__(hidden_size, num_patch, out_channels, enable_layernorm_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-        self.enable_layernorm_kernel = enable_layernorm_kernel
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, C) each
-        if self.enable_layernorm_kernel:
-            x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
-        else:
-            x = modulate(self.norm_final(x), shift[:, None], scale[:, None])
-        return self.linear(x)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # (B, 1, C) each
+        return self.project(x, shift, scale)
 
 
 def modulate(x, shift, scale):
