@@ -54,9 +54,9 @@ def read_state_dict(path):
     return state
 
 
-def adapt_state_dict(state, model):
-    """Rename and reshape a released state dict to the model's conventions (see the module docstring)."""
-    own = model.state_dict()
+def adapt_state_dict(state, own):
+    """Rename and reshape a released state dict to the conventions of the model whose state dict is `own`
+    (see the module docstring)."""
     adapted = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
@@ -73,8 +73,8 @@ def adapt_state_dict(state, model):
 
 def load_checkpoint(model, path):
     """Load `path` into `model` (see the module docstring). Returns (missing, unexpected) key lists."""
-    state = adapt_state_dict(read_state_dict(path), model)
     own = model.state_dict()
+    state = adapt_state_dict(read_state_dict(path), own)
     mismatched = [
         f"{name} {tuple(tensor.shape)} (model: {tuple(own[name].shape)})"
         for name, tensor in state.items()
