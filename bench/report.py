@@ -68,7 +68,7 @@ PIPELINE_NOTES = {
     "t5_encode": "`T5Encoder.encode`: tokenize (ByT5, file-less: the ids' values do not change the speed) + encoder "
                  "forward, padded to the row's token count.",
     "vae_decode": "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per AutoencoderKL call.",
-    "sample_e2e": "sora/sample.py's loop body for one prompt: T5 encode (bf16), IDDPM sampling with CFG (batch 1, the "
+    "sample_e2e": "sora.sample.sample_videos, one prompt: T5 encode (bf16), IDDPM sampling with CFG (batch 1, the "
                   "model sees 2), VAE decode, video copied to the host (not written to a file). Target: sora faster "
                   "than eager.",
 }

@@ -278,7 +278,7 @@ def test_vae_decode(case, benchmark, bench_env, results, device):
 
 @pytest.mark.parametrize("provider", ["sora", "eager"])
 def test_sample_e2e(provider, benchmark, bench_env, results, device):
-    """One video from a prompt, as sora/sample.py makes it (its loop body for one batch), random weights."""
+    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch), random weights."""
     video = GPU_SAMPLE_VIDEOS[0] if device.type == "cuda" else CPU_SAMPLE_VIDEOS[0]
     steps = SAMPLING_STEPS if device.type == "cuda" else 3
     dtype = sample_dtype(device)
@@ -287,6 +287,7 @@ def test_sample_e2e(provider, benchmark, bench_env, results, device):
            "shape": video.label, "batch_size": 1, "dtype": DTYPE_NAMES[dtype], "steps": steps, **CFG,
            "vae_micro_batch_size": SAMPLE_VAE_MICRO_BATCH}
     importable(results, benchmark, row, "sora.models.vae", "VideoAutoencoderKL")
+    sample_videos = importable(results, benchmark, row, "sora.sample", "sample_videos")
 
     def measure(row):
         text_encoder = RESIDENT.text_encoder(device)
@@ -296,15 +297,8 @@ def test_sample_e2e(provider, benchmark, bench_env, results, device):
         scheduler = IDDPM(num_sampling_steps=steps, **CFG)
         texts = prompts(1)
 
-        @torch.no_grad()
         def sample():
-            condition = text_encoder.encode(texts)
-            y = condition["y"].to(dtype)
-            generators = [torch.Generator().manual_seed(i) for i in range(len(texts))]
-            noise = torch.stack([torch.randn(vae.out_channels, *video.latent, generator=g) for g in generators])
-            latents = scheduler.sample(model, noise.to(device), y, text_encoder.null(len(texts)), condition["mask"],
-                                       progress=False, generator=generators)
-            return vae.decode(latents.to(dtype)).float().cpu()
+            return sample_videos(model, vae, text_encoder, scheduler, texts, video.latent, 0, device, dtype)
 
         timing = time_steps(benchmark, sample, device, warmup=1)
         row.update(timing, s_per_video=timing["ms"] / 1e3)

@@ -13,7 +13,6 @@ import os
 
 import torch
 
-from sora.data.video import save_sample
 from sora.launch import build_components, main, setup
 from sora.parallel import init_sequence_parallel
 from sora.schedulers import build_scheduler
@@ -33,7 +32,24 @@ def read_prompts(cfg):
     return prompts
 
 
+def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, seed, device, dtype, progress=False):
+    """Videos (B, 3, T, H, W), float32 on the CPU, for one batch of prompts: prompt i's noise (initial and per
+    step) comes from its own generator seeded with seed + i."""
+    with torch.no_grad():
+        condition = text_encoder.encode(prompts)
+        y = condition["y"].to(dtype) if condition["y"].is_floating_point() else condition["y"]
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
+        latents = scheduler.sample(model, noise.to(device), y, text_encoder.null(len(prompts)), condition["mask"],
+                                   progress=progress, generator=generators)
+        return vae.decode(latents.to(dtype)).float().cpu()
+
+
 def run(cfg):
+    # Imported here: writing videos needs PyAV, which sample_videos (used by the benchmarks) does not.
+    from sora.data.video import save_sample
+
+
     if cfg.multi_resolution:
         raise ValueError("multi_resolution (PixArt-MS size conditioning) is not supported; set it to False")
     runtime = setup(cfg)
@@ -54,17 +70,9 @@ def run(cfg):
         if batch % dp_size != dp_rank:
             continue
         batch_prompts = prompts[start:start + cfg.batch_size]
-        with torch.no_grad():
-            condition = text_encoder.encode(batch_prompts)
-            y = condition["y"].to(runtime.dtype) if condition["y"].is_floating_point() else condition["y"]
-            # One generator per prompt, seeded by its index: its initial and per-step noise never depend on its batch.
-            generators = [torch.Generator().manual_seed(cfg.seed + start + i) for i in range(len(batch_prompts))]
-            noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
-            latents = scheduler.sample(
-                model, noise.to(runtime.device), y, text_encoder.null(len(batch_prompts)), condition["mask"],
-                progress=runtime.is_main, generator=generators,
-            )
-            videos = vae.decode(latents.to(runtime.dtype)).float().cpu()
+        # Seeded by the prompts' indices: a prompt's noise never depends on its batch.
+        videos = sample_videos(model, vae, text_encoder, scheduler, batch_prompts, latent_size, cfg.seed + start,
+                               runtime.device, runtime.dtype, progress=runtime.is_main)
         if writes:
             for i, video in enumerate(videos):
                 path = save_sample(video, os.path.join(cfg.save_dir, f"sample_{start + i:04d}"), fps=cfg.fps)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import sora.sample
+import sora.data.video
 from sora.data.video import read_video
 from sora.launch import main
 from sora.sample import run
@@ -33,25 +33,25 @@ def videos(monkeypatch):
     """The decoded videos each sampling run hands to save_sample, by file name: the model's output itself,
     which the comparisons below are about (mp4 encoding is lossy)."""
     captured = {}
-    real = sora.sample.save_sample
+    real = sora.data.video.save_sample  # sora.sample.run imports it when it runs
 
     def keep(video, path, fps):
         captured[os.path.basename(path)] = video.clone()
         return real(video, path, fps)
 
-    monkeypatch.setattr(sora.sample, "save_sample", keep)
+    monkeypatch.setattr(sora.data.video, "save_sample", keep)
     return captured
 
 
 def keep_videos_worker_side(out):
     """In a spawned worker: also torch.save each video handed to save_sample next to its file."""
-    real = sora.sample.save_sample
+    real = sora.data.video.save_sample  # sora.sample.run imports it when it runs
 
     def keep(video, path, fps):
         torch.save(video, f"{path}.pt")
         return real(video, path, fps)
 
-    sora.sample.save_sample = keep
+    sora.data.video.save_sample = keep
 
 
 def test_tiny_default_writes_one_video_per_prompt(tmp_path, capsys):
