@@ -395,20 +395,22 @@ class Results:
         kept = [row for row in earlier.get("rows", []) if row_key(row) not in measured]
         return {**self.env, "rows": kept + self.rows, "runs": earlier.get("runs", []) + [run]}
 
-    def save(self) -> Path:
+    def save(self) -> tuple[Path, dict]:
+        """Write summary.json (atomically); returns its path and what it holds."""
         path = self.out_dir / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        summary = self.summary()
         partial = path.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(self.summary(), indent=1) + "\n")
+        partial.write_text(json.dumps(summary, indent=1) + "\n")
         partial.replace(path)
-        return path
+        return path, summary
 
     def finish(self) -> list[Path]:
         """summary.json, then the report (README.md, plots) beside it."""
         from bench.report import write_report
 
-        path = self.save()
-        self.written = [path, *write_report(json.loads(path.read_text()), path.parent)]
+        path, summary = self.save()
+        self.written = [path, *write_report(summary, path.parent)]
         return self.written
 
 
