@@ -1,7 +1,6 @@
 """sora.data: video IO, the synthetic dataset, and the CSV datasets (decoding, frame picking, crop, skipping)."""
 
 import csv
-import os
 import re
 import subprocess
 import sys
