@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import sora.data.video
 import sora.sample
 import sora.train
 from sora.config import load_config, parse_args, validate
@@ -107,14 +108,14 @@ def decoded(monkeypatch):
     """{written file: the (3, T, H, W) video the VAE decoded for it}. Samples are compared before encoding:
     libx264 does not always give the same mp4 for the same frames (seen under CPU load, on noisy frames)."""
     videos = {}
-    save_sample = sora.sample.save_sample
+    save_sample = sora.data.video.save_sample  # sora.sample.run imports it when it runs
 
     def recording_save_sample(video, path_without_ext, fps=8):
         path = save_sample(video, path_without_ext, fps=fps)
         videos[path] = video.clone()
         return path
 
-    monkeypatch.setattr(sora.sample, "save_sample", recording_save_sample)
+    monkeypatch.setattr(sora.data.video, "save_sample", recording_save_sample)
     return videos
 
 
