@@ -5,7 +5,7 @@ Under sequence parallelism STDiT's temporal attention (sora.models.layers.Attent
 twice per forward on each rank:
 - "qkv": (B*S, T/sp, 3, H, D) scatters heads, gathers frames -> (B*S, T, 3, H/sp, D);
 - "out": the attention output (B*S, T, H/sp, D) scatters frames, gathers heads -> (B*S, T/sp, H, D).
-sora.kernels.all_to_all._exchange packs before all_to_all_single and unpacks after it, each a swap of the two
+sora.kernels.comm._exchange packs before all_to_all_single and unpacks after it, each a swap of the two
 leading axes of a 3-D view (A, B, M) -> (B, A, M); the backward runs the inverse exchanges, i.e. the same
 permutes with A and B swapped. Providers: `sora` (the Triton `_swap_leading`, exactly as `_exchange` calls it)
 and `torch` (`x.view(A, B, M).transpose(0, 1).contiguous()`, the kernel's reference). Bytes: the permute reads
@@ -30,7 +30,7 @@ from bench.bench_utils import (
     synchronize,
     time_ms,
 )
-from sora.kernels.all_to_all import _swap_leading, swap_leading_reference
+from sora.kernels.comm import _swap_leading, swap_leading_reference
 
 SP_SIZES = (2, 4, 8)
 DEPTH = 28  # STDiT-XL/2's blocks: one temporal attention each

@@ -27,8 +27,8 @@ from bench.bench_utils import (
     synchronize,
     time_ms,
 )
-from sora.kernels.gated_residual import gated_residual_reference
-from sora.kernels.layernorm_modulate import layernorm_modulate_reference
+from sora.kernels.residual import gated_residual_reference
+from sora.kernels.norm import layernorm_modulate_reference
 from sora.kernels.layout import to_temporal_reference
 
 EPS = 1e-6

@@ -5,20 +5,16 @@ float64, so the only allowed difference is the kernel's fp32 arithmetic plus one
 Every buffer a kernel writes is poisoned with NaN first (SORA_KERNEL_POISON), so an unwritten element fails.
 """
 
-import importlib
-
 import pytest
 import torch
 
 import sora.kernels as K
 from sora.kernels import _common, layout
-from sora.kernels.gated_residual import gated_residual_reference
-from sora.kernels.layernorm_modulate import layernorm_modulate_reference
+from sora.kernels import norm as lnm_module
+from sora.kernels import residual as gr_module
 from sora.kernels.layout import from_temporal_reference, to_temporal_reference
-
-# The package exports functions named like their modules, so reach the modules themselves this way.
-lnm_module = importlib.import_module("sora.kernels.layernorm_modulate")
-gr_module = importlib.import_module("sora.kernels.gated_residual")
+from sora.kernels.norm import layernorm_modulate_reference
+from sora.kernels.residual import gated_residual_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Largest error allowed, relative to max(1, |reference|): fp32 arithmetic, then one rounding to the dtype.
@@ -339,7 +335,7 @@ def test_import_and_run_without_triton():
 import sys, torch
 sys.modules["triton"] = None  # as if not installed
 import sora.kernels as K
-from sora.kernels.layernorm_modulate import layernorm_modulate_reference
+from sora.kernels.norm import layernorm_modulate_reference
 from sora.models import build_model
 x, shift = torch.randn(2, 6, 16), torch.randn(2, 1, 16)
 assert torch.equal(K.layernorm_modulate(x, shift, shift), layernorm_modulate_reference(x, shift, shift))
@@ -352,3 +348,14 @@ print(tuple(out.shape))
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.stdout.strip() == "(1, 8, 2, 4, 4)", result.stderr
+
+
+def test_kernel_modules_are_not_shadowed_by_their_functions():
+    """Each op lives in a module with another name, so `import sora.kernels.<module>` gives the module."""
+    import importlib
+    import types
+
+    for module in ("norm", "residual", "layout", "comm", "modules"):
+        assert isinstance(importlib.import_module(f"sora.kernels.{module}"), types.ModuleType)
+    for op in K.__all__:
+        assert not isinstance(getattr(K, op), types.ModuleType), op

@@ -6,9 +6,9 @@ is a torch.library custom op, so it stays inside one graph under torch.compile(f
 (sequence parallelism) is a collective and runs eagerly.
 """
 
-from sora.kernels.all_to_all import all_to_all
-from sora.kernels.gated_residual import gated_residual
-from sora.kernels.layernorm_modulate import layernorm_modulate
+from sora.kernels.comm import all_to_all
+from sora.kernels.residual import gated_residual
+from sora.kernels.norm import layernorm_modulate
 from sora.kernels.layout import from_temporal, to_temporal
 from sora.kernels.modules import LayerNorm
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from sora.kernels.layernorm_modulate import layernorm_modulate
+from sora.kernels.norm import layernorm_modulate
 
 
 class LayerNorm(nn.Module):
