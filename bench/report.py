@@ -2,41 +2,42 @@
 
     python bench/report.py bench/results/<gpu-slug>/summary.json   # regenerate README.md and the plots beside it
 
-write_report(summary, out_dir) writes out_dir/README.md (render_markdown: a header about the run, then one
-table per kernel bench and direction and one per model bench) and the plots (kernel GB/s per provider,
-model samples/s per provider). Standard library and matplotlib only, so it runs without torch.
+write_report(summary, out_dir) writes out_dir/README.md (render_markdown: a header about the run, bench/gpu_check.py's
+sections and correctness checks when the run was one, then one table per kernel bench and direction and one per
+model bench) and the plots (kernel GB/s per provider, model samples/s per provider). Open-Sora's published figures
+shown beside ours are data, in reference_figures.json next to this file; this module only renders. Standard
+library and matplotlib only, so it runs without torch.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 PROVIDER_ORDER = ["sora", "torch", "torch.compile", "apex", "liger", "sora+compile", "eager", "eager+compile"]
 
-# Open-Sora docs/acceleration.md (v1.1), "Efficient STDiT": training on 8x H800, bf16, per GPU:
-# (bench, shape) -> (samples/s, thousands of tokens/s, gradient checkpointing).
+REFERENCE = json.loads((Path(__file__).resolve().parent / "reference_figures.json").read_text())
+OPEN_SORA_COLUMN = REFERENCE["column"]
+# (bench, shape) -> (samples/s, thousands of tokens/s, gradient checkpointing), as published.
 OPEN_SORA_FIGURES = {
-    ("pixart_train", "16x256x256"): (7.20, 29, False),
-    ("stdit_train", "16x256x256"): (7.00, 28, False),
-    ("pixart_train", "16x512x512"): (0.85, 14, False),
-    ("stdit_train", "16x512x512"): (1.45, 23, False),
-    ("pixart_train", "64x512x512"): (0.08, 5, True),
-    ("stdit_train", "64x512x512"): (0.40, 25, True),
+    (row["bench"], row["shape"]): (row["samples_per_s"], row["ktokens_per_s"], row["grad_checkpoint"])
+    for row in REFERENCE["training"]
 }
 OPEN_SORA = {
     key: f"{samples:.2f} samples/s{' (GC)' if gc else ''}, {tokens}k tokens/s"
     for key, (samples, tokens, gc) in OPEN_SORA_FIGURES.items()
 }
-# The same doc's encoder table (STDiT with T5 and the VAE on the fly), as published.
+# The encoder table (STDiT with T5 and the VAE on the fly).
 OPEN_SORA_ENCODERS = {
-    "16x256x256": "encoders: baseline 6.16 / with faster T5 7.00 samples/s",
-    "64x512x512": "encoders: baseline 0.94 / with faster T5 and micro-batched VAE 1.45 samples/s (published "
-                  "tokens/s 15k / 23k fit 16x512, not 64x512)",
+    row["shape"]: f"encoders: baseline {row['baseline']:.2f} / {row['faster_label']} {row['faster']:.2f} samples/s"
+    + (f" ({row['note']})" if row["note"] else "")
+    for row in REFERENCE["encoders"]
 }
-# Its image table: DiT-XL/2 on 256x256 images, batch 128.
-OPEN_SORA_IMAGES = "DiT 100 / OpenDiT 175 / Open-Sora 175 img/s (26k / 45k / 45k tokens/s)"
-OPEN_SORA_IMAGES_BEST = 175.0
-OPEN_SORA_COLUMN = "Open-Sora (8xH800, theirs)"
+# The image table: DiT-XL/2 on 256x256 images, batch 128.
+_IMAGES = REFERENCE["images"]["rows"]
+OPEN_SORA_IMAGES = (" / ".join(f"{row['name']} {row['img_per_s']}" for row in _IMAGES)
+                    + " img/s (" + " / ".join(f"{row['ktokens_per_s']}k" for row in _IMAGES) + " tokens/s)")
+OPEN_SORA_IMAGES_BEST = float(max(row["img_per_s"] for row in _IMAGES))
 # train_step_full rows name the model; Open-Sora's table names it by our bench of the same model.
 MODEL_BENCH = {"STDiT-XL/2": "stdit_train", "PixArt-XL/2": "pixart_train"}
 
@@ -73,6 +74,7 @@ PIPELINE_NOTES = {
                   "than eager.",
 }
 TRAIN_TITLES = {
+    "train_step": "STDiT-XL/2 training step: forward, backward, AdamW (bench/gpu_check.py)",
     "train_step_full": "Open-Sora's acceleration table on one GPU: full training step",
     "dit_image_train": "Open-Sora's image table on one GPU: DiT-XL/2 (class-conditioned) on 256x256 images",
     "latte_train": "Latte-XL/2 (class-conditioned), training step",
@@ -85,6 +87,14 @@ TRAIN_STEP_NOTE = (
     "the fly by T5-v1.1-XXL (bf16) and the SD VAE (bf16, 32 frames per call); none: pre-encoded fp32 latents and "
     "bf16 captions (class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention on in "
     "both. Open-Sora's figures are per GPU of 8x H800 (ZeRO-2, on-the-fly encoders), labelled as theirs."
+)
+
+
+# bench/gpu_check.py's step (its `train_step`): the same pieces, fewer of them.
+GPU_CHECK_STEP_NOTE = (
+    "One step = IDDPM `training_losses` under bf16 autocast with fp32 master weights, backward, the AdamW step "
+    "(lr 2e-5, weight decay 0), zero_grad; **no gradient clipping and no EMA update**. Random weights, pre-encoded "
+    "random latents and captions. sora: enable_layernorm_kernel=True; eager: False; flash attention on in both."
 )
 
 
@@ -394,10 +404,15 @@ def train_targets(rows):
 
 
 def train_tables(rows):
-    lines = ["## Training", "", TRAIN_STEP_NOTE, ""]
-    for bench in unique(row["bench"] for row in rows):
+    benches = unique(row["bench"] for row in rows)
+    lines = ["## Training", ""]
+    if set(benches) - {"train_step"}:
+        lines += [TRAIN_STEP_NOTE, ""]
+    for bench in benches:
         group = [row for row in rows if row["bench"] == bench]
         lines += [f"### {TRAIN_TITLES.get(bench, bench)} (`{bench}`)", ""]
+        if bench == "train_step":
+            lines += [GPU_CHECK_STEP_NOTE, ""]
         compile_modes = unique(row["compile_mode"] for row in group if row.get("compile_mode"))
         if compile_modes:
             lines += [f"torch.compile applied to: {', '.join(compile_modes)} (SORA_BENCH_COMPILE).", ""]
@@ -438,6 +453,51 @@ def train_tables(rows):
     return lines
 
 
+# ---- bench/gpu_check.py: its sections and correctness checks ---------------------------------------------
+def share_of_tolerance(entry):
+    """A check's error over its tolerance (the error itself for exact checks); infinite for NaN or infinity."""
+    if entry["err"] is None:
+        return float("inf")
+    return entry["err"] / entry["tol"] if entry["tol"] else entry["err"]
+
+
+def gpu_check_tables(check):
+    """What the one-call GPU check did: each section's outcome, the correctness checks per op (worst error as a
+    share of its tolerance), and every failure by name."""
+    lines = [
+        "## GPU check (`bench/gpu_check.py`)",
+        "",
+        f"Deadline {fmt(check.get('deadline_s'))} s, took {fmt(check.get('elapsed_s'))} s; exit code "
+        f"{check.get('exit_code')}.",
+        "",
+        *table(["section", "outcome", "s"], [[name, outcome["status"], fmt(outcome.get("seconds"))]
+                                            for name, outcome in check.get("sections", {}).items()]),
+        "",
+    ]
+    checks = check.get("checks", [])
+    if checks:
+        body = []
+        for op in unique(entry["op"] for entry in checks):
+            group = [entry for entry in checks if entry["op"] == op]
+            worst = max(group, key=share_of_tolerance)
+            failed = sum(1 for entry in group if not entry["ok"])
+            error = "not finite" if worst["err"] is None else f"{worst['err']:.1e}"
+            body.append([op, str(len(group)), str(failed) if not failed else f"**{failed}**",
+                         f"{error} / {worst['tol']:.0e} ({worst['name']})"])
+        lines += [
+            "Correctness on this device: forward and every gradient of each public op against a float64 reference "
+            "(relative error ||out - ref|| / ||ref||, per-dtype tolerance); permutations and kernels on/off exact or "
+            "to the tolerance shown.",
+            "",
+            *table(["op", "checks", "failed", "worst error / tolerance (check)"], body),
+            "",
+        ]
+    failures = check.get("failures", [])
+    if failures:
+        lines += ["**Failures:**", "", *(f"- {failure}" for failure in failures), ""]
+    return lines
+
+
 def render_markdown(summary) -> str:
     """README.md's text: the run header, then the kernel, model, communication, pipeline and training tables
     (a document others can quote)."""
@@ -445,6 +505,8 @@ def render_markdown(summary) -> str:
     suites = {name: [row for row in rows if row.get("suite") == name]
               for name in ("kernels", "models", "comm", "pipeline", "train")}
     lines = header(summary) + [""]
+    if summary.get("gpu_check"):
+        lines += gpu_check_tables(summary["gpu_check"])
     if suites["kernels"]:
         lines += kernel_tables(suites["kernels"]) + ["![GB/s per provider](kernels_gbps.png)", ""]
     if suites["models"]:
@@ -544,13 +606,23 @@ def write_report(summary: dict, out_dir) -> list[Path]:
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every sora command line fails
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python bench/report.py bench/results/<gpu-slug>/summary.json", file=sys.stderr)
+    parser = _Parser(prog="python bench/report.py",
+                     description="Regenerate README.md and the plots beside a bench run's summary.json.")
+    parser.add_argument("summary", type=Path, help="a summary.json written by the bench, e.g. "
+                        "bench/results/<gpu-slug>/summary.json")
+    path = parser.parse_args(argv).summary
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        print(f"python bench/report.py: cannot read {path} as a bench summary.json ({error})", file=sys.stderr)
         return 2
-    path = Path(argv[0])
-    for written in write_report(json.loads(path.read_text()), path.parent):
+    for written in write_report(summary, path.parent):
         print(f"wrote {written}")
     return 0
 

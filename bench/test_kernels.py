@@ -1,10 +1,11 @@
 """Kernel speed suite: sora's Triton kernels beside torch eager, torch.compile, apex and Liger.
 
-One test per (bench, direction, shape, dtype, provider), so each measured function goes through
-pytest-benchmark once. Rows: ms (do_bench median), GB/s from the minimum bytes the op must move
-(bench_utils.kernel_bytes, bench/NOTES.md) and that as a fraction of the measured copy bandwidth.
-The eager providers are what Open-Sora v1 runs with the kernels off: F.layer_norm then `* (1 + scale) + shift`,
-`x + gate * y`, and einops rearranges (made contiguous where attention's input needs it).
+One test per (bench, direction, shape, dtype, provider), each timed once (measure_kernel: do_bench median,
+run as the test's one pytest-benchmark call); bench/gpu_check.py times its kernel rows with the same
+measure_kernel. Rows: ms, GB/s from the minimum bytes the op must move (bench_utils.kernel_bytes,
+bench/NOTES.md) and that as a fraction of the measured copy bandwidth. The eager providers are what Open-Sora v1
+runs with the kernels off: F.layer_norm then `* (1 + scale) + shift`, `x + gate * y`, and einops rearranges (made
+contiguous where attention's input needs it); in fp32 they are also the reference of the sora row's rel_err.
 """
 
 from dataclasses import dataclass
@@ -17,19 +18,15 @@ from einops import rearrange
 import sora.kernels as K
 from bench.bench_utils import (
     DTYPE_NAMES,
-    PEDANTIC_ROUNDS,
     Rotation,
     kernel_bytes,
+    measured_once,
     on_cuda,
-    pedantic_ms,
     record,
     skip,
     synchronize,
     time_ms,
 )
-from sora.kernels.residual import gated_residual_reference
-from sora.kernels.norm import layernorm_modulate_reference
-from sora.kernels.layout import to_temporal_reference
 
 EPS = 1e-6
 
@@ -176,35 +173,31 @@ def external_norm(provider: str, C: int, device, dtype):
     return norm
 
 
+def eager_forward(case: Case, norm=None):
+    """The op as Open-Sora v1 runs it with the kernels off (LayerNorm `norm`, else F.layer_norm)."""
+    T = case.temporal
+    if case.bench.startswith("layernorm_modulate"):
+        return eager_layernorm_modulate(T, norm)
+    if case.bench.startswith("gated_residual"):
+        return eager_gated_residual(T)
+    return eager_to_temporal(case.shape.T)
+
+
 def forward_fn(case: Case, device):
     T = case.temporal
     if case.provider == "torch.compile" and device.type != "cuda":
         raise Unavailable("CPU smoke set: torch.compile is measured on GPUs only")
-    if case.bench.startswith("layernorm_modulate"):
-        if case.provider == "sora":
+    if case.provider == "sora":
+        if case.bench.startswith("layernorm_modulate"):
             return lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=T)
-        norm = external_norm(case.provider, case.shape.C, device, case.dtype) if case.provider in ("apex", "liger") else None
-        eager = eager_layernorm_modulate(T, norm)
-    elif case.bench.startswith("gated_residual"):
-        if case.provider == "sora":
+        if case.bench.startswith("gated_residual"):
             return lambda x, y, gate: K.gated_residual(x, y, gate, temporal=T)
-        eager = eager_gated_residual(T)
-    else:
-        if case.provider == "sora":
-            return lambda x: K.to_temporal(x, case.shape.T)
-        eager = eager_to_temporal(case.shape.T)
+        return lambda x: K.to_temporal(x, case.shape.T)
+    external = case.provider in ("apex", "liger")
+    eager = eager_forward(case, external_norm(case.provider, case.shape.C, device, case.dtype) if external else None)
     if case.provider == "torch.compile":
         return torch.compile(eager, dynamic=False)
     return eager
-
-
-def reference(case: Case, inputs: dict) -> torch.Tensor:
-    """The eager fp32 reference of the op (sora.kernels' *_reference), for the sora row's rel_err."""
-    if case.bench.startswith("layernorm_modulate"):
-        return layernorm_modulate_reference(inputs["x"], inputs["shift"], inputs["scale"], eps=EPS, temporal=case.temporal)
-    if case.bench.startswith("gated_residual"):
-        return gated_residual_reference(inputs["x"], inputs["y"], inputs["gate"], temporal=case.temporal)
-    return to_temporal_reference(inputs["x"], case.shape.T)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -227,17 +220,13 @@ def base_row(case: Case) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
-def test_kernel(case, benchmark, bench_env, results, device):
+def measure_kernel(case: Case, device, copy_bandwidth_gbps: float) -> dict:
+    """Time one case once (after a warm-up of Triton JIT, torch.compile's graphs and handles): the row's ms,
+    GB/s, share of the copy bandwidth, bytes, and for sora its forward's rel_err against the fp32 eager op.
+    Raises Unavailable for a provider that cannot run here."""
     s = case.shape
-    row = base_row(case)
-    benchmark.group = f"{case.bench} {case.direction} {s.video} C={s.C} {row['dtype']}"
     nbytes = kernel_bytes(case.bench, case.direction, s.B, s.N, s.C, torch.empty((), dtype=case.dtype).element_size())
-    try:
-        forward = forward_fn(case, device)
-    except Unavailable as reason:
-        skip(results, benchmark, row, str(reason))
-
+    forward = forward_fn(case, device)
     backward = case.direction == "fwd+bwd"
 
     def inputs_with_grad():
@@ -254,21 +243,34 @@ def test_kernel(case, benchmark, bench_env, results, device):
         # autograd.grad returns fresh gradients each call: nothing accumulates into .grad between runs.
         return torch.autograd.grad(out, list(args.values()), inputs["dout"])
 
+    run = Rotation(inputs_with_grad, step, nbytes, device)
+    row = {}
+    if case.provider == "sora":
+        with torch.no_grad():
+            probe = {name: tensor.detach() for name, tensor in run.sets[0].items() if name != "dout"}
+            reference = eager_forward(case)(**{name: tensor.float() for name, tensor in probe.items()})
+            row["rel_err"] = relative_error(forward(**probe), reference)
+            del reference
+    for _ in range(2):
+        run()
+    synchronize(device)
+    ms = time_ms(run, device)
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    row.update(ms=ms, gbps=gbps, frac_copy_bw=gbps / copy_bandwidth_gbps, bytes=nbytes)
+    return row
+
+
+@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
+def test_kernel(case, benchmark, bench_env, results, device):
+    s = case.shape
+    row = base_row(case)
+    benchmark.group = f"{case.bench} {case.direction} {s.video} C={s.C} {row['dtype']}"
+    try:
+        forward_fn(case, device)
+    except Unavailable as reason:
+        skip(results, benchmark, row, str(reason))
+
     def measure(row):
-        run = Rotation(inputs_with_grad, step, nbytes, device)
-        if case.provider == "sora":
-            with torch.no_grad():
-                probe = {name: tensor.detach() for name, tensor in run.sets[0].items() if name != "dout"}
-                rel_err = relative_error(forward(**probe), reference(case, probe))
-        # Warm-up: Triton JIT, torch.compile (forward and, on the first backward, backward graphs), handles.
-        for _ in range(2):
-            run()
-        synchronize(device)
-        ms = time_ms(run, device)
-        wall_ms = pedantic_ms(benchmark, run, device, rounds=PEDANTIC_ROUNDS if device.type == "cuda" else 3)
-        gbps = nbytes / (ms * 1e-3) / 1e9
-        row.update(ms=ms, gbps=gbps, frac_copy_bw=gbps / bench_env["copy_bandwidth_gbps"], bytes=nbytes, wall_ms=wall_ms)
-        if case.provider == "sora":
-            row["rel_err"] = rel_err
+        row.update(measured_once(benchmark, lambda: measure_kernel(case, device, bench_env["copy_bandwidth_gbps"])))
 
     record(results, benchmark, row, measure)

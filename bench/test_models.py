@@ -21,10 +21,10 @@ from einops import rearrange
 
 import sora.kernels as K
 from bench.bench_utils import (
-    PEDANTIC_ROUNDS,
     compile_mode,
+    measured_once,
     on_cuda,
-    pedantic_ms,
+    randomize,
     record,
     record_largest_batch,
     skip,
@@ -89,15 +89,6 @@ def model_cases(cuda: bool) -> list[ModelCase]:
         for video in (GPU_VIDEOS if cuda else CPU_VIDEOS)
         for provider in PROVIDERS
     ]
-
-
-def randomize(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Random weights everywhere: the zero-initialised projections would multiply zeros, which can run
-    faster than real weights do."""
-    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(0)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.normal_(0, std, generator=generator)
 
 
 def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False, **kwargs):
@@ -227,38 +218,47 @@ def temporal_branch(provider: str, attention: Attention, T: int):
     return branch
 
 
+def measure_temporal_branch(video: Video, provider: str, device, time=time_ms) -> dict:
+    """STDiT-XL/2's temporal branch fwd+bwd at the video's first batch size (C=1152, 16 heads; TINY's on a CPU),
+    timed once by time(step, device); returns the row's numbers."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, heads = (1152, 16) if device.type == "cuda" else (TINY["hidden_size"], TINY["num_heads"])
+    T, H, W = video.latent
+    S = (H // 2) * (W // 2)
+    batch = video.batches[0]
+    attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
+    randomize(attention)
+    x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
+    gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
+    dout = torch.randn_like(x)
+    branch = temporal_branch(provider, attention, T)
+    wrt = [x, gate, *attention.parameters()]
+
+    def step():
+        return torch.autograd.grad(branch(x, gate), wrt, dout)
+
+    step()
+    step()
+    synchronize(device)
+    ms = time(step, device)
+    return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
+
+
+def temporal_branch_row(video: Video, provider: str) -> dict:
+    return {"suite": "models", "bench": "temporal_branch", "direction": "fwd+bwd", "provider": provider,
+            "shape": video.label, "batch_size": video.batches[0]}
+
+
 @pytest.mark.parametrize(
     "case", [BranchCase(video, provider) for video in (GPU_VIDEOS if on_cuda() else CPU_VIDEOS) for provider in ("sora", "eager")],
     ids=str,
 )
 def test_temporal_branch(case, benchmark, bench_env, results, device):
     """STDiT-XL/2's temporal branch at the model benches' first batch size: C=1152, 16 heads, T latent frames."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hidden, heads = (1152, 16) if device.type == "cuda" else (TINY["hidden_size"], TINY["num_heads"])
-    T, H, W = case.video.latent
-    S = (H // 2) * (W // 2)
-    batch = case.video.batches[0]
     benchmark.group = f"temporal_branch {case.video.label}"
-    row = {"suite": "models", "bench": "temporal_branch", "direction": "fwd+bwd", "provider": case.provider,
-           "shape": case.video.label, "batch_size": batch}
+    row = temporal_branch_row(case.video, case.provider)
 
     def measure(row):
-        attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
-        randomize(attention)
-        x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
-        gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
-        dout = torch.randn_like(x)
-        branch = temporal_branch(case.provider, attention, T)
-        wrt = [x, gate, *attention.parameters()]
-
-        def step():
-            return torch.autograd.grad(branch(x, gate), wrt, dout)
-
-        step()
-        step()
-        synchronize(device)
-        ms = time_ms(step, device)
-        wall_ms = pedantic_ms(benchmark, step, device, rounds=PEDANTIC_ROUNDS if device.type == "cuda" else 3)
-        row.update(ms=ms, wall_ms=wall_ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
+        row.update(measured_once(benchmark, lambda: measure_temporal_branch(case.video, case.provider, device)))
 
     record(results, benchmark, row, measure)

@@ -1,0 +1,742 @@
+"""The whole GPU check in one call, under a hard deadline.
+
+GPU time comes to this project in windows of 15 minutes on one H100/H200, of which starting the machine takes
+2-4, and no command may run longer than 10; the pytest suite (bench/NOTES.md) needs several such calls. This
+script runs in one process, the sections in order of importance, each checking the clock before every case:
+
+1. environment: GPU name, clocks and memory (nvidia-ml-py), driver, torch, Triton, commit; the copy bandwidth,
+   measured now;
+2. correctness on this device: every public op of sora.kernels, forward and every gradient, against a float64
+   reference (bf16/fp16/fp32; C in 72, 1000, 1152, 4096; shift/scale/gate as chunks of a (B, 6, C) table as
+   STDiT passes them; temporal on and off), a tensor of more than 2**31 elements, all_to_all's pack against
+   torch, and a small STDiT with the kernels on == off;
+3. the kernel rows that carry targets: layernorm_modulate, gated_residual (plain and temporal) and to_temporal at
+   STDiT-XL/2 16x256 (1M rows, C=1152), bf16, fwd and fwd+bwd; sora, torch eager, torch.compile;
+4. the model rows: the STDiT-XL/2 training step (forward, backward, AdamW) at 16x256 batch 8, its temporal
+   branch, and the 16x256 sampling step, sora vs eager;
+5. while time remains: 16x512 and 64x512 kernel rows, fp32, C=4096, the 16x512 training step.
+
+    python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
+
+Whatever is done is always written, also on a mismatch, an exception or the deadline: summary.json is rewritten
+after every row and check. On a GPU the run merges into bench/results/<gpu-slug>/summary.json (bench_utils.Results'
+schema plus a "gpu_check" entry: sections, checks, failures) and writes README.md and plots beside it
+(bench/report.py); DIR gets copies of those and gpu_check.log. Exit code: 0 every check passed and sections 1-4
+finished; 1 a mismatch or an error, each named in the log and the summary; 2 bad arguments; 3 the deadline cut a
+section before section 5 (nothing failed).
+
+--tiny runs every section on tiny shapes on the CPU under the Triton interpreter, writing to DIR only: CI runs
+it, so the script cannot rot before a GPU comes.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a package at the repository root
+    if "--tiny" in sys.argv[1:]:
+        # Triton decides when it is imported (below, through sora.kernels) whether kernels are interpreted.
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from einops import rearrange  # noqa: E402
+
+import sora.kernels as K  # noqa: E402
+from bench.bench_utils import (  # noqa: E402
+    DTYPE_NAMES,
+    Results,
+    collect_env,
+    device_info,
+    free_memory,
+    git_commit,
+    is_oom,
+    time_steps,
+)
+from bench.test_comm import CPU_SHAPES as CPU_SEQ_SHAPES  # noqa: E402
+from bench.test_comm import SeqShape, exchange_layout, swap_sora, swap_torch, swap_view  # noqa: E402
+from bench.test_kernels import (  # noqa: E402
+    BENCHES,
+    CPU_SHAPES,
+    DIRECTIONS,
+    EPS,
+    GPU_SHAPES,
+    Case,
+    Shape,
+    Unavailable,
+    base_row,
+    eager_gated_residual,
+    eager_layernorm_modulate,
+    eager_to_temporal,
+    forward_fn,
+    measure_kernel,
+)
+from bench.test_models import (  # noqa: E402
+    CPU_VIDEOS,
+    GPU_VIDEOS,
+    TINY,
+    Video,
+    build_dit,
+    captions,
+    measure_temporal_branch,
+    temporal_branch_row,
+    tokens_per_sample,
+)
+from sora.models import build_model  # noqa: E402
+from sora.schedulers import IDDPM  # noqa: E402
+
+DEFAULT_DEADLINE_S = 420.0
+# After the deadline the main thread gets this long to write what it has; then the process exits (exit code 3).
+GRACE_S = 45.0
+# Section 3 stops this long before the deadline, so the model rows get their turn (two XL/2 builds, ~20 steps).
+MODEL_RESERVE_S = 120.0
+
+
+class Deadline(BaseException):
+    """The run's time, or a section's share of it, is up. BaseException: no `except Exception` swallows it."""
+
+
+# ---- the run: clock, log, results, checks ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: object  # run(check)
+    required: bool  # the deadline cutting it fails the run (exit code 3)
+
+
+class Check:
+    """One gpu_check run: its device, clock, log and outputs. Rows and checks are saved as they come."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device, self.tiny = args, device, args.tiny
+        self.out = Path(args.out)
+        self.start = time.monotonic()
+        self.deadline = args.deadline
+        self.log_file = open(self.out / "gpu_check.log", "w")
+        self.status = {"deadline_s": self.deadline, "tiny": self.tiny, "elapsed_s": None, "exit_code": None,
+                       "sections": {}, "checks": [], "failures": []}
+        # --tiny writes to DIR only; a GPU run merges into bench/results/<gpu-slug>/ and copies that to DIR.
+        self.results = Results(self.out if self.tiny else None, append=not self.tiny)
+        self.results.env = {
+            "device": device_info(device), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "commit": git_commit(), "smoke": device.type != "cuda",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bandwidth_gbps": None, "clocks": None, "gpu_check": self.status,
+        }
+
+    # clock
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def remaining(self) -> float:
+        return self.deadline - self.elapsed()
+
+    def tick(self, reserve: float = 0.0, why: str = "the deadline") -> None:
+        """Before each case: stop the section when fewer than `reserve` seconds are left."""
+        if self.remaining() <= reserve:
+            raise Deadline(why)
+
+    # log and outputs
+    def log(self, message: str) -> None:
+        line = f"[{self.elapsed():6.1f} s] {message}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def save(self) -> None:
+        self.status["elapsed_s"] = round(self.elapsed(), 1)
+        path, _ = self.results.save()
+        if path.parent != self.out:
+            shutil.copy(path, self.out / path.name)
+
+    def add_row(self, row: dict) -> None:
+        row.setdefault("skipped", None)
+        self.results.rows.append(row)
+        self.save()
+        self.log(f"row {row_label(row)}: {row_numbers(row)}")
+
+    def add_check(self, op: str, name: str, err: float, tol: float) -> None:
+        ok = err <= tol  # NaN compares False: a NaN anywhere fails
+        # JSON has no NaN or infinity: an error that is not finite is stored as None.
+        self.status["checks"].append({"op": op, "name": name, "err": err if math.isfinite(err) else None,
+                                      "tol": tol, "ok": ok})
+        if not ok:
+            self.fail(f"mismatch: {name}: error {err:.3g} > tolerance {tol:.1g}")
+
+    def fail(self, message: str) -> None:
+        self.status["failures"].append(message)
+        self.log("FAIL " + message)
+        self.save()
+
+    def exit_code(self, sections) -> int:
+        if self.status["failures"]:
+            return 1
+        outcome = self.status["sections"]
+        return 3 if any(outcome[section.name]["status"] != "done" for section in sections if section.required) else 0
+
+    def finish(self, sections) -> int:
+        for section in sections:
+            self.status["sections"].setdefault(section.name, {"status": "not run: the deadline", "seconds": 0.0})
+        code = self.exit_code(sections)
+        self.status["exit_code"] = code
+        self.save()
+        try:
+            for path in self.results.finish():
+                if path.parent != self.out:
+                    shutil.copy(path, self.out / path.name)
+        except Exception as error:  # the summary is written; a report that cannot be drawn must not hide it
+            self.log(f"report not written: {type(error).__name__}: {error}")
+        for name, outcome in self.status["sections"].items():
+            self.log(f"section {name}: {outcome['status']} ({outcome['seconds']} s)")
+        checks = self.status["checks"]
+        self.log(f"{len(checks)} checks, {sum(not c['ok'] for c in checks)} failed; {len(self.results.rows)} rows; "
+                 f"exit code {code}; wrote {self.out}")
+        self.log_file.close()
+        return code
+
+    def run_section(self, section: Section) -> None:
+        started = time.monotonic()
+        if self.remaining() <= 0:
+            return
+        self.log(f"== {section.name}")
+        try:
+            section.run(self)
+            status = "done"
+        except Deadline as why:
+            status = f"cut: {why}"
+        except Exception as error:
+            status = f"error: {type(error).__name__}: {error}"[:300]
+            self.log(traceback.format_exc())
+            self.fail(f"section {section.name}: {status}")
+        self.status["sections"][section.name] = {"status": status, "seconds": round(time.monotonic() - started, 1)}
+        self.save()
+
+
+def row_label(row: dict) -> str:
+    parts = (row.get("bench"), row.get("direction"), row.get("video") or row.get("shape"), row.get("dtype"),
+             row.get("provider"), f"batch {row['batch_size']}" if row.get("batch_size") else None)
+    return " ".join(str(part) for part in parts if part)
+
+
+def row_numbers(row: dict) -> str:
+    if row.get("ms") is None:
+        return f"skipped: {row.get('skipped')}"
+    text = f"{row['ms']:.3f} ms"
+    if row.get("gbps") is not None:
+        text += f", {row['gbps']:,.0f} GB/s ({100 * row['frac_copy_bw']:.0f}% of copy)"
+    if row.get("samples_per_s") is not None:
+        text += f", {row['samples_per_s']:.3g} samples/s"
+    return text
+
+
+def measured_row(check: Check, row: dict, measure) -> bool:
+    """Fill row with measure() and record it: out of memory and an unavailable provider become a skipped row,
+    any other error a skipped row and a failure named by the row. Returns whether it ran out of memory."""
+    oom = False
+    try:
+        row.update(measure())
+    except Unavailable as reason:
+        row.update(ms=None, skipped=str(reason))
+    except Exception as error:
+        if not is_oom(error):
+            message = (str(error).strip().splitlines() or [""])[0]
+            row.update(ms=None, skipped=f"error: {type(error).__name__}: {message}"[:300])
+            check.log(traceback.format_exc())
+            check.fail(f"row {row_label(row)}: {row['skipped']}")
+        else:
+            oom = True
+            row.update(ms=None, skipped="OOM" if row.get("batch_size") is None else f"OOM at batch {row['batch_size']}")
+    # Outside the except blocks: the traceback (and the tensors its frames hold) is gone by now.
+    free_memory()
+    check.add_row(row)
+    return oom
+
+
+# ---- 1. environment ---------------------------------------------------------------------------------------------
+def environment(check: Check) -> None:
+    check.results.env.update(collect_env(check.device))
+    env = check.results.env
+    device, clocks = env["device"], env["clocks"] or {}
+    check.log(f"device {device.get('name')}, {device.get('memory_gb', '?')} GB, driver {device.get('driver')}; "
+              f"clocks {clocks or 'not read'}")
+    check.log(f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}")
+    check.log(f"copy bandwidth {env['copy_bandwidth_gbps']} GB/s (device-to-device, read + write)")
+    check.save()
+
+
+# ---- 2. correctness ---------------------------------------------------------------------------------------------
+# Relative error ||out - ref|| / ||ref|| allowed per dtype: the kernels' fp32 arithmetic plus one rounding to the
+# output dtype (tests/test_kernels.py's tolerances).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CHECK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GPU_CHANNELS = (72, 1000, 1152, 4096)
+TINY_CHANNELS = (72, 1000)
+GPU_TOKENS = dict(B=3, T=4, S=40)  # 480 rows: several programs per launch, and per-sample reductions across them
+TINY_TOKENS = dict(B=2, T=4, S=8)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    dtype: torch.dtype
+    C: int
+    temporal: bool
+
+    def __str__(self):
+        return f"{self.op} {DTYPE_NAMES[self.dtype]} C={self.C}{' temporal' if self.temporal else ''}"
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def against_float64(kernel, reference, inputs: dict, dtype: torch.dtype) -> dict:
+    """kernel(**inputs rounded to dtype) and reference(**the same values in float64): the forward and the gradient
+    of every input for one random output gradient. Returns {what: (kernel's tensor, float64 reference)}."""
+    low = {name: t.detach().to(dtype).requires_grad_() for name, t in inputs.items()}
+    high = {name: t.detach().double().requires_grad_() for name, t in low.items()}
+    out, ref = kernel(**low), reference(**high)
+    dout = torch.randn(out.shape, device=out.device, dtype=out.dtype)
+    got = torch.autograd.grad(out, list(low.values()), dout)
+    want = torch.autograd.grad(ref, list(high.values()), dout.double())
+    return {"out": (out, ref), **{f"d{name}": pair for name, pair in zip(low, zip(got, want))}}
+
+
+def compare_layernorm_modulate(case: OpCase, B, T, S, device) -> dict:
+    """STDiT's call: shift and scale are chunks of the (B, 6, C) adaLN table, no affine."""
+    temporal = T if case.temporal else None
+
+    def modulated(op):
+        def forward(x, table):
+            shift, scale = table.chunk(6, dim=1)[:2]
+            return op(x, shift, scale)
+        return forward
+
+    kernel = modulated(lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=temporal))
+    inputs = dict(x=torch.randn(B, T * S, case.C, device=device),
+                  table=0.5 * torch.randn(B, 6, case.C, device=device))
+    return against_float64(kernel, modulated(eager_layernorm_modulate(temporal)), inputs, case.dtype)
+
+
+def compare_layernorm_affine(case: OpCase, B, T, S, device) -> dict:
+    """K.LayerNorm's path with modulation: weight and bias (C,), shift and scale (B, C)."""
+    temporal, C = (T if case.temporal else None), case.C
+
+    def kernel(x, shift, scale, weight, bias):
+        return K.layernorm_modulate(x, shift, scale, weight, bias, eps=EPS, temporal=temporal)
+
+    def reference(x, shift, scale, weight, bias):
+        norm = lambda t: F.layer_norm(t, (C,), weight, bias, eps=EPS)  # noqa: E731
+        return eager_layernorm_modulate(temporal, norm)(x, shift[:, None], scale[:, None])
+
+    inputs = dict(x=torch.randn(B, T * S, C, device=device), shift=0.5 * torch.randn(B, C, device=device),
+                  scale=0.5 * torch.randn(B, C, device=device), weight=1 + 0.5 * torch.randn(C, device=device),
+                  bias=0.5 * torch.randn(C, device=device))
+    return against_float64(kernel, reference, inputs, case.dtype)
+
+
+def compare_gated_residual(case: OpCase, B, T, S, device) -> dict:
+    """gate is a chunk of the (B, 6, C) table; with temporal, y comes in "(B S) T C"."""
+    temporal = T if case.temporal else None
+
+    def gated(op):
+        return lambda x, y, table: op(x, y, table.chunk(6, dim=1)[2])
+
+    y_shape = (B * S, T, case.C) if temporal else (B, T * S, case.C)
+    inputs = dict(x=torch.randn(B, T * S, case.C, device=device), y=torch.randn(*y_shape, device=device),
+                  table=0.5 * torch.randn(B, 6, case.C, device=device))
+    kernel = gated(lambda x, y, gate: K.gated_residual(x, y, gate, temporal=temporal))
+    return against_float64(kernel, gated(eager_gated_residual(temporal)), inputs, case.dtype)
+
+
+def compare_to_temporal(case: OpCase, B, T, S, device) -> dict:
+    return against_float64(lambda x: K.to_temporal(x, T), eager_to_temporal(T),
+                           dict(x=torch.randn(B, T * S, case.C, device=device)), case.dtype)
+
+
+def compare_from_temporal(case: OpCase, B, T, S, device) -> dict:
+    return against_float64(lambda x: K.from_temporal(x, B), lambda x: rearrange(x, "(B S) T C -> B (T S) C", B=B),
+                           dict(x=torch.randn(B * S, T, case.C, device=device)), case.dtype)
+
+
+def compare_layernorm_module(case: OpCase, B, T, S, device) -> dict:
+    module = K.LayerNorm(case.C, eps=EPS).to(device=device, dtype=case.dtype)
+
+    def kernel(x, weight, bias):
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+    inputs = dict(x=torch.randn(B, T * S, case.C, device=device), weight=1 + 0.5 * torch.randn(case.C, device=device),
+                  bias=0.5 * torch.randn(case.C, device=device))
+    reference = lambda x, weight, bias: F.layer_norm(x, (case.C,), weight, bias, eps=EPS)  # noqa: E731
+    return against_float64(kernel, reference, inputs, case.dtype)
+
+
+# op -> (compare(case, B, T, S, device) -> {what: (kernel's tensor, float64 reference)}, its temporal variants).
+# A new public op is one compare function and one line here.
+OPS = {
+    "layernorm_modulate": (compare_layernorm_modulate, (False, True)),
+    "layernorm_modulate affine": (compare_layernorm_affine, (False, True)),
+    "gated_residual": (compare_gated_residual, (False, True)),
+    "to_temporal": (compare_to_temporal, (True,)),
+    "from_temporal": (compare_from_temporal, (True,)),
+    "LayerNorm": (compare_layernorm_module, (False,)),
+}
+
+
+def correctness_cases(tiny: bool) -> list[OpCase]:
+    return [OpCase(op, dtype, C, temporal)
+            for op, (_, temporals) in OPS.items()
+            for C in (TINY_CHANNELS if tiny else GPU_CHANNELS)
+            for dtype in CHECK_DTYPES
+            for temporal in temporals]
+
+
+def large_tensor_checks(check: Check) -> None:
+    """Index arithmetic past 2**31 elements (int32 offsets would wrap): B*T*S*C > 2**31 in bf16, and the float64
+    reference on the part of the last sample where the offsets are largest (the last 256 tokens of every frame)."""
+    B, T, S, C, keep = (2, 4, 16, 72, 4) if check.tiny else (2, 16, 58368, 1152, 256)
+    dtype, device = torch.bfloat16, check.device
+    name = "large tensor (tiny stand-in)" if check.tiny else f"large tensor ({B * T * S * C:,} elements)"
+    x = torch.randn(B, T * S, C, device=device, dtype=dtype)
+    table = (0.5 * torch.randn(B, 6, C, device=device)).to(dtype)
+    shift, scale, gate = table.chunk(6, dim=1)[:3]
+    # The last sample's last `keep` tokens of each frame, frame-major: (1, T*keep, C), in float64.
+    tail = x[-1:].view(1, T, S, C)[:, :, -keep:].reshape(1, T * keep, C).double()
+    last = slice(B - 1, B)
+    ln = eager_layernorm_modulate(T)(tail, shift[last].double(), scale[last].double())  # (keep, T, C)
+    outputs = {
+        "layernorm_modulate temporal": (lambda: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=T)[-keep:], ln),
+        "layernorm_modulate": (lambda: K.layernorm_modulate(x, shift, scale, eps=EPS)[-1:].view(1, T, S, C)[:, :, -keep:],
+                               rearrange(ln, "S T C -> 1 T S C")),
+        "to_temporal": (lambda: K.to_temporal(x, T)[-keep:], eager_to_temporal(T)(tail)),
+    }
+    for what, (kernel, reference) in outputs.items():
+        check.tick()
+        check.add_check(name, f"{name}: {what} bf16", rel_error(kernel(), reference), TOLERANCE[dtype])
+        free_memory()
+    y = torch.randn(B * S, T, C, device=device, dtype=dtype)  # "(B S) T C"
+    y_tail = rearrange(y[-keep:].double(), "S T C -> 1 (T S) C")
+    reference = tail + gate[last].double() * y_tail
+    out = K.gated_residual(x, y, gate, temporal=T)[-1:].view(1, T, S, C)[:, :, -keep:].reshape(1, T * keep, C)
+    check.add_check(name, f"{name}: gated_residual temporal bf16", rel_error(out, reference), TOLERANCE[dtype])
+    del x, y, out
+    free_memory()
+
+
+def pack_checks(check: Check) -> None:
+    """all_to_all's pack and unpack (the (A, B, M) -> (B, A, M) swaps around all_to_all_single) for every exchange
+    of STDiT's temporal attention and sp size: bit for bit against torch."""
+    shapes = CPU_SEQ_SHAPES if check.tiny else [SeqShape("check", S=64, T=16)]
+    dtype = torch.float32 if check.tiny else torch.bfloat16
+    for shape in shapes:
+        for sp in ((2, 4) if check.tiny else (2, 4, 8)):
+            for exchange in ("qkv", "out"):
+                tensor_shape, scatter_dim, gather_dim = exchange_layout(exchange, shape, 2 * sp, sp)
+                for direction in ("pack", "unpack"):
+                    check.tick()
+                    A, B = swap_view(direction, tensor_shape, sp, scatter_dim, gather_dim)
+                    x = torch.randn(math.prod(tensor_shape), device=check.device, dtype=dtype)
+                    got, want = swap_sora(x, A, B), swap_torch(x, A, B)
+                    err = 0.0 if torch.equal(got, want) else (got.double() - want.double()).abs().max().item()
+                    check.add_check("all_to_all pack", f"all_to_all {direction} sp={sp} {exchange} {tuple(tensor_shape)}",
+                                    err, 0.0)
+
+
+def kernels_on_off_check(check: Check) -> None:
+    """A small STDiT (TINY, fp32) with the kernels on and off, the same weights: output and every parameter
+    gradient agree to fp32 rounding. In eval mode: caption dropout would draw different captions for the two."""
+    device = check.device
+    models = {}
+    for kernels in (True, False):
+        cfg = dict(type="STDiT", input_size=(4, 8, 8), patch_size=(1, 2, 2), enable_flashattn=True,
+                   enable_layernorm_kernel=kernels, **TINY)
+        with device:
+            models[kernels] = build_model(cfg).to(device).eval()
+    for parameter in models[True].parameters():
+        torch.nn.init.normal_(parameter, 0, 0.05)
+    models[False].load_state_dict(models[True].state_dict())
+    generator = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(2, models[True].in_channels, 4, 8, 8, device=device, generator=generator)
+    timestep = torch.randint(0, 1000, (2,), device=device, generator=generator)
+    y, mask = captions(models[True], 2, device, torch.float32, generator)
+    dout = None
+    outputs, grads = {}, {}
+    for kernels, model in models.items():
+        out = model(x, timestep, y, mask.bool())
+        dout = torch.randn_like(out) if dout is None else dout
+        out.backward(dout)
+        outputs[kernels] = out.detach()
+        grads[kernels] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    check.add_check("STDiT kernels on/off", "STDiT (tiny, fp32) kernels on vs off: output",
+                    rel_error(outputs[True], outputs[False]), 1e-4)
+    errors = {name: rel_error(grads[True][name], grads[False][name]) for name in grads[False]}
+    worst = max(errors, key=errors.get)
+    missing = sorted(set(grads[False]) ^ set(grads[True]))
+    check.add_check("STDiT kernels on/off", f"STDiT (tiny, fp32) kernels on vs off: every gradient (worst {worst})",
+                    errors[worst] if not missing else math.inf, 1e-4)
+
+
+def correctness(check: Check) -> None:
+    tokens = TINY_TOKENS if check.tiny else GPU_TOKENS
+    torch.manual_seed(0)
+    for case in correctness_cases(check.tiny):
+        check.tick()
+        compare = OPS[case.op][0]
+        try:
+            pairs = compare(case, device=check.device, **tokens)
+        except Exception as error:
+            check.log(traceback.format_exc())
+            check.fail(f"{case}: {type(error).__name__}: {error}"[:300])
+            continue
+        for what, (got, want) in pairs.items():
+            err = rel_error(got, want)
+            check.add_check(case.op, f"{case}: {what}", err, TOLERANCE[case.dtype])
+    for part in (large_tensor_checks, pack_checks, kernels_on_off_check):
+        check.tick()
+        try:
+            part(check)
+        except Exception as error:
+            check.log(traceback.format_exc())
+            check.fail(f"{part.__name__}: {type(error).__name__}: {error}"[:300])
+        free_memory()
+
+
+# ---- 3. and 5.: kernel rows -------------------------------------------------------------------------------------
+TARGET_SHAPE = GPU_SHAPES[0][0]  # STDiT-XL/2 16x256: B=256, T=16, S=256, C=1152, 1M rows
+TINY_EXTRA_SHAPE = Shape("tiny-72", B=2, T=4, S=8, C=72)
+
+
+def kernel_rows(check: Check, shape_dtypes, providers, reserve: float = 0.0) -> None:
+    """One row per (provider, bench, direction) at each (shape, dtype), in the order given."""
+    for shape, dtype in shape_dtypes:
+        for provider in providers:
+            for bench in BENCHES:
+                for direction in DIRECTIONS:
+                    check.tick(reserve, "time kept for the model rows" if reserve else "the deadline")
+                    case = Case(bench, direction, shape, dtype, provider)
+                    measured_row(check, base_row(case),
+                                 lambda: measure_kernel(case, check.device, check.results.env["copy_bandwidth_gbps"]))
+
+
+def target_kernel_rows(check: Check) -> None:
+    """sora and eager first, torch.compile (minutes of compiling) last, each stopping in time for section 4."""
+    shape, dtype = (CPU_SHAPES[0][0], torch.float32) if check.tiny else (TARGET_SHAPE, torch.bfloat16)
+    reserve = 0.0 if check.tiny else MODEL_RESERVE_S
+    kernel_rows(check, [(shape, dtype)], ("sora", "torch"), reserve)
+    kernel_rows(check, [(shape, dtype)], ("torch.compile",), reserve)
+
+
+def more_kernel_rows(check: Check) -> None:
+    if check.tiny:
+        shape_dtypes = [(TINY_EXTRA_SHAPE, torch.bfloat16)]
+    else:
+        larger = [(shape, torch.bfloat16) for shape, _ in GPU_SHAPES[1:3]]
+        fp32 = [(shape, torch.float32) for shape, dtypes in GPU_SHAPES if torch.float32 in dtypes]
+        shape_dtypes = larger + fp32 + [(GPU_SHAPES[3][0], torch.bfloat16)]
+    kernel_rows(check, shape_dtypes, ("sora", "torch"))
+
+
+# ---- 4. and 5.: model rows --------------------------------------------------------------------------------------
+# THE TRAINING STEP. A stand-in built from the library's public pieces until sora.train.train_step exists (issue
+# 14, item 1): then make this function call it, so that these rows measure the step `python -m sora.train` runs.
+def training_step(model, optimizer, diffusion, latents, model_kwargs, generator, autocast: bool):
+    """IDDPM training_losses (under bf16 autocast on a GPU, fp32 master weights), backward, AdamW step."""
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = diffusion.training_losses(model, latents, model_kwargs, generator=generator)["loss"].mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+LR = 2e-5
+SAMPLE_PROMPTS = 2  # Open-Sora's inference batch; classifier-free guidance doubles it
+SAMPLE_STEPS = 5  # IDDPM steps per timed call (2 on a CPU)
+CFG = dict(cfg_scale=7.0, cfg_channel=3)
+
+
+def model_name(device) -> str:
+    return "STDiT-XL/2" if device.type == "cuda" else "STDiT (tiny)"
+
+
+def train_step_rows(check: Check, video: Video) -> None:
+    """The training step at the first of video.batches that fits, sora then eager."""
+    device = check.device
+    for provider in ("sora", "eager"):
+        for batch in video.batches:
+            check.tick()
+            row = {"suite": "train", "bench": "train_step", "model": model_name(device), "provider": provider,
+                   "shape": video.label, "batch_size": batch, "encoders": "none", "optimizer_step": True,
+                   "grad_checkpoint": video.grad_checkpoint}
+
+            def measure():
+                model = build_dit("STDiT-XL/2", video.latent, provider, device, torch.float32,
+                                  grad_checkpoint=video.grad_checkpoint).train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0)
+                generator = torch.Generator(device=device).manual_seed(1)
+                latents = torch.randn(batch, model.in_channels, *video.latent, device=device, generator=generator)
+                y, mask = captions(model, batch, device, torch.float32, generator)
+                diffusion, steps = IDDPM(), torch.Generator().manual_seed(0)
+                timing = time_steps(None, lambda: training_step(model, optimizer, diffusion, latents,
+                                                                dict(y=y, mask=mask.bool()), steps,
+                                                                device.type == "cuda"),
+                                    device)
+                samples_per_s = batch / (timing["ms"] * 1e-3)
+                return dict(timing, samples_per_s=samples_per_s,
+                            tokens_per_s=samples_per_s * tokens_per_sample(model, video))
+
+            if not measured_row(check, row, measure):
+                break
+
+
+def temporal_branch_rows(check: Check, video: Video) -> None:
+    for provider in ("sora", "eager"):
+        check.tick()
+        measured_row(check, temporal_branch_row(video, provider),
+                     lambda: measure_temporal_branch(video, provider, check.device))
+
+
+def sampling_step_rows(check: Check, video: Video) -> None:
+    """IDDPM.sample with classifier-free guidance, a few steps per timed call; ms per step."""
+    device = check.device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    steps = SAMPLE_STEPS if device.type == "cuda" else 2
+    for provider in ("sora", "eager"):
+        check.tick()
+        row = {"suite": "pipeline", "bench": "sampling_step", "model": model_name(device), "provider": provider,
+               "shape": video.label, "batch_size": SAMPLE_PROMPTS, "model_batch": 2 * SAMPLE_PROMPTS,
+               "dtype": DTYPE_NAMES[dtype], "steps_per_call": steps, **CFG}
+
+        def measure():
+            model = build_dit("STDiT-XL/2", video.latent, provider, device, dtype).eval()
+            generator = torch.Generator(device=device).manual_seed(1)
+            y, mask = captions(model, SAMPLE_PROMPTS, device, dtype, generator)
+            null = model.y_embedder.y_embedding[None].repeat(SAMPLE_PROMPTS, 1, 1)[:, None].to(dtype)
+            z = torch.randn(SAMPLE_PROMPTS, model.in_channels, *video.latent, device=device, dtype=dtype,
+                            generator=generator)
+            scheduler = IDDPM(num_sampling_steps=steps, **CFG)
+            timing = time_steps(None, lambda: scheduler.sample(model, z, y, null, mask, progress=False,
+                                                               generator=generator), device, warmup=1)
+            return dict(timing, ms=timing["ms"] / steps, ms_call=timing["ms"])
+
+        measured_row(check, row, measure)
+
+
+def model_rows(check: Check) -> None:
+    video = CPU_VIDEOS[0] if check.tiny else GPU_VIDEOS[0]  # 16x256x256, batch 8 (else 4)
+    train_step_rows(check, video)
+    temporal_branch_rows(check, video)
+    sampling_step_rows(check, video)
+
+
+def more_rows(check: Check) -> None:
+    more_kernel_rows(check)
+    train_step_rows(check, Video("4x32x32", 4, 32, 32, batches=(2,)) if check.tiny else GPU_VIDEOS[1])
+
+
+SECTIONS = [
+    Section("1 environment", environment, required=True),
+    Section("2 correctness", correctness, required=True),
+    Section("3 kernel rows", target_kernel_rows, required=True),
+    Section("4 model rows", model_rows, required=True),
+    Section("5 more rows while time remains", more_rows, required=False),
+]
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every sora command line fails
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _Parser(prog="python bench/gpu_check.py", allow_abbrev=False,
+                     description="The whole GPU check in one call: environment, kernel correctness, kernel and model "
+                                 "rows, under a hard deadline (bench/NOTES.md).")
+    parser.add_argument("--out", required=True, type=Path, help="folder for summary.json, README.md, plots and the log")
+    parser.add_argument("--commit", help="the commit measured (a device machine's copy has no .git); default: git HEAD")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
+                        help=f"seconds for the whole run, writing included (default {DEFAULT_DEADLINE_S:.0f})")
+    parser.add_argument("--tiny", action="store_true",
+                        help="every section on tiny shapes on the CPU under the Triton interpreter (CI); writes to --out only")
+    args = parser.parse_args(argv)
+    if not 0 < args.deadline <= 86400:
+        parser.error(f"--deadline must be a number of seconds in (0, 86400], got {args.deadline}")
+    return args
+
+
+def usage_error(message: str) -> int:
+    print(f"python bench/gpu_check.py: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> int:
+    """Run the sections under the deadline, write everything, return the exit code."""
+    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        return usage_error("--tiny needs TRITON_INTERPRET=1 set before triton is imported (the script sets it itself "
+                           "when run as `python bench/gpu_check.py --tiny`)")
+    if not args.tiny and not torch.cuda.is_available():
+        return usage_error("no CUDA device here (torch.cuda.is_available() is False): on a CPU run --tiny")
+    if not args.tiny and os.environ.get("TRITON_INTERPRET") == "1":
+        return usage_error("TRITON_INTERPRET=1 would time the Triton interpreter: unset it, or pass --tiny")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return usage_error(f"cannot create --out {args.out}: {error.strerror}")
+    if args.commit:
+        os.environ["SORA_BENCH_COMMIT"] = args.commit
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+    threads = torch.get_num_threads()
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny ops: a thread pool costs more than the op (bench/conftest.py)
+    check = Check(args, device)
+    check.log(f"gpu_check on {check.results.env['device']['name']}, deadline {args.deadline:.0f} s, out {args.out}")
+
+    def alarm(signum, frame):
+        raise Deadline("the deadline")
+
+    def hard_stop():
+        check.log(f"still running {GRACE_S:.0f} s after the deadline: exiting; summary.json holds what was done")
+        os._exit(3)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(check.remaining(), 1e-3))
+    stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop) if backstop else None
+    if stopper is not None:
+        stopper.daemon = True
+        stopper.start()
+    try:
+        try:
+            for section in sections:
+                check.run_section(section)
+        except Deadline:
+            check.log("deadline reached between sections")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return check.finish(sections)
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+        torch.set_num_threads(threads)
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv), backstop=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

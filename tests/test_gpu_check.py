@@ -1,0 +1,128 @@
+"""bench/gpu_check.py's promises, on a CPU and fast: the deadline cuts a section and everything done is still
+written, a mismatch is named and makes the exit code non-zero, bad arguments exit 2 with one line.
+(CI runs the whole script with --tiny; these tests run a section or two of it.)"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
+    sys.path.insert(0, str(REPO))
+
+import sora.kernels as K  # noqa: E402
+from bench import gpu_check  # noqa: E402
+from bench.gpu_check import OpCase, Section  # noqa: E402
+
+
+def tiny_args(out, deadline=60.0):
+    return gpu_check.parse_args(["--tiny", "--out", str(out), "--deadline", str(deadline)])
+
+
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def row(label):
+    return {"suite": "models", "bench": "temporal_branch", "provider": "sora", "shape": label, "batch_size": 1,
+            "ms": 1.0, "samples_per_s": 1000.0, "tokens_per_s": 1000.0}
+
+
+def test_deadline_cuts_a_section_and_the_output_is_still_written(tmp_path):
+    def stuck_in_one_call(check):  # the alarm must interrupt a call that never returns to check the clock
+        check.add_row(row("before the long call"))
+        time.sleep(30)
+        check.add_row(row("never reached"))
+
+    def never_started(check):
+        check.add_row(row("never reached either"))
+
+    sections = [Section("stuck", stuck_in_one_call, required=True), Section("later", never_started, required=False)]
+    started = time.monotonic()
+    code = gpu_check.run(tiny_args(tmp_path, deadline=1.5), sections)
+    assert time.monotonic() - started < 10
+    assert code == 3  # a required section was cut; nothing failed
+    summary = summary_of(tmp_path)
+    outcome = summary["gpu_check"]["sections"]
+    assert outcome["stuck"]["status"] == "cut: the deadline"
+    assert outcome["later"]["status"] == "not run: the deadline"
+    assert summary["gpu_check"]["exit_code"] == 3
+    assert [r["shape"] for r in summary["rows"]] == ["before the long call"]
+    assert "cut: the deadline" in (tmp_path / "README.md").read_text()
+    assert "section stuck: cut: the deadline" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_a_section_that_checks_the_clock_stops_at_its_reserve(tmp_path):
+    def loop(check):
+        while True:
+            check.tick(reserve=check.deadline - 0.3, why="time kept for the next section")
+            check.add_row(row(f"step {len(check.results.rows)}"))
+            time.sleep(0.05)
+
+    def optional(check):
+        check.add_row(row("optional"))
+
+    code = gpu_check.run(tiny_args(tmp_path, deadline=30), [Section("loop", loop, required=True),
+                                                               Section("optional", optional, required=False)])
+    summary = summary_of(tmp_path)
+    assert summary["gpu_check"]["sections"]["loop"]["status"] == "cut: time kept for the next section"
+    assert summary["gpu_check"]["sections"]["optional"]["status"] == "done"  # the reserve left it its time
+    assert summary["rows"][-1]["shape"] == "optional" and len(summary["rows"]) >= 2
+    assert code == 3
+
+
+def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
+    real = K.to_temporal
+    monkeypatch.setattr(K, "to_temporal", lambda x, T: real(x, T).flip(1))  # frames in reverse: wrong
+    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("gated_residual", torch.float32, 72, False)]
+    monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
+    monkeypatch.setattr(gpu_check, "kernels_on_off_check", lambda check: None)
+    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", gpu_check.correctness, required=True)])
+    assert code == 1
+    status = summary_of(tmp_path)["gpu_check"]
+    failed = {check["name"] for check in status["checks"] if not check["ok"]}
+    assert {"to_temporal fp32 C=72 temporal: out", "to_temporal fp32 C=72 temporal: dx"} <= failed
+    assert any(name.startswith("all_to_all pack") for name in failed)  # the pack runs on the same kernel
+    assert not any(name.startswith("gated_residual") for name in failed)
+    passed = [check for check in status["checks"] if check["name"].startswith("gated_residual")]
+    assert len(passed) == 4 and all(check["err"] < 1e-6 for check in passed)  # out, dx, dy, dtable
+    assert any("to_temporal fp32 C=72 temporal: out" in failure for failure in status["failures"])
+    assert status["exit_code"] == 1 and "**Failures:**" in (tmp_path / "README.md").read_text()
+
+
+def test_unplanted_checks_pass(tmp_path, monkeypatch):
+    """The same run without the planted bug: every check passes (so the test above fails for the bug alone)."""
+    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("layernorm_modulate", torch.bfloat16, 1000, True)]
+    monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
+    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", gpu_check.correctness, required=True)])
+    status = summary_of(tmp_path)["gpu_check"]
+    assert code == 0, status["failures"]
+    names = [check["name"] for check in status["checks"]]
+    assert "layernorm_modulate bf16 C=1000 temporal: dtable" in names
+    assert any(name.startswith("STDiT (tiny, fp32) kernels on vs off") for name in names)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tiny"], "the following arguments are required: --out"),
+    (["--tiny", "--out", "x", "--deadline", "0"], "--deadline must be a number of seconds in (0, 86400], got 0.0"),
+    (["--tiny", "--out", "x", "--deadline", "soon"], "argument --deadline: invalid float value: 'soon'"),
+    (["--ti", "--out", "x"], "unrecognized arguments: --ti"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        gpu_check.parse_args(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_without_cuda_only_tiny_runs(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.run(gpu_check.parse_args(["--out", str(tmp_path)])) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
