@@ -31,7 +31,6 @@ it, so the script cannot rot before a GPU comes.
 
 import argparse
 import datetime
-import json
 import math
 import os
 import shutil
@@ -65,6 +64,7 @@ from bench.bench_utils import (  # noqa: E402
     is_oom,
     time_steps,
 )
+from bench.report import OneLineParser  # noqa: E402
 from bench.test_comm import CPU_SHAPES as CPU_SEQ_SHAPES  # noqa: E402
 from bench.test_comm import SeqShape, exchange_layout, swap_sora, swap_torch, swap_view  # noqa: E402
 from bench.test_kernels import (  # noqa: E402
@@ -80,7 +80,6 @@ from bench.test_kernels import (  # noqa: E402
     eager_gated_residual,
     eager_layernorm_modulate,
     eager_to_temporal,
-    forward_fn,
     measure_kernel,
 )
 from bench.test_models import (  # noqa: E402
@@ -667,13 +666,8 @@ SECTIONS = [
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, as every sora command line fails
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(prog="python bench/gpu_check.py", allow_abbrev=False,
+    parser = OneLineParser(prog="python bench/gpu_check.py", allow_abbrev=False,
                      description="The whole GPU check in one call: environment, kernel correctness, kernel and model "
                                  "rows, under a hard deadline (bench/NOTES.md).")
     parser.add_argument("--out", required=True, type=Path, help="folder for summary.json, README.md, plots and the log")

@@ -167,6 +167,21 @@ def test_report_cli_regenerates_from_summary_json(summary, tmp_path):
     assert (tmp_path / "README.md").read_text() == render_markdown(summary)
 
 
+def test_report_cli_help_and_bad_input():
+    """`--help` prints the usage; a missing argument or an unreadable file is one line and exit code 2."""
+    def report(*args):
+        return subprocess.run([sys.executable, "bench/report.py", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+
+    shown = report("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python bench/report.py") and not shown.stderr
+    for args, message in (((), "the following arguments are required: summary"),
+                          (("missing.json",), "cannot read missing.json as a bench summary.json")):
+        failed = report(*args)
+        assert failed.returncode == 2 and message in failed.stderr and failed.stderr.count("\n") == 1
+        assert "Traceback" not in failed.stderr
+
+
 def test_smoke_report_says_gpu_rows_were_skipped(summary, tmp_path):
     write_report({**summary, "smoke": True, "clocks": None}, tmp_path)
     text = (tmp_path / "README.md").read_text()
