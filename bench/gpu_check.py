@@ -18,8 +18,8 @@ script runs in one process, the sections in order of importance, each checking t
 
     python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
-Whatever is done is always written, also on a mismatch, an exception or the deadline: summary.json is rewritten
-after every row and check. On a GPU the run merges into bench/results/<gpu-slug>/summary.json (bench_utils.Results'
+Whatever is done is always written, also on a mismatch, an exception, the deadline or SIGTERM (as `timeout`
+sends): summary.json is rewritten after every row and check. On a GPU the run merges into bench/results/<gpu-slug>/summary.json (bench_utils.Results'
 schema plus a "gpu_check" entry: sections, checks, failures) and writes README.md and plots beside it
 (bench/report.py); DIR gets copies of those and gpu_check.log. Exit code: 0 every check passed and sections 1-4
 finished; 1 a mismatch or an error, each named in the log and the summary; 2 bad arguments; 3 the deadline cut a
@@ -712,11 +712,15 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
     def alarm(signum, frame):
         raise Deadline("the deadline")
 
+    def terminated(signum, frame):  # `timeout` and a device machine's time limit send SIGTERM before SIGKILL
+        raise Deadline("terminated (SIGTERM)")
+
     def hard_stop():
         check.log(f"still running {GRACE_S:.0f} s after the deadline: exiting; summary.json holds what was done")
         os._exit(3)
 
-    previous = signal.signal(signal.SIGALRM, alarm)
+    previous = {signal.SIGALRM: signal.signal(signal.SIGALRM, alarm),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, terminated)}
     signal.setitimer(signal.ITIMER_REAL, max(check.remaining(), 1e-3))
     stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop) if backstop else None
     if stopper is not None:
@@ -726,11 +730,12 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
         try:
             for section in sections:
                 check.run_section(section)
-        except Deadline:
-            check.log("deadline reached between sections")
+        except Deadline as why:
+            check.log(f"stopped between sections: {why}")
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return check.finish(sections)
     finally:
         if stopper is not None:

@@ -3,6 +3,8 @@ written, a mismatch is named and makes the exit code non-zero, bad arguments exi
 (CI runs the whole script with --tiny; these tests run a section or two of it.)"""
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,6 +75,21 @@ def test_a_section_that_checks_the_clock_stops_at_its_reserve(tmp_path):
     assert summary["gpu_check"]["sections"]["optional"]["status"] == "done"  # the reserve left it its time
     assert summary["rows"][-1]["shape"] == "optional" and len(summary["rows"]) >= 2
     assert code == 3
+
+
+def test_sigterm_stops_the_run_and_the_output_is_still_written(tmp_path):
+    def terminated_midway(check):
+        check.add_row(row("before SIGTERM"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    before = signal.getsignal(signal.SIGTERM)
+    code = gpu_check.run(tiny_args(tmp_path), [Section("terminated", terminated_midway, required=True)])
+    assert code == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+    summary = summary_of(tmp_path)
+    assert summary["gpu_check"]["sections"]["terminated"]["status"] == "cut: terminated (SIGTERM)"
+    assert [r["shape"] for r in summary["rows"]] == ["before SIGTERM"]
 
 
 def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
