@@ -3,22 +3,21 @@ the frame-major layout.
 
 qkv is what the qkv Linear writes on frame-major tokens: (B, T*S, 3*C), each token's 3*C channels laid out
 (3, H, D). The output is (B, T*S, C), frame-major, where the proj Linear reads it. STDiT and Latte attend
-over T = 16-64 frames with head dim 72: about T/2 FLOP per byte, memory-bound many times over, so what
-counts is reading q/k/v once and writing the output once, with no rearrange copies around the op and no
-padding of D=72 to a tensor-core tile.
+over T = 16-64 frames with head dim 72: about T/2 FLOP per byte, so what counts is reading q/k/v once and
+writing the output once, with no rearrange copies around the op and no padding of D=72 in memory.
 
-One program owns one head of BLOCK_S spatial positions of one sample and holds k and v of all T frames of
-them on chip, (BLOCK_T, BLOCK_S, BLOCK_D); it then walks the T query frames, loading one (BLOCK_S, D) row of
-q per frame, and computes the whole softmax row over the T keys at once (no online softmax: the row is
-complete on chip). Every load and store is a run of D contiguous channels per (frame, position); D is
-padded to a power of two only in registers (a mask), never in memory. The dot products are fp32 FMAs, not
-tensor cores: a (T, T) score tile per position is too small for an MMA, and at T/2 FLOP per byte the FMAs
-keep up with memory up to T of about 40 on Hopper.
+One program owns one head of BLOCK_S spatial positions of one sample and holds q, k and v of all their T
+frames on chip, (BLOCK_S, BLOCK_T, BLOCK_D): the whole (T, T) score matrix of each position at once, so the
+softmax needs no online rescaling. Every load and store is a run of D contiguous channels per (position,
+frame) (128-bit accesses at D=72); D is padded to a power of two only in registers, under a mask. The
+products are batched tl.dot over the positions (tensor cores for bf16/fp16, fp32 accumulation): an earlier
+version with fp32 FMAs, one query frame at a time, compiled for sm_90 to ~1 warp-instruction per byte at
+T=16, about 3x over what an H100 can issue at its copy bandwidth; the dots take that to 0.14 (forward) and
+0.23 (backward) at T=16 and ~0.3 at T=64, with no spills at D=72 (bf16, bench/kernel_report.py's count).
 
 Backward recomputes the softmax instead of saving the log-sum-exp: the whole row of T scores is on chip, so
-its max and sum cost one reduction over T, and neither the row statistics nor the forward output have to be
-written and read back. It reads qkv and the output gradient once and writes d(qkv) once, in qkv's layout:
-dq per query frame as it goes, dk and dv (accumulated in fp32 registers over the query frames) at the end.
+its max and sum cost one reduction over T, and neither row statistics nor the forward output are written
+and read back. It reads qkv and the output gradient once and writes d(qkv) once, in qkv's layout.
 """
 
 import torch
@@ -26,110 +25,102 @@ import torch
 from sora.kernels._common import check_tokens, compute_dtype, new_buffer, use_triton
 from sora.kernels._triton import tl, triton
 
-# All T frames of k and v stay in registers; 128 frames of head dim 128 is already one position per program.
+# All T frames stay in registers; 128 frames of head dim 128 is already one position per program.
 MAX_FRAMES = 128
 MAX_HEAD_DIM = 128
-# Values of one on-chip (BLOCK_T, BLOCK_S, BLOCK_D) tile: the forward keeps two (k, v), the backward four
-# (k, v, dk, dv), so each gets the budget that keeps a program's registers at about 64 fp32 values per
-# thread of 8 warps, whatever T and D are.
-FORWARD_TILE = 8192
-BACKWARD_TILE = 4096
+# Bytes of one on-chip (BLOCK_S, BLOCK_T, BLOCK_D) operand tile: the forward holds q, k, v, the output and
+# the (BLOCK_S, BLOCK_T, BLOCK_T) scores, the backward also dO, dq, dk, dv. These budgets compile for sm_90
+# without spills in bf16 at D=72 for T=16 (4 and 2 positions per program) and T=64 (1); fp32 at T=64 spills.
+FORWARD_TILE = 16384
+BACKWARD_TILE = 8192
+
+
+@triton.jit
+def _tile(T, S, stride_b, stride_n, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_S, BLOCK_T, BLOCK_D) tile of positions, frames and head channels: the offsets of
+    q in qkv, the tokens (b*N + t*S + s, for the contiguous output and gradients), the channels, the mask."""
+    blocks = tl.cdiv(S, BLOCK_S)
+    b = (tl.program_id(0) // blocks).to(tl.int64)  # int64: B*N*3C passes 2**31 at 64x512
+    s = (tl.program_id(0) % blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    head = tl.program_id(1) * HEAD_DIM + d
+    token = (t[None, :] * S + s[:, None]).to(tl.int64)  # (BLOCK_S, BLOCK_T): frame t of position s
+    qkv_offsets = (b * stride_b + token * stride_n)[:, :, None] + head[None, None, :]
+    mask = ((s < S)[:, None] & (t < T)[None, :])[:, :, None] & (d < HEAD_DIM)[None, None, :]
+    return qkv_offsets, (b * T * S + token)[:, :, None], head[None, None, :], mask
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Batched a @ b with fp32 accumulation. UPCAST: operands go to fp32 first, exactly (the caller has already
+    rounded them to the input dtype), because Triton's interpreter multiplies bf16 operands as raw integers."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _softmax_rows(q, k, T, scale_log2, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr):
+    """softmax(q k^T * scale) over the T key frames, fp32: (BLOCK_S, BLOCK_T, BLOCK_T)."""
+    scores = _dot(q, tl.trans(k, 0, 2, 1), PRECISION, UPCAST) * scale_log2  # log2 units: one exp2
+    keys = tl.arange(0, BLOCK_T)
+    scores = tl.where((keys < T)[None, None, :], scores, float("-inf"))
+    p = tl.exp2(scores - tl.max(scores, axis=2)[:, :, None])
+    return p / tl.sum(p, axis=2)[:, :, None]
 
 
 @triton.jit
 def _temporal_attention_fwd_kernel(
     qkv_ptr, out_ptr, T, S, C, stride_b, stride_n, scale_log2,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blocks = tl.cdiv(S, BLOCK_S)
-    b = tl.program_id(0) // blocks
-    s = (tl.program_id(0) % blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    h = tl.program_id(1)
-    t = tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < S
-    d_ok = d < HEAD_DIM
-    head = h * HEAD_DIM + d  # channel of (q, h, d); k and v are C and 2C further
-    # int64 offsets: B*N*3C passes 2**31 at 64x512.
-    sample = b.to(tl.int64) * stride_b
-
-    # k, v of all frames: (BLOCK_T, BLOCK_S, BLOCK_D), rows t*S + s of the sample.
-    rows = sample + (t[:, None] * S + s[None, :]).to(tl.int64) * stride_n
-    tile_ok = ((t < T)[:, None] & s_ok[None, :])[:, :, None] & d_ok[None, None, :]
-    k = tl.load(qkv_ptr + rows[:, :, None] + (C + head)[None, None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    v = tl.load(qkv_ptr + rows[:, :, None] + (2 * C + head)[None, None, :], mask=tile_ok, other=0.0).to(tl.float32)
-
-    row_ok = s_ok[:, None] & d_ok[None, :]
-    for i in range(T):
-        frame = (i * S + s).to(tl.int64)  # (BLOCK_S,) token index of query frame i
-        q = tl.load(qkv_ptr + sample + frame[:, None] * stride_n + head[None, :], mask=row_ok, other=0.0)
-        # Scores in log2 units (scale * log2(e) folded in), so the softmax is one exp2.
-        scores = tl.sum(q.to(tl.float32)[None, :, :] * k, axis=2) * scale_log2  # (BLOCK_T, BLOCK_S)
-        scores = tl.where((t < T)[:, None], scores, float("-inf"))
-        p = tl.exp2(scores - tl.max(scores, axis=0)[None, :])
-        p = p / tl.sum(p, axis=0)[None, :]
-        out = tl.sum(p[:, :, None] * v, axis=0)  # (BLOCK_S, BLOCK_D)
-        out_offsets = (b.to(tl.int64) * T * S + frame)[:, None] * C + (h * HEAD_DIM + d)[None, :]
-        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    offsets, tokens, head, mask = _tile(T, S, stride_b, stride_n, HEAD_DIM, BLOCK_T, BLOCK_S, BLOCK_D)
+    q = tl.load(qkv_ptr + offsets, mask=mask, other=0.0)
+    k = tl.load(qkv_ptr + offsets + C, mask=mask, other=0.0)
+    v = tl.load(qkv_ptr + offsets + 2 * C, mask=mask, other=0.0)
+    p = _softmax_rows(q, k, T, scale_log2, PRECISION, UPCAST, BLOCK_T)
+    out = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    tl.store(out_ptr + tokens * C + head, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _temporal_attention_bwd_kernel(
     qkv_ptr, dout_ptr, dqkv_ptr, T, S, C, stride_b, stride_n, scale, scale_log2,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Same program map as the forward. Per query frame i, with P the softmax row and dO the output gradient:
-    # dV += P^T dO; dP = dO V^T; dS = P * (dP - sum(P * dP)); dQ = scale * dS K; dK += scale * dS^T Q.
-    blocks = tl.cdiv(S, BLOCK_S)
-    b = tl.program_id(0) // blocks
-    s = (tl.program_id(0) % blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    h = tl.program_id(1)
-    t = tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < S
-    d_ok = d < HEAD_DIM
-    head = h * HEAD_DIM + d
-    sample = b.to(tl.int64) * stride_b
-    grad_sample = b.to(tl.int64) * T * S * 3 * C  # d(qkv) is a new contiguous (B, N, 3C) buffer
-    out_sample = b.to(tl.int64) * T * S * C  # so is the output gradient (made contiguous by the launcher)
-
-    token = (t[:, None] * S + s[None, :]).to(tl.int64)
-    rows = sample + token * stride_n
-    tile_ok = ((t < T)[:, None] & s_ok[None, :])[:, :, None] & d_ok[None, None, :]
-    k = tl.load(qkv_ptr + rows[:, :, None] + (C + head)[None, None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    v = tl.load(qkv_ptr + rows[:, :, None] + (2 * C + head)[None, None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    dk = tl.zeros([BLOCK_T, BLOCK_S, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_T, BLOCK_S, BLOCK_D], dtype=tl.float32)
-
-    row_ok = s_ok[:, None] & d_ok[None, :]
-    for i in range(T):
-        frame = (i * S + s).to(tl.int64)
-        q = tl.load(qkv_ptr + sample + frame[:, None] * stride_n + head[None, :], mask=row_ok, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + out_sample + frame[:, None] * C + head[None, :], mask=row_ok, other=0.0).to(tl.float32)
-        scores = tl.sum(q[None, :, :] * k, axis=2) * scale_log2
-        scores = tl.where((t < T)[:, None], scores, float("-inf"))
-        p = tl.exp2(scores - tl.max(scores, axis=0)[None, :])
-        p = p / tl.sum(p, axis=0)[None, :]  # (BLOCK_T, BLOCK_S)
-        dv += p[:, :, None] * dout[None, :, :]
-        dp = tl.sum(dout[None, :, :] * v, axis=2)
-        ds = p * (dp - tl.sum(p * dp, axis=0)[None, :]) * scale
-        dq = tl.sum(ds[:, :, None] * k, axis=0)
-        tl.store(dqkv_ptr + grad_sample + frame[:, None] * (3 * C) + head[None, :],
-                 dq.to(dqkv_ptr.dtype.element_ty), mask=row_ok)
-        dk += ds[:, :, None] * q[None, :, :]
-
-    grad_rows = grad_sample + token * (3 * C)
-    tl.store(dqkv_ptr + grad_rows[:, :, None] + (C + head)[None, None, :], dk.to(dqkv_ptr.dtype.element_ty),
-             mask=tile_ok)
-    tl.store(dqkv_ptr + grad_rows[:, :, None] + (2 * C + head)[None, None, :], dv.to(dqkv_ptr.dtype.element_ty),
-             mask=tile_ok)
+    # With P the softmax and dO the output gradient, per position: dV = P^T dO; dP = dO V^T;
+    # dS = P * (dP - rowsum(P * dP)) * scale; dQ = dS K; dK = dS^T Q. Padded query frames have q = dO = 0,
+    # so they add nothing to dK and dV.
+    offsets, tokens, head, mask = _tile(T, S, stride_b, stride_n, HEAD_DIM, BLOCK_T, BLOCK_S, BLOCK_D)
+    q = tl.load(qkv_ptr + offsets, mask=mask, other=0.0)
+    k = tl.load(qkv_ptr + offsets + C, mask=mask, other=0.0)
+    v = tl.load(qkv_ptr + offsets + 2 * C, mask=mask, other=0.0)
+    dout = tl.load(dout_ptr + tokens * C + head, mask=mask, other=0.0)
+    p = _softmax_rows(q, k, T, scale_log2, PRECISION, UPCAST, BLOCK_T)
+    dv = _dot(tl.trans(p.to(v.dtype), 0, 2, 1), dout, PRECISION, UPCAST)
+    dp = _dot(dout, tl.trans(v, 0, 2, 1), PRECISION, UPCAST)
+    ds = (p * (dp - tl.sum(p * dp, axis=2)[:, :, None]) * scale).to(q.dtype)
+    dq = _dot(ds, k, PRECISION, UPCAST)
+    dk = _dot(tl.trans(ds, 0, 2, 1), q, PRECISION, UPCAST)
+    grad_offsets = tokens * (3 * C) + head  # d(qkv) is a new contiguous (B, N, 3C) buffer
+    dtype = dqkv_ptr.dtype.element_ty
+    tl.store(dqkv_ptr + grad_offsets, dq.to(dtype), mask=mask)
+    tl.store(dqkv_ptr + grad_offsets + C, dk.to(dtype), mask=mask)
+    tl.store(dqkv_ptr + grad_offsets + 2 * C, dv.to(dtype), mask=mask)
 
 
-def _tile(T, D, budget):
-    """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps): as many spatial positions per program as fit the budget."""
-    block_t, block_d = triton.next_power_of_2(T), max(triton.next_power_of_2(D), 8)
-    block_s = max(1, min(64, budget // (block_t * block_d)))
-    num_warps = 8 if block_t * block_s * block_d >= 4096 else 4
+def _tile_sizes(T, D, budget, element_size):
+    """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps): as many spatial positions per program as fit the budget (bytes
+    of one operand tile). tl.dot needs every tile side >= 16, so short videos and narrow heads are padded in
+    registers."""
+    block_t, block_d = max(triton.next_power_of_2(T), 16), max(triton.next_power_of_2(D), 16)
+    block_s = max(1, min(64, budget // (block_t * block_d * element_size)))
+    tile_bytes = block_t * block_s * block_d * element_size
+    num_warps = 16 if tile_bytes >= 32768 else 8 if tile_bytes >= 8192 else 4
     return block_t, block_s, block_d, num_warps
 
 
@@ -140,9 +131,14 @@ def _launch(qkv, dout, T, num_heads, scale):
     B, N, C3 = qkv.shape
     C, S = C3 // 3, N // T
     D = C // num_heads
-    block_t, block_s, block_d, num_warps = _tile(T, D, FORWARD_TILE if dout is None else BACKWARD_TILE)
+    block_t, block_s, block_d, num_warps = _tile_sizes(T, D, FORWARD_TILE if dout is None else BACKWARD_TILE,
+                                                          qkv.element_size())
     grid = (B * triton.cdiv(S, block_s), num_heads)
-    sizes = dict(BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, HEAD_DIM=D, num_warps=num_warps)
+    # fp32 inputs keep fp32 products (TF32 would miss the fp32 tolerance); bf16/fp16 run on tensor cores.
+    precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
+    upcast = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"  # the interpreter: see _dot
+    sizes = dict(HEAD_DIM=D, PRECISION=precision, UPCAST=upcast, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d,
+                 num_warps=num_warps)
     scale_log2 = scale * 1.4426950408889634  # log2(e)
     if dout is None:
         out = new_buffer((B, N, C), qkv.dtype, qkv.device)
