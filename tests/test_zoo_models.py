@@ -175,15 +175,16 @@ def test_latte_temporal_blocks_run_the_temporal_attention_kernel(monkeypatch):
     assert seen == [((2, 4 * 16, 3 * 64), 4, 4)] * (DEPTH["Latte"] // 2)
 
 
+@pytest.mark.parametrize("model_type", ["DiT", "Latte"])
 @pytest.mark.parametrize("kernel", [False, True])
-def test_dit_residual_stream_is_contiguous(kernel):
-    """From the patch embedder on, DiT's blocks read a channels-last (B, N, C) residual stream in both paths."""
-    model = tiny("DiT", enable_layernorm_kernel=kernel)
+def test_residual_stream_is_contiguous(model_type, kernel):
+    """From the patch embedder on, every block reads a channels-last (B, N, C) residual stream in both paths."""
+    model = tiny(model_type, enable_layernorm_kernel=kernel)
     layouts = []
     for block in list(model.blocks) + [model.final_layer]:
         block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
     model(*inputs())
-    assert layouts == [True] * (DEPTH["DiT"] + 1)
+    assert layouts == [True] * (DEPTH[model_type] + 1)
 
 
 @pytest.mark.parametrize("model_type", ["DiT", "Latte"])

@@ -77,8 +77,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        if temporal:
-            return rearrange(x, "(B S) T C -> B (T S) C", S=S)
+        if temporal:  # made contiguous here rather than by the next block's rearrange: the same one copy
+            return rearrange(x, "(B S) T C -> B (T S) C", S=S).contiguous()
         return rearrange(x, "(B T) S C -> B (T S) C", T=T)
 
 
