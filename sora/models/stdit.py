@@ -66,8 +66,8 @@ class STDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + modulation.reshape(B, 6, C)
         ).chunk(6, dim=1)  # (B, 1, C) each
-        # The temporal branch is gated by gate_msa, the spatial branch's gate: Open-Sora v1's choice (it has no
-        # gate of its own), kept so that its checkpoints compute what they were trained to.
+        # The temporal branch is gated by gate_msa, the spatial branch's gate. It looks like a bug, but it is
+        # Open-Sora v1's block (there is no temporal gate), and its checkpoints were trained with it.
 
         if self.enable_layernorm_kernel:
             # Stochastic depth drops a sample's whole branch: dropping its (B, 1, C) gate is the same.
