@@ -6,9 +6,9 @@ tensors). stdit_infer: one forward under torch.no_grad(). Providers: sora (enabl
 enable_flashattn=True), eager (kernels off, flash on: Open-Sora v1's setting), and both under torch.compile
 (SORA_BENCH_COMPILE=blocks, the default, compiles each transformer block; =model compiles the whole model).
 
-temporal_branch: the part of an STDiT block the layout kernels serve, fwd+bwd: layout -> temporal attention ->
-gated residual back, fused (K.to_temporal + attention + K.gated_residual(temporal=T)) vs eager (rearrange +
-contiguous, attention, rearrange back, x + gate * y).
+temporal_branch: STDiT's temporal branch, fwd+bwd: qkv Linear -> attention over frames -> proj Linear -> gated
+residual, as the model runs it: sora (frame-major throughout: K.temporal_attention, K.gated_residual) vs eager
+(rearrange + contiguous, attention, rearrange back, x + gate * y).
 """
 
 import math
@@ -201,7 +201,7 @@ def model_row(case: ModelCase, batch: int) -> dict:
 @dataclass(frozen=True)
 class BranchCase:
     video: Video
-    provider: str  # "sora": the layout kernels; "eager": rearranges and x + gate * y
+    provider: str  # "sora": K.temporal_attention on frame-major qkv; "eager": rearranges and x + gate * y
 
     def __str__(self):
         return f"temporal_branch-{self.video.label}-{self.provider}"
@@ -210,7 +210,7 @@ class BranchCase:
 def temporal_branch(provider: str, attention: Attention, T: int):
     if provider == "sora":
         def branch(x, gate):
-            return K.gated_residual(x, attention(K.to_temporal(x, T)), gate, temporal=T)
+            return K.gated_residual(x, attention(x, temporal=T), gate)
     else:
         def branch(x, gate):
             x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()

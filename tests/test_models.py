@@ -97,6 +97,36 @@ def test_kernels_on_equals_off(model_type):
     assert_same_function(randomize(tiny(model_type)), tiny(model_type, enable_layernorm_kernel=True), inputs())
 
 
+@pytest.mark.parametrize("model_type, calls", [("STDiT", 2), ("PixArt", 0)])
+def test_temporal_branch_runs_the_temporal_attention_kernel(monkeypatch, model_type, calls):
+    """With the kernels on, each STDiT block's temporal branch is one K.temporal_attention on frame-major qkv."""
+    import sora.kernels as K
+
+    seen = []
+    kernel = K.temporal_attention
+
+    def spy(qkv, T, num_heads, scale=None):
+        seen.append((tuple(qkv.shape), T, num_heads))
+        return kernel(qkv, T, num_heads, scale)
+
+    monkeypatch.setattr(K, "temporal_attention", spy)
+    tiny(model_type, enable_layernorm_kernel=True)(*inputs())
+    assert seen == [((2, 4 * 16, 3 * 64), 4, 4)] * calls
+
+
+@pytest.mark.parametrize("model_type", ["STDiT", "PixArt"])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_residual_stream_is_contiguous(model_type, kernel):
+    """From the patch embedder on, every block reads a channels-last (B, N, C) residual stream: no hidden
+    transposes in its LayerNorms and Linears, in the plain path as in the fused one."""
+    model = tiny(model_type, enable_layernorm_kernel=kernel)
+    layouts = []
+    for block in list(model.blocks) + [model.final_layer]:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    model(*inputs())
+    assert layouts == [True] * 3
+
+
 def test_stochastic_depth_is_per_sample_on_both_paths():
     """drop_path drops whole samples' branches; with the same random draws the fused path equals the plain one."""
     plain = randomize(tiny(drop_path=0.5)).train()

@@ -159,10 +159,38 @@ def test_kernels_on_equals_off(model_type, condition):
         assert g.abs().max() > 0, name
 
 
+def test_latte_temporal_blocks_run_the_temporal_attention_kernel(monkeypatch):
+    """With the kernels on, Latte's odd blocks attend over frames with K.temporal_attention on frame-major qkv."""
+    import sora.kernels as K
+
+    seen = []
+    kernel = K.temporal_attention
+
+    def spy(qkv, T, num_heads, scale=None):
+        seen.append((tuple(qkv.shape), T, num_heads))
+        return kernel(qkv, T, num_heads, scale)
+
+    monkeypatch.setattr(K, "temporal_attention", spy)
+    tiny("Latte", enable_layernorm_kernel=True)(*inputs())
+    assert seen == [((2, 4 * 16, 3 * 64), 4, 4)] * (DEPTH["Latte"] // 2)
+
+
+@pytest.mark.parametrize("model_type", ["DiT", "Latte"])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_residual_stream_is_contiguous(model_type, kernel):
+    """From the patch embedder on, every block reads a channels-last (B, N, C) residual stream in both paths."""
+    model = tiny(model_type, enable_layernorm_kernel=kernel)
+    layouts = []
+    for block in list(model.blocks) + [model.final_layer]:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    model(*inputs())
+    assert layouts == [True] * (DEPTH[model_type] + 1)
+
+
 @pytest.mark.parametrize("model_type", ["DiT", "Latte"])
 def test_fused_path_is_the_same_function_in_float64(model_type):
-    """float64 runs the kernels' exact references: the fused wiring (per-sample modulation, temporal layouts
-    inside layernorm_modulate/gated_residual) must then equal the plain path to rounding."""
+    """float64 runs the kernels' exact references: the fused wiring (per-sample modulation, temporal attention
+    on frame-major tokens) must then equal the plain path to rounding."""
     plain = randomize(tiny(model_type, learn_sigma=False)).double()
     fused = tiny(model_type, learn_sigma=False, enable_layernorm_kernel=True).double()
     fused.load_state_dict(plain.state_dict())

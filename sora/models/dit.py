@@ -54,14 +54,15 @@ class DiTBlock(nn.Module):
         S = N // T
         if self.enable_layernorm_kernel:
             # c is per sample, so its six rows modulate every token of the sample whatever the attention layout:
-            # no repeat per frame or position. The temporal layout is written by layernorm_modulate and read
-            # back by gated_residual; the MLP is per token and runs frame-major. No layout copies at all.
+            # no repeat per frame or position. Temporal attention reads and writes frame-major tokens
+            # (K.temporal_attention); the MLP is per token. No layout copies at all.
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            layout = T if temporal else None
-            x_m = K.layernorm_modulate(x, shift_msa, scale_msa, eps=1e-6, temporal=layout)
-            groups = (B * S, T, C) if temporal else (B * T, S, C)
-            x_a = self.attn(x_m.reshape(groups)).reshape(x_m.shape)
-            x = K.gated_residual(x, x_a, gate_msa, temporal=layout)
+            x_m = K.layernorm_modulate(x, shift_msa, scale_msa, eps=1e-6)
+            if temporal:
+                x_a = self.attn(x_m, temporal=T)
+            else:
+                x_a = self.attn(x_m.view(B * T, S, C)).view(B, N, C)
+            x = K.gated_residual(x, x_a, gate_msa)
             x_m = K.layernorm_modulate(x, shift_mlp, scale_mlp, eps=1e-6)
             return K.gated_residual(x, self.mlp(x_m), gate_mlp)
 
@@ -76,8 +77,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        if temporal:
-            return rearrange(x, "(B S) T C -> B (T S) C", S=S)
+        if temporal:  # made contiguous here rather than by the next block's rearrange: the same one copy
+            return rearrange(x, "(B S) T C -> B (T S) C", S=S).contiguous()
         return rearrange(x, "(B T) S C -> B (T S) C", T=T)
 
 

@@ -6,9 +6,8 @@ sample (Open-Sora repeats it per frame or per position to match the layout). The
 is added to the tokens before block 1, the first temporal block.
 
 With enable_layernorm_kernel the tokens stay frame-major throughout: since the condition is one row per
-sample, a temporal block's LayerNorm + modulation writes the temporal layout directly
-(`K.layernorm_modulate(temporal=T)`) and its gated residual reads the attention output back from it
-(`K.gated_residual(temporal=T)`); the MLP is per token and needs no layout. See DiTBlock.
+sample, LayerNorm + modulation and the gated residuals need no layout, and a temporal block's attention runs
+on the frame-major qkv (`K.temporal_attention`); the MLP is per token. See DiTBlock.
 
 Parameter names and shapes are Open-Sora's (those of DiT), so Latte's `Latte-XL-2-256x256-ucf101.pt` loads
 (weights under "ema", 2-D patch embed lifted, `pos_embed` and `temp_embed` recomputed).

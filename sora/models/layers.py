@@ -48,8 +48,13 @@ def attention(q, k, v, enable_flashattn=False, mask=None):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
+    Every token of x attends to all N, or with temporal=T x is frame-major "B (T S) C" and each spatial
+    position attends over its T frames: K.temporal_attention reads the qkv Linear's output and writes the proj
+    Linear's input where they are, so no rearrange copies surround it.
     With a sequence-parallel group (Ulysses), x holds this rank's part of the sequence; heads are traded for
-    the sequence around the softmax: (B, N/sp, 3, H, D) -> all-to-all -> (B, N, 3, H/sp, D), and back.
+    the sequence around the softmax: (B, N/sp, 3, H, D) -> all-to-all -> (B, N, 3, H/sp, D), and back. With
+    temporal=T, x holds T whole frames of each sample; frames are the outer part of the token axis, so the
+    gather concatenates them in rank order and the kernel sees all T * sp frames.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, enable_flashattn=False):
@@ -62,13 +67,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, sp_group=None):
+    def forward(self, x, sp_group=None, temporal=None):
+        """x (B, N, C) -> (B, N, C); temporal: None (attend over all N tokens) or the frame count T of x."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         if sp_group is not None:
-            qkv = K.all_to_all(qkv, sp_group, scatter_dim=3, gather_dim=1)
-        q, k, v = qkv.unbind(2)
-        out = attention(q, k, v, self.enable_flashattn)
+            qkv = K.all_to_all(qkv, sp_group, scatter_dim=3, gather_dim=1)  # (B, N*sp, 3, H/sp, D)
+        if temporal is None:
+            q, k, v = qkv.unbind(2)
+            out = attention(q, k, v, self.enable_flashattn)
+        else:
+            frames, heads = temporal * qkv.shape[1] // N, qkv.shape[3]
+            out = K.temporal_attention(qkv.flatten(2), frames, heads).view(B, -1, heads, self.head_dim)
         if sp_group is not None:
             out = K.all_to_all(out, sp_group, scatter_dim=1, gather_dim=2)
         return self.proj(out.reshape(B, N, C))
@@ -135,7 +145,10 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Channels-last from here on: without the copy, the residual stream would keep the convolution's
+        # channel-first strides through every block (elementwise ops keep their input's layout), and each
+        # LayerNorm and Linear would pay a hidden transpose. Open-Sora v1 carries that layout.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):

@@ -13,7 +13,7 @@ from sora.models.stdit import XL_2, STDiT
 
 class PixArt(STDiT):
     """Same constructor and forward as STDiT (sequence parallelism aside); parameter names are STDiT's
-    minus `attn_temp`."""
+    minus `attn_temp`. Its blocks (STDiTBlock with temporal=False) attend over all T*S tokens of a sample."""
 
     temporal_attention = False
     temporal_in_blocks = False  # the temporal embedding goes on every token
@@ -23,10 +23,6 @@ class PixArt(STDiT):
         _, h, w = self.token_grid(self.input_size)
         base_size = math.isqrt(h * w)
         return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale, base_size=base_size)[None]
-
-    def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
-        # Full attention: the whole sample is one "frame" of N tokens.
-        return super().run_blocks(x, y, t0, mask, 1, None)
 
 
 def PixArt_XL_2(**kwargs):

@@ -2,9 +2,10 @@
 
 Each block (adaLN-single, as PixArt) runs spatial self-attention over the S tokens of each frame, temporal
 self-attention over the T frames of each spatial position, cross-attention to the caption, and an MLP.
-Tokens are "B (T S) C" frame-major throughout; the spatial layout "(B T) S C" is a free view, and the
-temporal layout "(B S) T C" is produced and consumed by the kernels (to_temporal, gated_residual with
-temporal=T), so enable_layernorm_kernel=True runs no separate rearrange copies.
+Tokens are "B (T S) C" frame-major throughout; the spatial layout "(B T) S C" is a free view. With
+enable_layernorm_kernel=True the temporal branch never leaves that layout either: qkv Linear on (B, N, C),
+K.temporal_attention (which reads q/k/v of each position's frames with strides), proj Linear, gated residual;
+the plain path is Open-Sora's, with rearranges to and from "(B S) T C" around attention.
 
 Parameter and buffer names and shapes are Open-Sora v1's, so its released checkpoints load.
 """
@@ -34,10 +35,15 @@ from sora.parallel import gather_frames, get_sequence_parallel_group, split_fram
 
 
 class STDiTBlock(nn.Module):
+    """temporal=True: STDiT's block (spatial attention within each frame, then temporal attention across the
+    frames of each position). temporal=False: PixArt's block, whose one self-attention spans all N tokens of
+    a sample and which has no temporal branch (no `attn_temp` parameters)."""
+
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, drop_path=0.0, enable_flashattn=False,
                  enable_layernorm_kernel=False, temporal=True):
         super().__init__()
         self.enable_layernorm_kernel = enable_layernorm_kernel
+        self.temporal = temporal
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, enable_flashattn=enable_flashattn)
         if temporal:
@@ -48,8 +54,9 @@ class STDiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, y, t0, mask, T, tpe=None, sp_group=None):
-        """x (B, T*S, C); y (B, L, C) caption; t0 (B, 6C); mask (B, L) bool or None; tpe (1, T, C) or None.
+    def forward(self, x, y, modulation, mask, T, tpe=None, sp_group=None):
+        """x (B, T*S, C); y (B, L, C) caption; modulation (B, 6C) from the timestep; mask (B, L) bool or None;
+        tpe (1, T, C) or None.
 
         With a sequence-parallel group, x holds T whole frames of each sample out of T * sp; only temporal
         attention needs the other frames, and exchanges for them (see sora.parallel).
@@ -57,30 +64,33 @@ class STDiTBlock(nn.Module):
         B, N, C = x.shape
         S = N // T
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(B, 6, C)
+            self.scale_shift_table[None] + modulation.reshape(B, 6, C)
         ).chunk(6, dim=1)  # (B, 1, C) each
+        # The temporal branch is gated by gate_msa, the spatial branch's gate. It looks like a bug, but it is
+        # Open-Sora v1's block (there is no temporal gate), and its checkpoints were trained with it.
 
         if self.enable_layernorm_kernel:
-            # Stochastic depth drops a sample's whole branch: dropping its (B, 1, C) gate is the same, and
-            # stays per sample whatever layout the branch output is in.
+            # Stochastic depth drops a sample's whole branch: dropping its (B, 1, C) gate is the same.
             x_m = K.layernorm_modulate(x, shift_msa, scale_msa, eps=1e-6)
-            x_s = self.attn(x_m.view(B * T, S, C)).view(B, N, C)
+            groups = (B * T, S, C) if self.temporal else (B, N, C)
+            x_s = self.attn(x_m.view(groups)).view(B, N, C)
             x = K.gated_residual(x, x_s, self.drop_path(gate_msa))
-            if hasattr(self, "attn_temp"):
-                x_t = K.to_temporal(x, T)
-                if tpe is not None:
-                    x_t = x_t + tpe
-                x_t = self.attn_temp(x_t, sp_group)
-                x = K.gated_residual(x, x_t, self.drop_path(gate_msa), temporal=T)
+            if self.temporal:
+                x_t = x if tpe is None else (x.view(B, T, S, C) + tpe[:, :, None]).view(B, N, C)
+                x_t = self.attn_temp(x_t, sp_group, temporal=T)  # frame-major in and out
+                x = K.gated_residual(x, x_t, self.drop_path(gate_msa))
             x = x + self.cross_attn(x, y, mask)
             x_m = K.layernorm_modulate(x, shift_mlp, scale_mlp, eps=1e-6)
             return K.gated_residual(x, self.mlp(x_m), self.drop_path(gate_mlp))
 
         # The plain PyTorch path: Open-Sora v1's block, op for op.
         x_m = modulate(self.norm1(x), shift_msa, scale_msa)
-        x_s = self.attn(rearrange(x_m, "B (T S) C -> (B T) S C", T=T))
-        x = x + self.drop_path(gate_msa * rearrange(x_s, "(B T) S C -> B (T S) C", T=T))
-        if hasattr(self, "attn_temp"):
+        if self.temporal:
+            x_s = rearrange(self.attn(rearrange(x_m, "B (T S) C -> (B T) S C", T=T)), "(B T) S C -> B (T S) C", T=T)
+        else:
+            x_s = self.attn(x_m)
+        x = x + self.drop_path(gate_msa * x_s)
+        if self.temporal:
             x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T)
             if tpe is not None:
                 x_t = x_t + tpe
@@ -163,8 +173,6 @@ class STDiT(VideoTransformer):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    # ---- position embeddings -------------------------------------------------------------------------
-    # ---- forward ------------------------------------------------------------------------------------
     def check_inputs(self, x, timestep, y, mask):
         self.check_video(x, timestep)
         B = x.shape[0]
@@ -193,7 +201,7 @@ class STDiT(VideoTransformer):
         x, tpe = self.add_pos_embed(x, grid)
 
         t = self.t_embedder(timestep, dtype=x.dtype)  # (B, C)
-        t0 = self.t_block(t)  # (B, 6C)
+        modulation = self.t_block(t)  # (B, 6C): every block's shift, scale and gate, before its own table
         y = self.y_embedder(y.to(dtype), self.training).squeeze(1)  # (B, L, C)
         # A mask of all ones is no mask: leaving it out keeps cross-attention on SDPA's fastest kernels.
         if mask is not None:
@@ -205,10 +213,10 @@ class STDiT(VideoTransformer):
             group = self.sequence_parallel_group(grid[0])
             x = split_frames(x, grid[0], group)
             local_tpe = None if tpe is None else split_frames(tpe, grid[0], group)
-            x = self.run_blocks(x, y, t0, mask, grid[0] // dist.get_world_size(group), local_tpe, group)
+            x = self.run_blocks(x, y, modulation, mask, grid[0] // dist.get_world_size(group), local_tpe, group)
             x = gather_frames(x, group)
         else:
-            x = self.run_blocks(x, y, t0, mask, grid[0], tpe)
+            x = self.run_blocks(x, y, modulation, mask, grid[0], tpe)
         x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
         return self.unpatchify(x, grid).float()
 
@@ -222,9 +230,9 @@ class STDiT(VideoTransformer):
             raise ValueError(f"sequence parallelism splits heads: num_heads={self.num_heads} is not divisible by sp_size={sp}")
         return group
 
-    def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
+    def run_blocks(self, x, y, modulation, mask, T, tpe, sp_group=None):
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, y, t0, mask, T, tpe if i == 0 else None, sp_group)
+            x = self.run_block(block, x, y, modulation, mask, T, tpe if i == 0 else None, sp_group)
         return x
 
 
