@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import DTYPE_NAMES, PEDANTIC_ROUNDS, Rotation, on_cuda, pedantic_ms, record, skip, synchronize, time_ms
+from bench.bench_utils import DTYPE_NAMES, Rotation, measured_once, on_cuda, record, skip, synchronize, time_ms
 from bench.test_kernels import Unavailable, relative_error
 from sora.kernels.attention import temporal_attention_reference
 
@@ -104,17 +104,19 @@ def forward_fn(case: Case, device):
     return torch.compile(eager, dynamic=False) if case.provider == "torch.compile" else eager
 
 
-@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
-def test_temporal_attention(case, benchmark, bench_env, results, device):
+def base_row(case: Case) -> dict:
     s = case.shape
-    row = {"suite": "kernels", "bench": "temporal_attention", "direction": case.direction, "shape": [s.B, s.N, s.C],
-           "video": s.video, "T": s.T, "heads": s.heads, "dtype": DTYPE_NAMES[case.dtype], "provider": case.provider}
-    benchmark.group = f"temporal_attention {case.direction} {s.video} {row['dtype']}"
+    return {"suite": "kernels", "bench": "temporal_attention", "direction": case.direction, "shape": [s.B, s.N, s.C],
+            "video": s.video, "T": s.T, "heads": s.heads, "dtype": DTYPE_NAMES[case.dtype], "provider": case.provider}
+
+
+def measure_attention(case: Case, device, copy_bandwidth_gbps: float) -> dict:
+    """Time one case once (after a warm-up of Triton JIT and torch.compile's graphs): the row's ms, GB/s, share
+    of the copy bandwidth, bytes, and for sora its forward's rel_err against the fp32 reference. Raises
+    Unavailable for a provider that cannot run here. bench/gpu_check.py times its row with this too."""
+    s = case.shape
     nbytes = attention_bytes(case.direction, s, torch.empty((), dtype=case.dtype).element_size())
-    try:
-        forward = forward_fn(case, device)
-    except Unavailable as reason:
-        skip(results, benchmark, row, str(reason))
+    forward = forward_fn(case, device)
     backward = case.direction == "fwd+bwd"
 
     def make_inputs():
@@ -127,19 +129,33 @@ def test_temporal_attention(case, benchmark, bench_env, results, device):
         out = forward(qkv)
         return torch.autograd.grad(out, qkv, dout) if backward else out
 
+    run = Rotation(make_inputs, step, nbytes, device)
+    row = {}
+    if case.provider == "sora":
+        with torch.no_grad():
+            probe = run.sets[0][0].detach()
+            reference = temporal_attention_reference(probe.float(), s.T, s.heads)
+            row["rel_err"] = relative_error(forward(probe), reference)
+            del reference
+    for _ in range(2):  # warm-up: Triton JIT, torch.compile's forward and backward graphs
+        run()
+    synchronize(device)
+    ms = time_ms(run, device)
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    row.update(ms=ms, gbps=gbps, frac_copy_bw=gbps / copy_bandwidth_gbps, bytes=nbytes)
+    return row
+
+
+@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
+def test_temporal_attention(case, benchmark, bench_env, results, device):
+    row = base_row(case)
+    benchmark.group = f"temporal_attention {case.direction} {case.shape.video} {row['dtype']}"
+    try:
+        forward_fn(case, device)
+    except Unavailable as reason:
+        skip(results, benchmark, row, str(reason))
+
     def measure(row):
-        run = Rotation(make_inputs, step, nbytes, device)
-        if case.provider == "sora":
-            with torch.no_grad():
-                probe = run.sets[0][0].detach()
-                reference = temporal_attention_reference(probe.float(), s.T, s.heads)
-                row["rel_err"] = relative_error(forward(probe), reference)
-        for _ in range(2):  # warm-up: Triton JIT, torch.compile's forward and backward graphs
-            run()
-        synchronize(device)
-        ms = time_ms(run, device)
-        wall_ms = pedantic_ms(benchmark, run, device, rounds=PEDANTIC_ROUNDS if device.type == "cuda" else 3)
-        gbps = nbytes / (ms * 1e-3) / 1e9
-        row.update(ms=ms, gbps=gbps, frac_copy_bw=gbps / bench_env["copy_bandwidth_gbps"], bytes=nbytes, wall_ms=wall_ms)
+        row.update(measured_once(benchmark, lambda: measure_attention(case, device, bench_env["copy_bandwidth_gbps"])))
 
     record(results, benchmark, row, measure)
