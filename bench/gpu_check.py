@@ -8,13 +8,16 @@ script runs in one process, the sections in order of importance, each checking t
    measured now;
 2. correctness on this device: every public op of sora.kernels, forward and every gradient, against a float64
    reference (bf16/fp16/fp32; C in 72, 1000, 1152, 4096; shift/scale/gate as chunks of a (B, 6, C) table as
-   STDiT passes them; temporal on and off), a tensor of more than 2**31 elements, all_to_all's pack against
-   torch, and a small STDiT with the kernels on == off;
+   STDiT passes them; temporal on and off; temporal_attention at 16 heads of 72 over 16 and 64 frames, odd S,
+   a strided qkv), a tensor of more than 2**31 elements, all_to_all's pack against torch, and a small STDiT
+   with the kernels on == off;
 3. the kernel rows that carry targets: layernorm_modulate, gated_residual (plain and temporal) and to_temporal at
-   STDiT-XL/2 16x256 (1M rows, C=1152), bf16, fwd and fwd+bwd; sora, torch eager, torch.compile;
+   STDiT-XL/2 16x256 (1M rows, C=1152), and temporal_attention at 16x256 (qkv (64, 4096, 3456)), bf16, fwd and
+   fwd+bwd; sora, torch eager, torch.compile;
 4. the model rows: the STDiT-XL/2 training step (forward, backward, AdamW) at 16x256 batch 8, its temporal
    branch, and the 16x256 sampling step, sora vs eager;
-5. while time remains: 16x512 and 64x512 kernel rows, fp32, C=4096, the 16x512 training step.
+5. while time remains: 16x512 and 64x512 kernel rows (temporal_attention's too), fp32, C=4096, the 16x512
+   training step.
 
     python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
@@ -65,6 +68,11 @@ from bench.bench_utils import (  # noqa: E402
     time_steps,
 )
 from bench.report import OneLineParser  # noqa: E402
+from bench.test_attention import CPU_SHAPES as CPU_ATTENTION_SHAPES  # noqa: E402
+from bench.test_attention import GPU_SHAPES as GPU_ATTENTION_SHAPES  # noqa: E402
+from bench.test_attention import Case as AttentionCase  # noqa: E402
+from bench.test_attention import base_row as attention_base_row  # noqa: E402
+from bench.test_attention import measure_attention  # noqa: E402
 from bench.test_comm import CPU_SHAPES as CPU_SEQ_SHAPES  # noqa: E402
 from bench.test_comm import SeqShape, exchange_layout, swap_sora, swap_torch, swap_view  # noqa: E402
 from bench.test_kernels import (  # noqa: E402
@@ -93,6 +101,7 @@ from bench.test_models import (  # noqa: E402
     temporal_branch_row,
     tokens_per_sample,
 )
+from sora.kernels.attention import temporal_attention_reference  # noqa: E402
 from sora.models import build_model  # noqa: E402
 from sora.schedulers import IDDPM  # noqa: E402
 
@@ -290,13 +299,43 @@ TINY_TOKENS = dict(B=2, T=4, S=8)
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """qkv = (B, T*S, 3*heads*D) for temporal_attention, optionally a slice of a wider tensor (token stride
+    3C + 8, as a projection with more outputs would leave it), read in place."""
+
+    B: int
+    T: int
+    S: int
+    heads: int
+    D: int
+    scale: float | None = None
+    strided: bool = False
+
+    def __str__(self):
+        scale = "" if self.scale is None else f" scale={self.scale}"
+        return f"B={self.B} T={self.T} S={self.S} H={self.heads} D={self.D}{scale}{' strided qkv' if self.strided else ''}"
+
+
+# STDiT-XL/2's 16 heads of 72 (C=1152) at 16 and 64 frames, S never a multiple of the kernel's block of positions;
+# few heads of 40 at 3 frames with a scale, its qkv strided. Tiny: the same kinds, fewer heads and positions.
+GPU_ATTENTION = (AttentionShape(B=2, T=16, S=37, heads=16, D=72), AttentionShape(B=2, T=64, S=5, heads=16, D=72),
+                 AttentionShape(B=2, T=16, S=37, heads=16, D=72, strided=True),
+                 AttentionShape(B=3, T=3, S=11, heads=5, D=40, scale=0.3, strided=True))
+TINY_ATTENTION = (AttentionShape(B=1, T=64, S=3, heads=1, D=72), AttentionShape(B=2, T=16, S=5, heads=2, D=72),
+                  AttentionShape(B=2, T=3, S=5, heads=2, D=40, scale=0.3, strided=True))
+
+
+@dataclass(frozen=True)
 class OpCase:
     op: str
     dtype: torch.dtype
     C: int
     temporal: bool
+    attention: AttentionShape | None = None  # temporal_attention's shape; the other ops take B, T, S from the run
 
     def __str__(self):
+        if self.attention is not None:
+            return f"{self.op} {DTYPE_NAMES[self.dtype]} {self.attention}"
         return f"{self.op} {DTYPE_NAMES[self.dtype]} C={self.C}{' temporal' if self.temporal else ''}"
 
 
@@ -386,24 +425,50 @@ def compare_layernorm_module(case: OpCase, B, T, S, device) -> dict:
     return against_float64(kernel, reference, inputs, case.dtype)
 
 
-# op -> (compare(case, B, T, S, device) -> {what: (kernel's tensor, float64 reference)}, its temporal variants).
-# A new public op is one compare function and one line here.
+def compare_temporal_attention(case: OpCase, B, T, S, device) -> dict:
+    """Its own (B, T, S), heads and head dim (case.attention); qkv as the qkv Linear writes it, or a slice of a
+    wider tensor (dqkv then covers the whole wider tensor: zeros past 3C)."""
+    shape = case.attention
+    C3 = 3 * shape.heads * shape.D
+
+    def attention(op):
+        return lambda qkv: op(qkv[..., :C3], shape.T, shape.heads, shape.scale)
+
+    width = C3 + 8 if shape.strided else C3
+    inputs = dict(qkv=torch.randn(shape.B, shape.T * shape.S, width, device=device))
+    return against_float64(attention(K.temporal_attention), attention(temporal_attention_reference), inputs, case.dtype)
+
+
+def channel_sweep(*temporals):
+    """The variants of an op of (B, T*S, C) tokens: every C of the run (GPU_CHANNELS or TINY_CHANNELS), temporal
+    or not."""
+    return lambda tiny: [dict(C=C, temporal=temporal) for C in (TINY_CHANNELS if tiny else GPU_CHANNELS)
+                         for temporal in temporals]
+
+
+def attention_variants(tiny: bool) -> list[dict]:
+    return [dict(C=shape.heads * shape.D, temporal=True, attention=shape)
+            for shape in (TINY_ATTENTION if tiny else GPU_ATTENTION)]
+
+
+# op -> (compare(case, B, T, S, device) -> {what: (kernel's tensor, float64 reference)}, variants(tiny) -> the
+# OpCase fields besides op and dtype). A new public op is one compare function and one line here.
 OPS = {
-    "layernorm_modulate": (compare_layernorm_modulate, (False, True)),
-    "layernorm_modulate affine": (compare_layernorm_affine, (False, True)),
-    "gated_residual": (compare_gated_residual, (False, True)),
-    "to_temporal": (compare_to_temporal, (True,)),
-    "from_temporal": (compare_from_temporal, (True,)),
-    "LayerNorm": (compare_layernorm_module, (False,)),
+    "layernorm_modulate": (compare_layernorm_modulate, channel_sweep(False, True)),
+    "layernorm_modulate affine": (compare_layernorm_affine, channel_sweep(False, True)),
+    "gated_residual": (compare_gated_residual, channel_sweep(False, True)),
+    "to_temporal": (compare_to_temporal, channel_sweep(True)),
+    "from_temporal": (compare_from_temporal, channel_sweep(True)),
+    "LayerNorm": (compare_layernorm_module, channel_sweep(False)),
+    "temporal_attention": (compare_temporal_attention, attention_variants),
 }
 
 
 def correctness_cases(tiny: bool) -> list[OpCase]:
-    return [OpCase(op, dtype, C, temporal)
-            for op, (_, temporals) in OPS.items()
-            for C in (TINY_CHANNELS if tiny else GPU_CHANNELS)
-            for dtype in CHECK_DTYPES
-            for temporal in temporals]
+    return [OpCase(op, dtype, **variant)
+            for op, (_, variants) in OPS.items()
+            for variant in variants(tiny)
+            for dtype in CHECK_DTYPES]
 
 
 def large_tensor_checks(check: Check) -> None:
@@ -525,37 +590,45 @@ def correctness(check: Check) -> None:
 
 # ---- 3. and 5.: kernel rows -------------------------------------------------------------------------------------
 TARGET_SHAPE = GPU_SHAPES[0][0]  # STDiT-XL/2 16x256: B=256, T=16, S=256, C=1152, 1M rows
+TARGET_ATTENTION_SHAPE = GPU_ATTENTION_SHAPES[0]  # its temporal attention at 16x256: B=64, 16 heads of 72, qkv 1.8 GB
 TINY_EXTRA_SHAPE = Shape("tiny-72", B=2, T=4, S=8, C=72)
 
 
-def kernel_rows(check: Check, shape_dtypes, providers, reserve: float = 0.0) -> None:
-    """One row per (provider, bench, direction) at each (shape, dtype), in the order given."""
-    for shape, dtype in shape_dtypes:
-        for provider in providers:
-            for bench in BENCHES:
-                for direction in DIRECTIONS:
-                    check.tick(reserve, "time kept for the model rows" if reserve else "the deadline")
-                    case = Case(bench, direction, shape, dtype, provider)
-                    measured_row(check, base_row(case),
-                                 lambda: measure_kernel(case, check.device, check.results.env["copy_bandwidth_gbps"]))
+def kernel_rows(check: Check, shape_dtypes, providers, reserve: float = 0.0, attention_shape_dtypes=()) -> None:
+    """One row per (provider, bench, direction) at each (shape, dtype), in the order given; then temporal_attention's
+    (bench/test_attention.py) per (provider, direction) at each of attention_shape_dtypes."""
+    cases = [Case(bench, direction, shape, dtype, provider) for shape, dtype in shape_dtypes for provider in providers
+             for bench in BENCHES for direction in DIRECTIONS]
+    cases += [AttentionCase(direction, shape, dtype, provider) for shape, dtype in attention_shape_dtypes
+              for provider in providers for direction in DIRECTIONS]
+    for case in cases:
+        check.tick(reserve, "time kept for the model rows" if reserve else "the deadline")
+        attention = isinstance(case, AttentionCase)
+        row, measure = (attention_base_row, measure_attention) if attention else (base_row, measure_kernel)
+        measured_row(check, row(case),
+                     lambda: measure(case, check.device, check.results.env["copy_bandwidth_gbps"]))
 
 
 def target_kernel_rows(check: Check) -> None:
     """sora and eager first, torch.compile (minutes of compiling) last, each stopping in time for section 4."""
     shape, dtype = (CPU_SHAPES[0][0], torch.float32) if check.tiny else (TARGET_SHAPE, torch.bfloat16)
+    attention = [(CPU_ATTENTION_SHAPES[0], torch.float32) if check.tiny else (TARGET_ATTENTION_SHAPE, torch.bfloat16)]
     reserve = 0.0 if check.tiny else MODEL_RESERVE_S
-    kernel_rows(check, [(shape, dtype)], ("sora", "torch"), reserve)
-    kernel_rows(check, [(shape, dtype)], ("torch.compile",), reserve)
+    kernel_rows(check, [(shape, dtype)], ("sora", "torch"), reserve, attention)
+    kernel_rows(check, [(shape, dtype)], ("torch.compile",), reserve, attention)
 
 
 def more_kernel_rows(check: Check) -> None:
+    """16x512 and 64x512 (temporal_attention's too), then fp32 and C=4096; tiny: one bf16 shape of the BENCHES (the
+    tiny attention row of section 3 already runs this path)."""
     if check.tiny:
-        shape_dtypes = [(TINY_EXTRA_SHAPE, torch.bfloat16)]
-    else:
-        larger = [(shape, torch.bfloat16) for shape, _ in GPU_SHAPES[1:3]]
-        fp32 = [(shape, torch.float32) for shape, dtypes in GPU_SHAPES if torch.float32 in dtypes]
-        shape_dtypes = larger + fp32 + [(GPU_SHAPES[3][0], torch.bfloat16)]
-    kernel_rows(check, shape_dtypes, ("sora", "torch"))
+        kernel_rows(check, [(TINY_EXTRA_SHAPE, torch.bfloat16)], ("sora", "torch"))
+        return
+    larger = [(shape, torch.bfloat16) for shape, _ in GPU_SHAPES[1:3]]
+    kernel_rows(check, larger, ("sora", "torch"),
+                attention_shape_dtypes=[(shape, torch.bfloat16) for shape in GPU_ATTENTION_SHAPES[1:]])
+    fp32 = [(shape, torch.float32) for shape, dtypes in GPU_SHAPES if torch.float32 in dtypes]
+    kernel_rows(check, fp32 + [(GPU_SHAPES[3][0], torch.bfloat16)], ("sora", "torch"))
 
 
 # ---- 4. and 5.: model rows --------------------------------------------------------------------------------------

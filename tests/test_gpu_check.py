@@ -111,15 +111,59 @@ def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
     assert status["exit_code"] == 1 and "**Failures:**" in (tmp_path / "README.md").read_text()
 
 
+def test_a_planted_attention_bug_is_named_and_fails_the_run(tmp_path, monkeypatch):
+    """temporal_attention ignoring its scale: the case with a scale fails (out and dqkv), the one without passes."""
+    real = K.temporal_attention
+    monkeypatch.setattr(K, "temporal_attention", lambda qkv, T, heads, scale=None: real(qkv, T, heads))
+    plain, scaled = gpu_check.TINY_ATTENTION[1], gpu_check.TINY_ATTENTION[2]
+    assert plain.scale is None and scaled.scale is not None and scaled.strided
+    cases = [OpCase("temporal_attention", torch.float32, shape.heads * shape.D, True, shape) for shape in (plain, scaled)]
+    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", lambda check: gpu_check.op_checks(check, cases),
+                                                       required=True)])
+    assert code == 1
+    status = summary_of(tmp_path)["gpu_check"]
+    verdicts = {check["name"]: check["ok"] for check in status["checks"]}
+    assert verdicts == {
+        "temporal_attention fp32 B=2 T=16 S=5 H=2 D=72: out": True,
+        "temporal_attention fp32 B=2 T=16 S=5 H=2 D=72: dqkv": True,
+        "temporal_attention fp32 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: out": False,
+        "temporal_attention fp32 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: dqkv": False,
+    }
+
+
+def test_the_gpu_plan_checks_and_times_temporal_attention(monkeypatch):
+    """Without a GPU the GPU plan still runs as far as its lists: STDiT-XL/2's 16 heads of 72 at T=16 and 64 in
+    every dtype, odd S and a strided qkv in the correctness cases; its 16x256 row in section 3 for sora, torch
+    and torch.compile, 16x512 and 64x512 in section 5."""
+    cases = [case for case in gpu_check.correctness_cases(tiny=False) if case.op == "temporal_attention"]
+    stdit = {(case.attention.T, case.dtype) for case in cases if (case.attention.heads, case.attention.D) == (16, 72)}
+    assert stdit == {(T, dtype) for T in (16, 64) for dtype in gpu_check.CHECK_DTYPES}
+    assert any(case.attention.S % 2 for case in cases) and any(case.attention.strided for case in cases)
+    assert all(case.C == case.attention.heads * case.attention.D for case in cases)
+    calls = []
+    monkeypatch.setattr(gpu_check, "kernel_rows", lambda check, shape_dtypes, providers, reserve=0.0,
+                        attention_shape_dtypes=(): calls.append((providers, attention_shape_dtypes)))
+    check = type("GpuCheck", (), {"tiny": False})()
+    gpu_check.target_kernel_rows(check)
+    timed = [(provider, shape.video, shape.B, shape.T, shape.heads, shape.C, dtype)
+             for providers, attention in calls for shape, dtype in attention for provider in providers]
+    assert timed == [(provider, "16x256", 64, 16, 16, 1152, torch.bfloat16) for provider in ("sora", "torch", "torch.compile")]
+    calls.clear()
+    gpu_check.more_kernel_rows(check)
+    assert [(shape.video, shape.T) for _, attention in calls for shape, _ in attention] == [("16x512", 16), ("64x512", 64)]
+
+
 def test_unplanted_checks_pass(tmp_path, monkeypatch):
     """The same run without the planted bug: every check passes (so the test above fails for the bug alone)."""
-    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("layernorm_modulate", torch.bfloat16, 1000, True)]
+    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("layernorm_modulate", torch.bfloat16, 1000, True),
+             OpCase("temporal_attention", torch.bfloat16, 80, True, gpu_check.TINY_ATTENTION[2])]
     monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
     code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", gpu_check.correctness, required=True)])
     status = summary_of(tmp_path)["gpu_check"]
     assert code == 0, status["failures"]
     names = [check["name"] for check in status["checks"]]
     assert "layernorm_modulate bf16 C=1000 temporal: dtable" in names
+    assert "temporal_attention bf16 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: dqkv" in names
     assert any(name.startswith("STDiT (tiny, fp32) kernels on vs off") for name in names)
 
 
