@@ -45,7 +45,8 @@ MODEL_TITLES = {
     "stdit_train": "STDiT-XL/2, training step",
     "pixart_train": "DiT (T5, full attention) = PixArt-XL/2, training step",
     "stdit_infer": "STDiT-XL/2, inference forward (torch.no_grad)",
-    "temporal_branch": "STDiT-XL/2 temporal branch (layout -> temporal attention -> gated residual), fwd+bwd",
+    "temporal_branch": "STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> "
+                       "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y)",
 }
 TRAIN_NOTE = (
     "One step = zero_grad + forward + MSE loss + backward on one GPU, bf16 weights and inputs, random weights, "

@@ -14,6 +14,9 @@ if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not
 
 from bench.bench_utils import Results, all_to_all_volume, kernel_bytes, row_key  # noqa: E402
 from bench.report import OPEN_SORA_COLUMN, main, render_markdown, write_report  # noqa: E402
+from bench.test_attention import GPU_SHAPES as ATTENTION_SHAPES  # noqa: E402
+from bench.test_attention import Shape as AttentionShape  # noqa: E402
+from bench.test_attention import attention_bytes  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,6 +79,7 @@ def test_report_tables_hold_the_rows_values_and_skip_reasons(summary, tmp_path):
     assert OPEN_SORA_COLUMN in text and "7.00 samples/s, 28k tokens/s" in text
     assert "AdamW step is EXCLUDED" in text
     assert "| 16x256x256 | sora | 8 | 2.00 | 16,384,000 | 1.50x vs eager |" in text  # temporal branch
+    assert "### STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> " in text
     assert "3000 GB/s" in text or "3,000 GB/s" in text
     assert "`abc123-dirty`" in text and "SM 1980 MHz" in text
     for name in ("kernels_gbps.png", "models_samples.png"):
@@ -199,6 +203,18 @@ def test_minimum_bytes():
     assert kernel_bytes("to_temporal", "fwd+bwd", B, N, C, e) == 4 * tokens
     with pytest.raises(ValueError, match="no byte formula"):
         kernel_bytes("softmax", "fwd", B, N, C, e)
+
+
+def test_temporal_attention_minimum_bytes():
+    """bench/NOTES.md: forward reads qkv (3 tokens of C) and writes out (1); backward reads qkv and dout, writes
+    d(qkv) (7). At STDiT-XL/2 16x256 (B=64, 16 frames of 256 positions, C=1152) in bf16: 2.416 GB forward,
+    6.644 GB forward and backward, the floors' bytes in the notes."""
+    shape = AttentionShape("tiny", B=2, T=3, S=4, C=8, heads=2)
+    tokens = 2 * 12 * 8 * 2
+    assert attention_bytes("fwd", shape, 2) == 4 * tokens
+    assert attention_bytes("fwd+bwd", shape, 2) == 11 * tokens
+    assert [round(attention_bytes("fwd", s, 2) / 1e9, 3) for s in ATTENTION_SHAPES] == [2.416] * 3
+    assert [round(attention_bytes("fwd+bwd", s, 2) / 1e9, 3) for s in ATTENTION_SHAPES] == [6.644] * 3
 
 
 def test_all_to_all_volume():
