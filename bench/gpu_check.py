@@ -313,7 +313,8 @@ class AttentionShape:
 
     def __str__(self):
         scale = "" if self.scale is None else f" scale={self.scale}"
-        return f"B={self.B} T={self.T} S={self.S} H={self.heads} D={self.D}{scale}{' strided qkv' if self.strided else ''}"
+        strided = " strided qkv" if self.strided else ""
+        return f"B={self.B} T={self.T} S={self.S} H={self.heads} D={self.D}{scale}{strided}"
 
 
 # STDiT-XL/2's 16 heads of 72 (C=1152) at 16 and 64 frames, S never a multiple of the kernel's block of positions;

@@ -46,7 +46,8 @@ MODEL_TITLES = {
     "pixart_train": "DiT (T5, full attention) = PixArt-XL/2, training step",
     "stdit_infer": "STDiT-XL/2, inference forward (torch.no_grad)",
     "temporal_branch": "STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> "
-                       "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y)",
+                       "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> "
+                       "x + gate * y)",
 }
 TRAIN_NOTE = (
     "One step = zero_grad + forward + MSE loss + backward on one GPU, bf16 weights and inputs, random weights, "

@@ -117,7 +117,8 @@ def test_a_planted_attention_bug_is_named_and_fails_the_run(tmp_path, monkeypatc
     monkeypatch.setattr(K, "temporal_attention", lambda qkv, T, heads, scale=None: real(qkv, T, heads))
     plain, scaled = gpu_check.TINY_ATTENTION[1], gpu_check.TINY_ATTENTION[2]
     assert plain.scale is None and scaled.scale is not None and scaled.strided
-    cases = [OpCase("temporal_attention", torch.float32, shape.heads * shape.D, True, shape) for shape in (plain, scaled)]
+    cases = [OpCase("temporal_attention", torch.float32, shape.heads * shape.D, True, shape)
+             for shape in (plain, scaled)]
     code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", lambda check: gpu_check.op_checks(check, cases),
                                                        required=True)])
     assert code == 1
@@ -147,10 +148,12 @@ def test_the_gpu_plan_checks_and_times_temporal_attention(monkeypatch):
     gpu_check.target_kernel_rows(check)
     timed = [(provider, shape.video, shape.B, shape.T, shape.heads, shape.C, dtype)
              for providers, attention in calls for shape, dtype in attention for provider in providers]
-    assert timed == [(provider, "16x256", 64, 16, 16, 1152, torch.bfloat16) for provider in ("sora", "torch", "torch.compile")]
+    assert timed == [(provider, "16x256", 64, 16, 16, 1152, torch.bfloat16)
+                     for provider in ("sora", "torch", "torch.compile")]
     calls.clear()
     gpu_check.more_kernel_rows(check)
-    assert [(shape.video, shape.T) for _, attention in calls for shape, _ in attention] == [("16x512", 16), ("64x512", 64)]
+    larger = [(shape.video, shape.T) for _, attention in calls for shape, _ in attention]
+    assert larger == [("16x512", 16), ("64x512", 64)]
 
 
 def test_unplanted_checks_pass(tmp_path, monkeypatch):
