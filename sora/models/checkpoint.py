@@ -45,7 +45,9 @@ def hub_file(name):
     use (offline, HF_HUB_OFFLINE=1, only the cache is read)."""
     match = _HUB_FILE.match(name)
     if match is None:
-        raise ValueError(f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE")
+        raise ValueError(
+            f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE"
+        )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
