@@ -83,9 +83,9 @@ def test_garbage_bytes_are_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError) as error:
         read_state_dict(path)
     assert str(error.value) == (
-        f"{str(path)!r} is not a checkpoint sora can read: expected a PyTorch state dict saved with torch.save "
-        "(.pt/.pth, possibly under 'ema', 'model', 'state_dict' or 'module'), a .safetensors file, or a training "
-        "checkpoint folder with ema.pt"
+        f"cannot read checkpoint {str(path)!r}: the file is not a checkpoint sora can read; expected a PyTorch state "
+        "dict saved with torch.save (.pt/.pth, possibly under 'ema', 'model', 'state_dict' or 'module'), a "
+        ".safetensors file, or a training checkpoint folder with ema.pt"
     )
     text = tmp_path / "notes.pth"
     text.write_text("hello\n")
@@ -93,14 +93,14 @@ def test_garbage_bytes_are_not_a_checkpoint(tmp_path):
         read_state_dict(text)
     safetensors = tmp_path / "model.safetensors"
     safetensors.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(ValueError, match="is not a .safetensors file sora can read"):
+    with pytest.raises(ValueError, match="not a .safetensors file sora can read"):
         read_state_dict(safetensors)
 
 
 def test_pickled_code_is_refused_by_name(tmp_path):
     path = tmp_path / "model.pth"
     torch.save({"weight": torch.ones(2), "hook": os.path.join}, path)
-    with pytest.raises(ValueError, match=r"holds a pickled posixpath.join object, which sora does not load"):
+    with pytest.raises(ValueError, match=r"it holds a pickled posixpath.join object, which sora does not load"):
         read_state_dict(path)
 
 
@@ -114,9 +114,9 @@ def test_sample_cli_says_garbage_checkpoint_in_one_line(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {str(path)!r} is not a checkpoint sora can read: expected a PyTorch state dict saved with "
-        "torch.save (.pt/.pth, possibly under 'ema', 'model', 'state_dict' or 'module'), a .safetensors file, or "
-        "a training checkpoint folder with ema.pt"
+        f"error: cannot read checkpoint {str(path)!r}: the file is not a checkpoint sora can read; expected a PyTorch "
+        "state dict saved with torch.save (.pt/.pth, possibly under 'ema', 'model', 'state_dict' or 'module'), a "
+        ".safetensors file, or a training checkpoint folder with ema.pt"
     )
     assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
     assert not (tmp_path / "samples").exists() or not os.listdir(tmp_path / "samples")

@@ -64,10 +64,10 @@ def _load_error(path, error):
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if refused:
         return ValueError(
-            f"checkpoint {path!r} holds a pickled {refused[1].rstrip('.')} object, which sora does not load "
-            f"(it reads only tensors and plain data, torch.load(weights_only=True)); {EXPECTED}"
+            f"cannot read checkpoint {path!r}: it holds a pickled {refused[1].rstrip('.')} object, which sora does "
+            f"not load (it reads only tensors and plain data, torch.load(weights_only=True)); {EXPECTED}"
         )
-    return ValueError(f"{path!r} is not a checkpoint sora can read: {EXPECTED}")
+    return ValueError(f"cannot read checkpoint {path!r}: the file is not a checkpoint sora can read; {EXPECTED}")
 
 
 def read_state_dict(path):
@@ -89,7 +89,9 @@ def read_state_dict(path):
         try:
             return load_file(path)
         except SafetensorError as error:
-            raise ValueError(f"{path!r} is not a .safetensors file sora can read ({error})") from None
+            raise ValueError(
+                f"cannot read checkpoint {path!r}: not a .safetensors file sora can read ({error})"
+            ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
