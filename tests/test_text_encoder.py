@@ -1,3 +1,4 @@
+import json
 import string
 from types import SimpleNamespace
 
@@ -111,7 +112,10 @@ def clip_folder(tmp_path_factory):
     for token in ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]:
         vocab[token] = len(vocab)
     folder = tmp_path_factory.mktemp("clip")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")])
+    # Written as files, which every transformers from the declared floor (4.56) on reads the same way.
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
     tokenizer.save_pretrained(folder)
     config = CLIPTextConfig(
         vocab_size=len(vocab),

@@ -36,8 +36,10 @@ def read_video(path, pick=None):
 
     Returns `(frames, fps)`: frames `(T, H, W, 3)` uint8 RGB, fps a float (24 when the file does not say).
     `pick`, a function `num_frames -> frame indices`, selects frames: when the header gives the frame
-    count, only the picked frames are converted and decoding stops after the last of them (a long clip
-    is never held whole); indices past the frames actually decoded get the last decoded frame.
+    count, only the picked frames are decoded from the keyframe before the first of them on (a 16-frame
+    sample from the end of a long clip does not decode the clip's start) and converted, and decoding stops
+    after the last of them; the frames are the same as decoding from frame 0. Indices past the frames
+    actually decoded get the last decoded frame.
     Raises FileNotFoundError for a missing file, ValueError for a file with no decodable video frames
     (PyAV's own errors for unreadable containers are FFmpegError subclasses of ValueError/OSError).
     """
@@ -49,24 +51,67 @@ def read_video(path, pick=None):
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = _stream_fps(stream)
-        wanted = pick(stream.frames).tolist() if pick is not None and stream.frames > 0 else None
-        stop = max(wanted) if wanted else None
-        frames, kept, last = [], {}, None
-        for i, frame in enumerate(container.decode(stream)):
-            last = frame
-            if wanted is None:
-                frames.append(frame.to_ndarray(format="rgb24"))
-            elif i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
-                if i == stop:
-                    break
-        if last is None:
-            raise ValueError(f"no decodable video frames in {path}")
-        if wanted is not None:
-            tail = last.to_ndarray(format="rgb24")
-            return torch.from_numpy(np.stack([kept.get(i, tail) for i in wanted])), fps
-    video = torch.from_numpy(np.stack(frames))
-    return (video if pick is None else video[pick(len(video))]), fps
+        if pick is None or stream.frames <= 0:
+            video = _decode_all(container, stream, path)
+            return (video if pick is None else video[pick(len(video))]), fps
+        wanted = pick(stream.frames).tolist()
+        kept = _decode_from_keyframe(container, stream, wanted)
+        if kept is None:
+            container.seek(0, stream=stream, backward=True, any_frame=False)
+            kept = _decode_from_start(container, stream, wanted, path)
+        return torch.from_numpy(np.stack([kept[i] for i in wanted])), fps
+
+
+def _decode_all(container, stream, path):
+    frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError(f"no decodable video frames in {path}")
+    return torch.from_numpy(np.stack(frames))
+
+
+def _decode_from_start(container, stream, wanted, path):
+    """`{index: (H, W, 3)}` for the `wanted` frame indices, counting decoded frames from the first; indices past
+    the last decoded frame map to it."""
+    stop, wanted_set = max(wanted), set(wanted)
+    kept, last = {}, None
+    for i, frame in enumerate(container.decode(stream)):
+        last = frame
+        if i in wanted_set:
+            kept[i] = frame.to_ndarray(format="rgb24")
+            if i == stop:
+                break
+    if last is None:
+        raise ValueError(f"no decodable video frames in {path}")
+    tail = last.to_ndarray(format="rgb24")
+    return {i: kept.get(i, tail) for i in wanted}
+
+
+def _decode_from_keyframe(container, stream, wanted):
+    """`{index: (H, W, 3)}` for the `wanted` frame indices, decoded from the last keyframe at or before the
+    first of them; None when that cannot be done exactly (a packet without a timestamp, repeated timestamps,
+    an index past the stream's frames, a decoded frame whose timestamp no packet had), and the caller then
+    decodes from the start.
+
+    A frame's index is its rank among the packets' presentation timestamps, read from the container without
+    decoding (cheap next to decoding), so it holds for B-frames and variable frame rates alike."""
+    timestamps = [packet.pts for packet in container.demux(stream) if packet.size]
+    if None in timestamps or len(set(timestamps)) != len(timestamps) or max(wanted) >= len(timestamps):
+        return None
+    timestamps.sort()
+    index = {pts: i for i, pts in enumerate(timestamps)}
+    wanted = set(wanted)
+    first, stop = min(wanted), max(wanted)
+    container.seek(timestamps[first], stream=stream, backward=True, any_frame=False)
+    kept = {}
+    for frame in container.decode(stream):
+        i = index.get(frame.pts)
+        if i is None:
+            return None
+        if i in wanted and i not in kept:
+            kept[i] = frame.to_ndarray(format="rgb24")
+        if i >= stop:
+            break
+    return kept if len(kept) == len(wanted) else None
 
 
 def read_image(path):

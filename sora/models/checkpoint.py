@@ -1,8 +1,13 @@
 """Loading released checkpoints into our models.
 
-Accepted: a training checkpoint folder (its ema.pt), a `.pt`/`.pth` file holding a state dict, or one under "ema" (preferred, as Open-Sora's loader
-does), "model", "state_dict" or "module"; or a `.safetensors` file. Adjustments made for the formats the
-authors released:
+Accepted: a training checkpoint folder (its ema.pt), a `.pt`/`.pth` file holding a state dict, or one under
+"ema" (preferred, as Open-Sora's loader does), "model", "state_dict" or "module"; or a `.safetensors` file.
+Any of these files may also be named on the Hugging Face hub as `hf://ORG/REPO/FILE` (or
+`hf://ORG/REPO@REVISION/FILE`), e.g. `hf://hpcai-tech/Open-Sora/OpenSora-v1-HQ-16x256x256.pth`: it is fetched
+once by huggingface_hub into its cache (HF_HUB_CACHE) and read from there, also offline (HF_HUB_OFFLINE=1). The
+prefix keeps hub names apart from relative paths such as `pretrained_models/OpenSora-v1-HQ-16x256x256.pth`.
+Files are read with `torch.load(weights_only=True)`: a file holding pickled code, or not a checkpoint at all,
+is refused with one line. Adjustments made for the formats the authors released:
 - a 2-D patch-embed weight (C, in, ph, pw) from an image model (PixArt-alpha, DiT, Latte) gains a time axis;
 - position embeddings (`pos_embed`, `pos_embed_spatial`, `pos_embed_temporal`, Latte's `temp_embed`) are
   dropped: the model recomputes them for its configured size and scales;
@@ -15,6 +20,7 @@ error naming it.
 import argparse
 import logging
 import os
+import re
 
 import torch
 
@@ -25,27 +31,71 @@ WRAPPERS = ("ema", "model", "state_dict", "module")
 # arguments as an argparse Namespace, which is plain data.
 torch.serialization.add_safe_globals([argparse.Namespace])
 RECOMPUTED = ("pos_embed", "pos_embed_spatial", "pos_embed_temporal", "temp_embed")
+HUB_PREFIX = "hf://"
+# hf://ORG/REPO[@REVISION]/FILE, FILE possibly in a subfolder of the repository.
+_HUB_FILE = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?/(?P<filename>[^@]+)$")
+EXPECTED = (
+    "expected a PyTorch state dict saved with torch.save (.pt/.pth, possibly under 'ema', 'model', 'state_dict' "
+    "or 'module'), a .safetensors file, or a training checkpoint folder with ema.pt"
+)
+
+
+def hub_file(name):
+    """The local path of `hf://ORG/REPO[@REVISION]/FILE`, downloaded by huggingface_hub into its cache on first
+    use (offline, HF_HUB_OFFLINE=1, only the cache is read)."""
+    match = _HUB_FILE.match(name)
+    if match is None:
+        raise ValueError(
+            f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(match["repo"], match["filename"], revision=match["revision"])
+    except (OSError, ValueError, EntryNotFoundError) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise FileNotFoundError(f"could not fetch checkpoint {name!r} from the Hugging Face hub: {reason}") from None
+
+
+def _load_error(path, error):
+    """One line for a file torch.load refuses: pickled objects outside plain data (which weights_only keeps
+    out), or bytes that are no checkpoint at all (torch's own message then only advises unsafe loading)."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return ValueError(
+            f"cannot read checkpoint {path!r}: it holds a pickled {refused[1].rstrip('.')} object, which sora does "
+            f"not load (it reads only tensors and plain data, torch.load(weights_only=True)); {EXPECTED}"
+        )
+    return ValueError(f"cannot read checkpoint {path!r}: the file is not a checkpoint sora can read; {EXPECTED}")
 
 
 def read_state_dict(path):
     """The raw tensors of a checkpoint file, unwrapped from the known container keys. A training checkpoint
     folder (epoch{E}-global_step{S}/) stands for its ema.pt."""
     path = os.fspath(path)
+    if path.startswith(HUB_PREFIX):
+        path = hub_file(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ema.pt")):
         path = os.path.join(path, "ema.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"checkpoint {path!r} does not exist (expected a .pt, .pth or .safetensors file, or a training "
-            "checkpoint folder with ema.pt)"
+            f"checkpoint {path!r} does not exist ({EXPECTED}, or hf://ORG/REPO/FILE on the Hugging Face hub)"
         )
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise ValueError(
+                f"cannot read checkpoint {path!r}: not a .safetensors file sora can read ({error})"
+            ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
-        raise ValueError(f"cannot read checkpoint {path!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
+        raise _load_error(path, error) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
     for key in WRAPPERS:
