@@ -21,20 +21,20 @@ value it replaces: bool (true/false/1/0/yes/no), int, float, str, `none` where N
 The schema lists every top-level key of each mode with its kind and default (REQUIRED: the file
 must set it); `validate` rejects unknown keys (naming the closest known one) and wrong kinds, and
 fills in defaults. The `model`, `vae`, `text_encoder` and `scheduler` dicts need a `type`; their
-other keys are checked by the builder of that type (see `build`).
+other keys are checked by the builder of that type (see `sora.registry.build`).
 """
 
 import ast
 import difflib
 import inspect
 import os
-import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+from sora.registry import DTYPES, is_int
+
 MODES = ("sample", "train")
-DTYPES = ("fp16", "bf16", "fp32")
 PLUGINS = ("zero2", "zero2-seq")
 REQUIRED = object()
 
@@ -74,10 +74,6 @@ class Config(dict):
 # ---------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -150,7 +146,7 @@ SCHEMAS = {
         # PixArt-MS takes the image size and aspect ratio as extra conditions (Open-Sora v1).
         "multi_resolution": Field("bool", False),
         **_MODELS,
-        "dtype": Field("str", "fp16", DTYPES),
+        "dtype": Field("str", "fp16", tuple(DTYPES)),
         "batch_size": Field("posint", 1),
         "seed": Field("int", 42),
         "prompt_path": Field("str?", None),  # one prompt per line
@@ -168,7 +164,7 @@ SCHEMAS = {
         "num_workers": Field("int", 4),
         "bucket_config": Field("dict?", None),  # {resolution: {num_frames: (keep_prob, batch_size)}}
         **_MODELS,
-        "dtype": Field("str", "bf16", DTYPES),
+        "dtype": Field("str", "bf16", tuple(DTYPES)),
         "grad_checkpoint": Field("bool", False),
         "plugin": Field("str", "zero2", PLUGINS),
         "sp_size": Field("posint", 1),
@@ -366,59 +362,3 @@ def _format(value, depth):
 def format_config(cfg):
     """The config as Python source: readable at start-up, and loadable again with load_config."""
     return "\n".join(f"{key} = {_format(value, 0)}" for key, value in cfg.items())
-
-
-# ---------------------------------------------------------------------------------------------
-# Building what a config names
-# ---------------------------------------------------------------------------------------------
-
-
-def build(registry, cfg, what, **runtime):
-    """`registry[cfg["type"]](**other keys, **runtime)`, rejecting an unknown type or key by name.
-
-    `runtime` holds what the caller supplies (device, dtype, sizes); a config may not set those.
-    """
-    kwargs = dict(cfg)
-    name = kwargs.pop("type", None)
-    if name not in registry:
-        raise ValueError(f"unknown {what} type {name!r}; valid types: {', '.join(registry)}")
-    params = inspect.signature(registry[name]).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [p for p in params if p not in runtime and params[p].kind is not params[p].VAR_POSITIONAL]
-        for key in kwargs:
-            if key not in valid:
-                raise ValueError(f"unknown {what} option '{key}' for type {name!r}; valid options: {', '.join(valid)}")
-    return registry[name](**kwargs, **runtime)
-
-
-# Looks like a Hugging Face hub id ("org/name" or "name") rather than a file-system path.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-def load_pretrained(load, name, what, weights=True, **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`) with a one-line error instead of a library's
-    traceback when `name` is a missing path, a folder without a model, or an unreachable hub id.
-
-    `weights`: the folder must hold config.json and weights (*.safetensors or *.bin); tokenizers
-    have their own file sets, so for them only the folder's existence is checked.
-    """
-    name = os.path.expanduser(name)
-    path = os.path.join(name, kwargs["subfolder"]) if kwargs.get("subfolder") else name
-    model_files = "config.json and weights (*.safetensors or *.bin)"
-    local = os.path.isdir(path)
-    if local:
-        files = os.listdir(path)
-        if weights and ("config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files)):
-            raise ValueError(f"{what} folder {path} holds no model: expected {model_files}")
-    elif os.path.exists(path) or not _HUB_ID.match(name):
-        expected = f"a folder with {model_files}" if weights else "a folder"
-        raise FileNotFoundError(f"{what} not found: {path} is not {expected}")
-    try:
-        return load(name, **kwargs)
-    except (OSError, ValueError) as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        if local:
-            raise ValueError(f"could not load {what} from folder {path}: {reason}") from e
-        raise FileNotFoundError(
-            f"could not load {what} {name!r}: no such local folder, and as a hub id: {reason}"
-        ) from e

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 from sora.config import format_config, parse_args
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sora.registry import DTYPES
 
 
 @dataclass
@@ -69,7 +68,7 @@ def main(run, mode, argv=None):
 def build_components(cfg, runtime, sequence_parallel=False, training=False):
     """The text encoder, VAE and diffusion model a config names, wired together as Open-Sora does: the model
     takes its input size from the VAE's latent of (num_frames, *image_size), its caption width and length
-    from the text encoder, and the text encoder takes the model's null caption for guidance.
+    from the text encoder.
 
     The model is cast to the compute dtype for sampling; for training it keeps fp32 master weights (the
     compute dtype is applied by autocast or FSDP2's mixed-precision policy)."""
@@ -107,5 +106,4 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False):
         raise ValueError(f"sp_size > 1 needs a model with sequence parallelism (STDiT); {cfg.model['type']} has none")
     model = build_model(cfg.model, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
     model = model.to(runtime.device, torch.float32 if training else runtime.dtype)
-    text_encoder.y_embedder = model.y_embedder
     return model, vae, text_encoder, latent_size

@@ -40,7 +40,7 @@ def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, see
         y = condition["y"].to(dtype) if condition["y"].is_floating_point() else condition["y"]
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
-        latents = scheduler.sample(model, noise.to(device), y, text_encoder.null(len(prompts)), condition["mask"],
+        latents = scheduler.sample(model, noise.to(device), y, model.y_embedder.null(len(prompts)), condition["mask"],
                                    progress=progress, generator=generators)
         return vae.decode(latents.to(dtype)).float().cpu()
 

@@ -1,5 +1,8 @@
 import copy
+import functools
 import pickle
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -7,12 +10,12 @@ import pytest
 from sora.config import (
     Config,
     apply_overrides,
-    build,
     format_config,
     load_config,
     parse_args,
     validate,
 )
+from sora.registry import build
 
 SAMPLE = """
 import math
@@ -314,8 +317,21 @@ def test_build_checks_type_and_options():
     assert build(registry, dict(type="net", width=4), "model", device="meta") == (4, 2, "meta")
     with pytest.raises(ValueError, match="unknown model type 'nett'; valid types: net"):
         build(registry, dict(type="nett"), "model")
-    with pytest.raises(ValueError, match="unknown model option 'dept' for type 'net'; valid options: width, depth"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) dept for model 'net'; valid: width, depth$"):
         build(registry, dict(type="net", width=4, dept=3), "model", device="cpu")
     # a runtime argument may not come from the config
-    with pytest.raises(ValueError, match="unknown model option 'device'"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) device"):
         build(registry, dict(type="net", width=4, device="cuda"), "model", device="cpu")
+    # a preset is a partial: what it fixes is not an option
+    registry["net-wide"] = functools.partial(make, width=64)
+    assert build(registry, dict(type="net-wide", depth=3), "model") == (64, 3, "cpu")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) width for model 'net-wide'; valid: depth, device$"):
+        build(registry, dict(type="net-wide", width=4), "model")
+
+
+def test_builders_do_not_import_the_config_module():
+    """Models, VAE, text encoders and schedulers build through sora.registry, not the command-line config."""
+    code = ("import sys, sora.models, sora.models.vae, sora.models.text_encoder, sora.schedulers; "
+            "print('sora.config' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr

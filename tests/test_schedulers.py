@@ -441,8 +441,8 @@ def test_build_scheduler():
     [
         (dict(type="ddim"), r"unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
         (dict(num_sampling_steps=10), r"unknown scheduler type None"),
-        (dict(type="iddpm", num_steps=10), r"unknown scheduler option 'num_steps' for type 'iddpm'; valid options: num_sampling_steps"),
-        (dict(type="dpm-solver", timestep_respacing="10"), r"option 'timestep_respacing' for type 'dpm-solver'; valid options: .*cfg_channel"),
+        (dict(type="iddpm", num_steps=10), r"unknown argument\(s\) num_steps for scheduler 'iddpm'; valid: num_sampling_steps"),
+        (dict(type="dpm-solver", timestep_respacing="10"), r"timestep_respacing for scheduler 'dpm-solver'; valid: .*cfg_channel"),
         (dict(type="iddpm", cfg_scale="7"), r"cfg_scale must be a finite number, got '7'"),
         (dict(type="dpm-solver", cfg_scale=float("nan")), r"cfg_scale must be a finite number"),
         (dict(type="iddpm", num_sampling_steps=0), r"num_sampling_steps must be an int in \[1, 1000\], got 0"),

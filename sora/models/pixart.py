@@ -8,7 +8,7 @@ full-attention baseline. With one frame it is PixArt-alpha, whose released check
 import math
 
 from sora.models.layers import get_2d_sincos_pos_embed
-from sora.models.stdit import XL_2, STDiT
+from sora.models.stdit import STDiT
 
 
 class PixArt(STDiT):
@@ -27,7 +27,3 @@ class PixArt(STDiT):
     def run_blocks(self, x, y, t0, mask, T, tpe, sp_group=None):
         # Full attention: the whole sample is one "frame" of N tokens.
         return super().run_blocks(x, y, t0, mask, 1, None)
-
-
-def PixArt_XL_2(**kwargs):
-    return PixArt(**XL_2, **kwargs)

@@ -18,7 +18,7 @@ import re
 import torch
 from tqdm import tqdm
 
-from sora.config import is_int
+from sora.registry import is_int
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
