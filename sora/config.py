@@ -16,7 +16,12 @@ v1's shortcuts keep working: `--ckpt-path` sets `model.from_pretrained`, `--num-
 and `--cfg-scale` set the scheduler's (Open-Sora v1 parsed `--num-sampling-steps` and then
 dropped it). Text is parsed by the key's kind in the schema below, or for sub-dict keys by the
 value it replaces: bool (true/false/1/0/yes/no), int, float, str, `none` where None is allowed,
-(H, W) as `256,256` or `[256,256]`, dicts as Python literals. `--prompt` may be repeated.
+(H, W) as `256,256` or `[256,256]`, dicts as Python literals. `--prompt` may be repeated. A flag always
+takes effect: `--prompt` replaces the file's `prompt_path`, and `--prompt-path` the file's `prompt`.
+
+Inheritance, as mmengine's: `_base_ = "base.py"` (or a list, merged in order) names config files, relative
+to this one, whose settings this file's override: dicts are merged key by key, recursively (the child's
+value wins), and a dict with `_delete_=True` replaces the base's dict instead of merging into it.
 
 The schema lists every top-level key of each mode with its kind and default (REQUIRED: the file
 must set it); `validate` rejects unknown keys (naming the closest known one) and wrong kinds, and
@@ -36,6 +41,7 @@ from sora.registry import DTYPES, is_int
 
 MODES = ("sample", "train")
 PLUGINS = ("zero2", "zero2-seq")
+WEIGHTS = ("ema", "model")
 REQUIRED = object()
 
 
@@ -153,6 +159,9 @@ SCHEMAS = {
         "prompt": Field("strs?", None),  # used instead of prompt_path when set
         "save_dir": Field("str", "./outputs/samples/"),
         "sp_size": Field("posint", 1),
+        # Of a training checkpoint folder (model.from_pretrained): its EMA or the trained weights themselves.
+        "weights": Field("str", "ema", WEIGHTS),
+        "compile": Field("bool", False),  # torch.compile the model call of every denoising step
     },
     "train": {
         "num_frames": Field("posint"),
@@ -183,6 +192,10 @@ SCHEMAS = {
     },
 }
 
+# A flag replaces the file's setting of the other key of its pair: prompts given one way on the command line are
+# the prompts, whatever the file gives the other way.
+REPLACES = {"prompt": "prompt_path", "prompt_path": "prompt"}
+
 # Open-Sora v1's flags whose key lives in a sub-dict, with the kind their text is parsed as.
 ALIASES = {
     "ckpt_path": ("model.from_pretrained", "str?"),
@@ -209,11 +222,16 @@ def _unknown_key(key, mode):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path):
-    """Run an Open-Sora-style `.py` config file and return its settings as a Config."""
+def load_config(path, _children=()):
+    """Run an Open-Sora-style `.py` config file and return its settings as a Config, over those of its
+    `_base_` files (see the module docstring)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if _children:
+            raise FileNotFoundError(f"config {_children[-1]}: _base_ file not found: {path}")
         raise FileNotFoundError(f"config file not found: {path}")
+    if os.path.abspath(path) in map(os.path.abspath, _children):
+        raise ValueError(f"config {path} inherits from itself through _base_: {' -> '.join([*_children, path])}")
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
@@ -227,11 +245,34 @@ def load_config(path):
         lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
         raise ValueError(f"error in config {path}, line {lines[-1]}: {type(e).__name__}: {e}") from e
     assigned = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
-    return Config(
+    settings = Config(
         (name, value)
         for name, value in namespace.items()
         if name in assigned and not name.startswith("_") and not (inspect.ismodule(value) or callable(value))
     )
+    bases = namespace.get("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, (list, tuple)) or not all(isinstance(base, str) for base in bases):
+        raise ValueError(f"config {path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged = Config()
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+        merged = _merge(merged, load_config(base_path, (*_children, path)))
+    return _merge(merged, settings)
+
+
+def _merge(base, child):
+    """`child`'s settings over `base`'s: dicts merge key by key, recursively, unless the child's says
+    `_delete_=True` (then it replaces the base's); any other value replaces the base's."""
+    merged = Config(base)
+    for key, value in child.items():
+        if isinstance(value, dict):
+            value = dict(value)
+            reset = value.pop("_delete_", False)
+            value = _merge(merged[key] if isinstance(merged.get(key), dict) and not reset else {}, value)
+        merged[key] = value
+    return merged
 
 
 def _literal(text):
@@ -300,6 +341,9 @@ def apply_overrides(cfg, overrides, mode):
             value = target[leaf] + value
         repeated.add(key)
         target[leaf] = value
+    for key, other in REPLACES.items():
+        if key in repeated and other in schema and other not in repeated:
+            cfg[other] = None
     return cfg
 
 
