@@ -389,10 +389,15 @@ class IDDPM:
         x = z.to(compute_dtype(z))
         batch = x.shape[0]
         timesteps = self._on("timestep_map", x.device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
+        steps = range(self.num_timesteps - 1, -1, -1)
+        # Every step's noise (the last step adds none), drawn before the loop in the order the steps use it: a
+        # CPU generator's noise is then on the GPU before the first step instead of each step waiting for its
+        # copy (this holds num_timesteps - 1 tensors of z's size on the device).
+        noise = iter([randn(x.shape, generator, x) for _ in steps[:-1]])
+        for i in tqdm(steps, disable=not progress):
             t = torch.full((batch,), i, dtype=torch.long, device=x.device)
             out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel)
             mean, log_variance, _ = self.p_mean_variance(out.to(x.dtype), x, t)
             # The last step returns the mean: x_0 gets no noise.
-            x = mean + torch.exp(0.5 * log_variance) * randn(x.shape, generator, x) if i > 0 else mean
+            x = mean + torch.exp(0.5 * log_variance) * next(noise) if i > 0 else mean
         return x.to(z.dtype)
