@@ -99,9 +99,10 @@ class DPMSolver:
         x = z.to(compute_dtype(z))
         timesteps = torch.tensor(self.timesteps, dtype=torch.float32).to(x.device)
         previous = None  # the last step's data prediction x0
-        steps = zip(timesteps, self.alphas.tolist(), self.sigmas.tolist(), self.coefficients.tolist())
-        for t, alpha, sigma, (a, b, c) in tqdm(steps, total=self.num_sampling_steps, disable=not progress):
-            eps = guided_output(model, x, t.expand(x.shape[0]), y, y_null, mask, self.cfg_scale, self.cfg_channel)
+        steps = enumerate(zip(timesteps, self.alphas.tolist(), self.sigmas.tolist(), self.coefficients.tolist()))
+        for i, (t, alpha, sigma, (a, b, c)) in tqdm(steps, total=self.num_sampling_steps, disable=not progress):
+            eps = guided_output(model, x, t.expand(x.shape[0]), y, y_null, mask, self.cfg_scale, self.cfg_channel,
+                                check=i == 0)
             data = (x - sigma * eps[:, :channels].to(x.dtype)) / alpha
             x = a * x + b * data + (c * previous if c else 0.0)
             previous = data
