@@ -13,8 +13,10 @@ the models were trained with as follows, and so does this module:
 - The first update is first order, the others second order from the last two data predictions; with fewer than
   10 steps the last update is first order again (Open-Sora's `lower_order_final`). One model call per step.
 
-diffusers' `DPMSolverMultistepScheduler` differs in both: it rounds the grid to integer timesteps, and takes a
-first-order last step below 15 steps (about 1e-4 relative at 20 steps and 0.13 at 10 on the same model).
+diffusers' `DPMSolverMultistepScheduler` (what this module used before) differs in both: it rounds the grid to
+integer timesteps, and takes a first-order last step below 15 steps. Against Open-Sora's own code on a smooth toy
+model with guidance 4 (measured here), diffusers was 1.3e-4 relative off at 20 steps and 5.7e-2 at 10, this
+module 1e-6 and 1.7e-6.
 
 Every coefficient is computed once, in float64 on the host, when the solver is built: a step of the loop is one
 model call and a few multiply-adds by Python floats, with no host synchronisation.
