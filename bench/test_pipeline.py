@@ -160,11 +160,6 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(10 + 9 * (i % 8))) for i in range(n)]
 
 
-def null_captions(model, n):
-    """text_encoder.null(n): the model's null caption for classifier-free guidance, (n, 1, L, C)."""
-    return model.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
-
-
 # ---- sampling ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleCase:
@@ -206,7 +201,7 @@ def test_sampling_step(case, benchmark, bench_env, results, device):
         z = torch.stack([torch.randn(model.in_channels, *latent, generator=g) for g in generators]).to(device)
 
         def sample():
-            scheduler.sample(model, z, y, null_captions(model, batch), mask, progress=False, generator=generators)
+            scheduler.sample(model, z, y, model.y_embedder.null(batch), mask, progress=False, generator=generators)
 
         timing = time_steps(benchmark, sample, device, warmup=1)
         row.update(timing, ms=timing["ms"] / steps, ms_call=timing["ms"],
@@ -293,7 +288,6 @@ def test_sample_e2e(provider, benchmark, bench_env, results, device):
         text_encoder = RESIDENT.text_encoder(device)
         vae = build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
         model = build_dit("STDiT-XL/2", video.latent, provider, device, dtype).eval()
-        text_encoder.y_embedder = model.y_embedder
         scheduler = IDDPM(num_sampling_steps=steps, **CFG)
         texts = prompts(1)
 

@@ -16,26 +16,32 @@ v1's shortcuts keep working: `--ckpt-path` sets `model.from_pretrained`, `--num-
 and `--cfg-scale` set the scheduler's (Open-Sora v1 parsed `--num-sampling-steps` and then
 dropped it). Text is parsed by the key's kind in the schema below, or for sub-dict keys by the
 value it replaces: bool (true/false/1/0/yes/no), int, float, str, `none` where None is allowed,
-(H, W) as `256,256` or `[256,256]`, dicts as Python literals. `--prompt` may be repeated.
+(H, W) as `256,256` or `[256,256]`, dicts as Python literals. `--prompt` may be repeated. A flag always
+takes effect: `--prompt` replaces the file's `prompt_path`, and `--prompt-path` the file's `prompt`.
+
+Inheritance, as mmengine's: `_base_ = "base.py"` (or a list, merged in order) names config files, relative
+to this one, whose settings this file's override: dicts are merged key by key, recursively (the child's
+value wins), and a dict with `_delete_=True` replaces the base's dict instead of merging into it.
 
 The schema lists every top-level key of each mode with its kind and default (REQUIRED: the file
 must set it); `validate` rejects unknown keys (naming the closest known one) and wrong kinds, and
 fills in defaults. The `model`, `vae`, `text_encoder` and `scheduler` dicts need a `type`; their
-other keys are checked by the builder of that type (see `build`).
+other keys are checked by the builder of that type (see `sora.registry.build`).
 """
 
 import ast
 import difflib
 import inspect
 import os
-import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+from sora.registry import DTYPES, is_int
+
 MODES = ("sample", "train")
-DTYPES = ("fp16", "bf16", "fp32")
 PLUGINS = ("zero2", "zero2-seq")
+WEIGHTS = ("ema", "model")
 REQUIRED = object()
 
 
@@ -74,10 +80,6 @@ class Config(dict):
 # ---------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -150,13 +152,16 @@ SCHEMAS = {
         # PixArt-MS takes the image size and aspect ratio as extra conditions (Open-Sora v1).
         "multi_resolution": Field("bool", False),
         **_MODELS,
-        "dtype": Field("str", "fp16", DTYPES),
+        "dtype": Field("str", "fp16", tuple(DTYPES)),
         "batch_size": Field("posint", 1),
         "seed": Field("int", 42),
         "prompt_path": Field("str?", None),  # one prompt per line
         "prompt": Field("strs?", None),  # used instead of prompt_path when set
         "save_dir": Field("str", "./outputs/samples/"),
         "sp_size": Field("posint", 1),
+        # Of a training checkpoint folder (model.from_pretrained): its EMA or the trained weights themselves.
+        "weights": Field("str", "ema", WEIGHTS),
+        "compile": Field("bool", False),  # torch.compile the model call of every denoising step
     },
     "train": {
         "num_frames": Field("posint"),
@@ -168,7 +173,7 @@ SCHEMAS = {
         "num_workers": Field("int", 4),
         "bucket_config": Field("dict?", None),  # {resolution: {num_frames: (keep_prob, batch_size)}}
         **_MODELS,
-        "dtype": Field("str", "bf16", DTYPES),
+        "dtype": Field("str", "bf16", tuple(DTYPES)),
         "grad_checkpoint": Field("bool", False),
         "plugin": Field("str", "zero2", PLUGINS),
         "sp_size": Field("posint", 1),
@@ -186,6 +191,10 @@ SCHEMAS = {
         "ema_decay": Field("float", 0.9999),
     },
 }
+
+# A flag replaces the file's setting of the other key of its pair: prompts given one way on the command line are
+# the prompts, whatever the file gives the other way.
+REPLACES = {"prompt": "prompt_path", "prompt_path": "prompt"}
 
 # Open-Sora v1's flags whose key lives in a sub-dict, with the kind their text is parsed as.
 ALIASES = {
@@ -213,11 +222,16 @@ def _unknown_key(key, mode):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path):
-    """Run an Open-Sora-style `.py` config file and return its settings as a Config."""
+def load_config(path, _children=()):
+    """Run an Open-Sora-style `.py` config file and return its settings as a Config, over those of its
+    `_base_` files (see the module docstring)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if _children:
+            raise FileNotFoundError(f"config {_children[-1]}: _base_ file not found: {path}")
         raise FileNotFoundError(f"config file not found: {path}")
+    if os.path.abspath(path) in map(os.path.abspath, _children):
+        raise ValueError(f"config {path} inherits from itself through _base_: {' -> '.join([*_children, path])}")
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
@@ -231,11 +245,34 @@ def load_config(path):
         lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
         raise ValueError(f"error in config {path}, line {lines[-1]}: {type(e).__name__}: {e}") from e
     assigned = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
-    return Config(
+    settings = Config(
         (name, value)
         for name, value in namespace.items()
         if name in assigned and not name.startswith("_") and not (inspect.ismodule(value) or callable(value))
     )
+    bases = namespace.get("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, (list, tuple)) or not all(isinstance(base, str) for base in bases):
+        raise ValueError(f"config {path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged = Config()
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+        merged = _merge(merged, load_config(base_path, (*_children, path)))
+    return _merge(merged, settings)
+
+
+def _merge(base, child):
+    """`child`'s settings over `base`'s: dicts merge key by key, recursively, unless the child's says
+    `_delete_=True` (then it replaces the base's); any other value replaces the base's."""
+    merged = Config(base)
+    for key, value in child.items():
+        if isinstance(value, dict):
+            value = dict(value)
+            reset = value.pop("_delete_", False)
+            value = _merge(merged[key] if isinstance(merged.get(key), dict) and not reset else {}, value)
+        merged[key] = value
+    return merged
 
 
 def _literal(text):
@@ -304,6 +341,9 @@ def apply_overrides(cfg, overrides, mode):
             value = target[leaf] + value
         repeated.add(key)
         target[leaf] = value
+    for key, other in REPLACES.items():
+        if key in repeated and other in schema and other not in repeated:
+            cfg[other] = None
     return cfg
 
 
@@ -366,59 +406,3 @@ def _format(value, depth):
 def format_config(cfg):
     """The config as Python source: readable at start-up, and loadable again with load_config."""
     return "\n".join(f"{key} = {_format(value, 0)}" for key, value in cfg.items())
-
-
-# ---------------------------------------------------------------------------------------------
-# Building what a config names
-# ---------------------------------------------------------------------------------------------
-
-
-def build(registry, cfg, what, **runtime):
-    """`registry[cfg["type"]](**other keys, **runtime)`, rejecting an unknown type or key by name.
-
-    `runtime` holds what the caller supplies (device, dtype, sizes); a config may not set those.
-    """
-    kwargs = dict(cfg)
-    name = kwargs.pop("type", None)
-    if name not in registry:
-        raise ValueError(f"unknown {what} type {name!r}; valid types: {', '.join(registry)}")
-    params = inspect.signature(registry[name]).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [p for p in params if p not in runtime and params[p].kind is not params[p].VAR_POSITIONAL]
-        for key in kwargs:
-            if key not in valid:
-                raise ValueError(f"unknown {what} option '{key}' for type {name!r}; valid options: {', '.join(valid)}")
-    return registry[name](**kwargs, **runtime)
-
-
-# Looks like a Hugging Face hub id ("org/name" or "name") rather than a file-system path.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-def load_pretrained(load, name, what, weights=True, **kwargs):
-    """`load(name, **kwargs)` (a `from_pretrained`) with a one-line error instead of a library's
-    traceback when `name` is a missing path, a folder without a model, or an unreachable hub id.
-
-    `weights`: the folder must hold config.json and weights (*.safetensors or *.bin); tokenizers
-    have their own file sets, so for them only the folder's existence is checked.
-    """
-    name = os.path.expanduser(name)
-    path = os.path.join(name, kwargs["subfolder"]) if kwargs.get("subfolder") else name
-    model_files = "config.json and weights (*.safetensors or *.bin)"
-    local = os.path.isdir(path)
-    if local:
-        files = os.listdir(path)
-        if weights and ("config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files)):
-            raise ValueError(f"{what} folder {path} holds no model: expected {model_files}")
-    elif os.path.exists(path) or not _HUB_ID.match(name):
-        expected = f"a folder with {model_files}" if weights else "a folder"
-        raise FileNotFoundError(f"{what} not found: {path} is not {expected}")
-    try:
-        return load(name, **kwargs)
-    except (OSError, ValueError) as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        if local:
-            raise ValueError(f"could not load {what} from folder {path}: {reason}") from e
-        raise FileNotFoundError(
-            f"could not load {what} {name!r}: no such local folder, and as a hub id: {reason}"
-        ) from e

@@ -3,14 +3,14 @@ dtypes by their config names, and turning a user's mistake into one line and exi
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sora.config import format_config, parse_args
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sora.registry import DTYPES
 
 
 @dataclass
@@ -66,13 +66,14 @@ def main(run, mode, argv=None):
             dist.destroy_process_group()  # the one setup() created
 
 
-def build_components(cfg, runtime, sequence_parallel=False, training=False):
+def build_components(cfg, runtime, sequence_parallel=False, training=False, weights="ema"):
     """The text encoder, VAE and diffusion model a config names, wired together as Open-Sora does: the model
     takes its input size from the VAE's latent of (num_frames, *image_size), its caption width and length
-    from the text encoder, and the text encoder takes the model's null caption for guidance.
+    from the text encoder.
 
     The model is cast to the compute dtype for sampling; for training it keeps fp32 master weights (the
-    compute dtype is applied by autocast or FSDP2's mixed-precision policy)."""
+    compute dtype is applied by autocast or FSDP2's mixed-precision policy). `weights="model"`: with
+    `model.from_pretrained` a training checkpoint folder, load its trained weights instead of its EMA."""
     from sora.models import build_model, model_arguments, model_patch_size
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
@@ -105,7 +106,27 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False):
     accepted = model_arguments(cfg.model["type"])
     if sequence_parallel and "enable_sequence_parallelism" not in accepted:
         raise ValueError(f"sp_size > 1 needs a model with sequence parallelism (STDiT); {cfg.model['type']} has none")
-    model = build_model(cfg.model, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
+    model_cfg = dict(cfg.model)
+    folder = model_cfg.pop("from_pretrained", None) if weights == "model" else None
+    model = build_model(model_cfg, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
+    if folder is not None:
+        load_trained_weights(model, folder)
     model = model.to(runtime.device, torch.float32 if training else runtime.dtype)
-    text_encoder.y_embedder = model.y_embedder
     return model, vae, text_encoder, latent_size
+
+
+def load_trained_weights(model, folder):
+    """Load the trained (not EMA) weights of a training checkpoint folder, its torch.distributed.checkpoint
+    `model/`, with the checks and adjustments of every other checkpoint (sora.models.checkpoint)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from sora.models.checkpoint import load_checkpoint
+
+    saved = os.path.join(folder, "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = os.path.join(tmp, "model.pt")
+        dcp_to_torch_save(saved, converted)
+        try:
+            load_checkpoint(model, converted)
+        except ValueError as error:
+            raise ValueError(str(error).replace(converted, saved)) from None

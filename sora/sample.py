@@ -5,14 +5,23 @@ batches of batch_size; the diffusion model samples latents with the configured s
 guidance, the VAE decodes them, and each prompt becomes `save_dir/sample_NNNN.mp4` (`.png` for one frame).
 
 All the noise of prompt i (initial and, for IDDPM, per step) comes from a generator seeded with seed + i, so
-the same seed and prompt give the same video whichever batch or process it lands in. Under torchrun, batches are shared out across data-parallel ranks, and
-sp_size > 1 samples each batch with sequence parallelism inside a group of sp_size ranks.
+the same seed and prompt give the same video whichever batch or process it lands in. Under torchrun, batches are
+shared out across data-parallel ranks, and sp_size > 1 samples each batch with sequence parallelism inside a
+group of sp_size ranks.
+
+Before any model is built it says in one line which weights sample (random ones without --ckpt-path: the
+videos are then noise; of a training checkpoint folder, its EMA and how many updates the EMA has seen, or with
+`--weights model` the trained weights themselves), and it checks that save_dir can be written. `--compile true`
+compiles the model call with torch.compile.
 """
 
+import json
 import os
+import tempfile
 
 import torch
 
+from sora.checkpointing import RUNNING_STATES
 from sora.launch import build_components, main, setup
 from sora.parallel import init_sequence_parallel
 from sora.schedulers import build_scheduler
@@ -32,6 +41,48 @@ def read_prompts(cfg):
     return prompts
 
 
+def describe_weights(cfg):
+    """One line saying which weights the model will sample with; ValueError when `weights` cannot be had."""
+    path = cfg.model.get("from_pretrained")
+    states = None if path is None else os.path.join(path, RUNNING_STATES)
+    if cfg.weights == "model" and (states is None or not os.path.isfile(states)):
+        raise ValueError(f"weights='model' needs --ckpt-path to be a training checkpoint folder (with {RUNNING_STATES}), "
+                         f"got {path!r}; without it, leave weights='ema'")
+    if path is None:
+        return "weights: random (no checkpoint given: set --ckpt-path), so the videos will be noise"
+    if not os.path.isfile(states):
+        return f"weights: {path}"
+    with open(states, encoding="utf-8") as f:
+        step = json.load(f)["global_step"]
+    if cfg.weights == "ema":
+        return f"weights: the EMA of {path}, which has seen {step} updates (--weights model for the trained weights)"
+    return f"weights: the trained model of {path} at step {step}, not its EMA"
+
+
+def check_writable(folder):
+    """Fail now, before any model is built, if no video can be written into `folder`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"save_dir {folder!r} cannot be written: {error.strerror or error}") from None
+
+
+def save_video(video, path_without_ext, fps):
+    """`save_sample` whose failure to write (disk full, read-only) is one ValueError naming the file and the OS
+    error, with the partial file removed."""
+    from sora.data.video import save_sample  # needs PyAV, which sample_videos (used by the benchmarks) does not
+
+    try:
+        return save_sample(video, path_without_ext, fps=fps)
+    except OSError as error:
+        path = error.filename or path_without_ext
+        if os.path.isfile(path):
+            os.remove(path)
+        raise ValueError(f"could not write {path}: {error.strerror or error}") from None
+
+
 def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, seed, device, dtype, progress=False):
     """Videos (B, 3, T, H, W), float32 on the CPU, for one batch of prompts: prompt i's noise (initial and per
     step) comes from its own generator seeded with seed + i."""
@@ -40,31 +91,33 @@ def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, see
         y = condition["y"].to(dtype) if condition["y"].is_floating_point() else condition["y"]
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
-        latents = scheduler.sample(model, noise.to(device), y, text_encoder.null(len(prompts)), condition["mask"],
+        latents = scheduler.sample(model, noise.to(device), y, model.y_embedder.null(len(prompts)), condition["mask"],
                                    progress=progress, generator=generators)
         return vae.decode(latents.to(dtype)).float().cpu()
 
 
 def run(cfg):
-    # Imported here: writing videos needs PyAV, which sample_videos (used by the benchmarks) does not.
-    from sora.data.video import save_sample
-
-
     if cfg.multi_resolution:
         raise ValueError("multi_resolution (PixArt-MS size conditioning) is not supported; set it to False")
     runtime = setup(cfg)
     prompts = read_prompts(cfg)
+    weights = describe_weights(cfg)
+    check_writable(cfg.save_dir)
+    if runtime.is_main:
+        print(weights, flush=True)
     sp_size = cfg.sp_size
     if sp_size > 1:
         init_sequence_parallel(sp_size)
-    model, vae, text_encoder, latent_size = build_components(cfg, runtime, sequence_parallel=sp_size > 1)
+    model, vae, text_encoder, latent_size = build_components(cfg, runtime, sequence_parallel=sp_size > 1,
+                                                             weights=cfg.weights)
     model.eval()
+    if cfg.compile:
+        model = torch.compile(model)
     scheduler = build_scheduler(cfg.scheduler)
 
     # Ranks k*sp .. k*sp + sp - 1 form one sequence-parallel group and sample the same batches.
     dp_rank, dp_size = runtime.rank // sp_size, runtime.world_size // sp_size
     writes = runtime.rank % sp_size == 0
-    os.makedirs(cfg.save_dir, exist_ok=True)
     starts = range(0, len(prompts), cfg.batch_size)
     for batch, start in enumerate(starts):
         if batch % dp_size != dp_rank:
@@ -75,7 +128,7 @@ def run(cfg):
                                runtime.device, runtime.dtype, progress=runtime.is_main)
         if writes:
             for i, video in enumerate(videos):
-                path = save_sample(video, os.path.join(cfg.save_dir, f"sample_{start + i:04d}"), fps=cfg.fps)
+                path = save_video(video, os.path.join(cfg.save_dir, f"sample_{start + i:04d}"), cfg.fps)
                 print(f"wrote {path}  ({batch_prompts[i]!r})", flush=True)
 
 

@@ -1,5 +1,8 @@
 import copy
+import functools
 import pickle
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -7,12 +10,12 @@ import pytest
 from sora.config import (
     Config,
     apply_overrides,
-    build,
     format_config,
     load_config,
     parse_args,
     validate,
 )
+from sora.registry import build
 
 SAMPLE = """
 import math
@@ -176,6 +179,69 @@ def test_prompt_flags_replace_then_accumulate(sample_path):
     assert cfg.prompt == ["one"]
 
 
+def test_a_prompt_flag_replaces_the_files_other_prompt_key(sample_path, tmp_path):
+    assert load_config(sample_path).prompt_path == "./assets/texts/t2v_samples.txt"
+    cfg = parse_args([sample_path, "--prompt", "a cat"], "sample")
+    assert cfg.prompt == ["a cat"] and cfg.prompt_path is None
+    with_prompts = write(tmp_path, SAMPLE + "prompt = ['from the file']\n", "with_prompts.py")
+    cfg = parse_args([with_prompts, "--prompt-path", "p.txt"], "sample")
+    assert cfg.prompt_path == "p.txt" and cfg.prompt is None
+    # both on the command line: both kept (the prompts win, `--prompt none` gives way to the file)
+    cfg = parse_args([with_prompts, "--prompt-path", "p.txt", "--prompt", "none"], "sample")
+    assert cfg.prompt_path == "p.txt" and cfg.prompt is None
+    cfg = parse_args([with_prompts, "--prompt", "x", "--prompt-path", "p.txt"], "sample")
+    assert cfg.prompt == ["x"] and cfg.prompt_path == "p.txt"
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "bases").mkdir()
+    write(tmp_path, """
+        num_frames = 16
+        image_size = (256, 256)
+        model = dict(type="STDiT-XL/2", space_scale=0.5, enable_flashattn=True)
+        scheduler = dict(type="iddpm", num_sampling_steps=100, cfg_scale=7.0)
+        text_encoder = dict(type="t5", from_pretrained="t5")
+        prompt = ["from the base"]
+    """, "bases/base.py")
+    write(tmp_path, """
+        _base_ = "base.py"
+        vae = dict(type="VideoAutoencoderKL", from_pretrained="sd-vae")
+        fps = 12
+    """, "bases/middle.py")
+    child = write(tmp_path, """
+        _base_ = ["bases/middle.py"]
+        num_frames = 8
+        model = dict(space_scale=1.0, from_pretrained="ckpt.pth")
+        scheduler = dict(_delete_=True, type="dpm-solver", num_sampling_steps=20)
+        text_encoder = dict(model_max_length=60)
+    """, "child.py")
+    cfg = load_config(child)
+    assert cfg == {
+        "num_frames": 8,  # child wins
+        "image_size": (256, 256),
+        "model": {"type": "STDiT-XL/2", "space_scale": 1.0, "enable_flashattn": True, "from_pretrained": "ckpt.pth"},
+        "scheduler": {"type": "dpm-solver", "num_sampling_steps": 20},  # _delete_: the base's dict is replaced
+        "text_encoder": {"type": "t5", "from_pretrained": "t5", "model_max_length": 60},
+        "prompt": ["from the base"],
+        "vae": {"type": "VideoAutoencoderKL", "from_pretrained": "sd-vae"},
+        "fps": 12,
+    }
+    validate(cfg, "sample")  # no _base_ or _delete_ left for validation to reject
+    assert load_config(tmp_path / "bases/base.py")["model"] == {"type": "STDiT-XL/2", "space_scale": 0.5,
+                                                                 "enable_flashattn": True}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('_base_ = "nowhere.py"', r"_base_ file not found: .*nowhere\.py"),
+    ("_base_ = 3", "_base_ must be a path or a list of paths, got 3"),
+    ('_base_ = "self.py"', "inherits from itself through _base_"),
+])
+def test_base_errors(tmp_path, text, message):
+    path = write(tmp_path, text + "\nnum_frames = 1\n", "self.py")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_config(path)
+
+
 def test_train_flags_and_defaults(train_path):
     bucket = "{'256': {16: (1.0, 4), 1: (1.0, 32)}}"
     cfg = parse_args(
@@ -314,8 +380,21 @@ def test_build_checks_type_and_options():
     assert build(registry, dict(type="net", width=4), "model", device="meta") == (4, 2, "meta")
     with pytest.raises(ValueError, match="unknown model type 'nett'; valid types: net"):
         build(registry, dict(type="nett"), "model")
-    with pytest.raises(ValueError, match="unknown model option 'dept' for type 'net'; valid options: width, depth"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) dept for model 'net'; valid: width, depth$"):
         build(registry, dict(type="net", width=4, dept=3), "model", device="cpu")
     # a runtime argument may not come from the config
-    with pytest.raises(ValueError, match="unknown model option 'device'"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) device"):
         build(registry, dict(type="net", width=4, device="cuda"), "model", device="cpu")
+    # a preset is a partial: what it fixes is not an option
+    registry["net-wide"] = functools.partial(make, width=64)
+    assert build(registry, dict(type="net-wide", depth=3), "model") == (64, 3, "cpu")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) width for model 'net-wide'; valid: depth, device$"):
+        build(registry, dict(type="net-wide", width=4), "model")
+
+
+def test_builders_do_not_import_the_config_module():
+    """Models, VAE, text encoders and schedulers build through sora.registry, not the command-line config."""
+    code = ("import sys, sora.models, sora.models.vae, sora.models.text_encoder, sora.schedulers; "
+            "print('sora.config' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr

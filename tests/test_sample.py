@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sora.data.video
+import sora.sample
 from sora.data.video import read_video
 from sora.launch import main
 from sora.sample import run
@@ -132,6 +133,11 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-path", "missing.txt", "--prompt", "none"], "prompt file 'missing.txt' does not exist"),
     (["--prompt-path", "EMPTY", "--prompt", "none"], "has no prompts"),
+    # the config file sets `prompt`; a prompt file on the command line replaces it, so a bad one fails
+    (["--prompt-path", "missing.txt"], "^error: prompt file 'missing.txt' does not exist$"),
+    (["--prompt-path", "EMPTY"], "prompt file '.*EMPTY' has no prompts"),
+    (["--weights", "model"], "weights='model' needs --ckpt-path to be a training checkpoint folder"),
+    (["--ckpt-path", "EMPTY", "--weights", "model"], "weights='model' needs --ckpt-path to be a training checkpoint"),
     (["--image-size", "72,64"], r"image_size \(72, 64\) must be divisible by 16 \(the VAE.s 8x downsampling times the model.s patch 2\)"),
     (["--model.patch_size", "[2,2,2]", "--num-frames", "7"], "num_frames=7 must be divisible by the model's temporal patch size 2"),
     (["--scheduler.type", "ddim"], "unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
@@ -158,3 +164,62 @@ def test_command_line_exit_code():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: prompt file 'missing.txt' does not exist"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model fails the test: what is checked must fail before."""
+    monkeypatch.setattr(sora.sample, "build_components", lambda *args, **kwargs: pytest.fail("a model was built"))
+
+
+def exits_2(capsys, *flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main(run, "sample", [TINY, *FAST, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1:]  # the line after the progress bar
+
+
+def test_save_dir_that_cannot_be_written_fails_before_any_model_is_built(tmp_path, capsys, no_model):
+    (tmp_path / "file").write_text("")
+    err = exits_2(capsys, "--save-dir", str(tmp_path / "file" / "videos"))
+    assert err == [f"error: save_dir '{tmp_path}/file/videos' cannot be written: Not a directory"]
+
+
+def test_failed_write_is_one_line_naming_the_file_and_the_partial_file_goes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import av
+
+    def disk_full(path, mode="r", **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(av, "open", disk_full)
+    err = exits_2(capsys, "--save-dir", str(tmp_path / "out"))
+    assert err == [f"error: could not write {tmp_path}/out/sample_0000.mp4: No space left on device"]
+    assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 KiB tmpfs (skipped where this process may not mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_full_and_read_only_disks(tiny_disk, capsys, monkeypatch):
+    err = exits_2(capsys, "--save-dir", str(tiny_disk / "videos"))
+    assert err == [f"error: could not write {tiny_disk}/videos/sample_0000.mp4: No space left on device"]
+    assert os.listdir(tiny_disk / "videos") == []
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    monkeypatch.setattr(sora.sample, "build_components", lambda *args, **kwargs: pytest.fail("a model was built"))
+    err = exits_2(capsys, "--save-dir", str(tiny_disk / "other"))
+    assert err == [f"error: save_dir '{tiny_disk}/other' cannot be written: Read-only file system"]
+

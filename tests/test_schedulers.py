@@ -33,13 +33,15 @@ def randn(*shape, seed):
 
 def exact_eps_model(x0, channels_out, calls=None):
     """A model whose eps is exact when the data is always x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar),
-    abar taken at the original 1000-step timestep it is given. Extra channels: a variance fraction."""
-    abar = torch.from_numpy(reference_schedule()[1])
+    abar taken at the original 1000-step timestep it is given (between two, log sqrt(abar) interpolated
+    linearly, as DPM-Solver's continuous time does). Extra channels: a variance fraction."""
+    log_alpha = 0.5 * np.log(reference_schedule()[1])
 
     def model(x, t, y, mask=None):
         if calls is not None:
             calls.append(dict(x=x.clone(), t=t.clone(), y=y.clone(), mask=mask))
-        a = abar[t.cpu()].to(x).view(-1, *([1] * (x.ndim - 1)))
+        abar = np.exp(2 * np.interp(t.cpu().double().numpy(), np.arange(1000), log_alpha))
+        a = torch.from_numpy(abar).to(x).view(-1, *([1] * (x.ndim - 1)))
         data = x0.to(x).repeat(len(x) // len(x0), *([1] * (x.ndim - 1)))  # the batch may be doubled for CFG
         eps = (x - a.sqrt() * data) / (1 - a).sqrt()
         var_frac = torch.tanh(x[:, : channels_out - x.shape[1]])
@@ -314,41 +316,74 @@ def test_dpm_solver_with_an_exact_model_follows_the_ode_to_step_zero():
     assert (sample - x0).abs().max() < 0.06
 
 
-def reference_dpm_solver_pp_2m(eps_fn, z, steps):
-    """Multistep DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on the discrete linear schedule, float64."""
+def reference_dpm_solver_pp_2m(eps_fn, z, steps, grid):
+    """Multistep DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), float64, on Open-Sora v1's discretisation of
+    the linear schedule: continuous time tau in [1/1000, 1] with log alpha(tau) the linear interpolation of
+    log sqrt(abar_n) at tau_n = (n + 1) / 1000; grid uniform in tau or in lambda from 1 to 1/1000; the model at
+    timestep 1000 (tau - 1/1000); first order on the first step, and on the last when steps < 10."""
     abar = reference_schedule()[1]
-    timesteps = np.linspace(0, 999, steps + 1).round()[::-1][:-1].astype(int)
-    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
-    lam = np.log(alpha / sigma)
-    x, previous = z.double(), None
-    for i, s in enumerate(timesteps):
-        target = timesteps[i + 1] if i + 1 < steps else 0
-        data = (x - sigma[s] * eps_fn(x, s)) / alpha[s]
-        h = lam[target] - lam[s]
-        if previous is None:
+    knots = (np.arange(1000) + 1) / 1000
+
+    def log_alpha(tau):
+        return np.interp(tau, knots, 0.5 * np.log(abar))
+
+    def lam(tau):  # lambda = log(alpha / sigma)
+        return log_alpha(tau) - 0.5 * np.log(1 - np.exp(2 * log_alpha(tau)))
+
+    if grid == "time_uniform":
+        taus = np.linspace(1.0, 1 / 1000, steps + 1)
+    else:  # invert lambda by bisection: lambda decreases with tau
+        taus = []
+        for target in np.linspace(lam(1.0), lam(1 / 1000), steps + 1):
+            low, high = 1 / 1000, 1.0
+            for _ in range(100):
+                mid = (low + high) / 2
+                low, high = (mid, high) if lam(mid) > target else (low, mid)
+            taus.append((low + high) / 2)
+    x, history = z.double(), []
+    for i in range(steps):
+        s, t = taus[i], taus[i + 1]
+        alpha_s, sigma_s = np.exp(log_alpha(s)), np.sqrt(1 - np.exp(2 * log_alpha(s)))
+        alpha_t, sigma_t = np.exp(log_alpha(t)), np.sqrt(1 - np.exp(2 * log_alpha(t)))
+        data = (x - sigma_s * eps_fn(x, 1000 * (s - 1 / 1000))) / alpha_s
+        h = lam(t) - lam(s)
+        if not history or (steps < 10 and i == steps - 1):
             d = data
         else:
-            prev_s, prev_data = previous
-            r = (lam[s] - lam[prev_s]) / h
+            prev_s, prev_data = history[-1]
+            r = (lam(s) - lam(prev_s)) / h
             d = data + (data - prev_data) / (2 * r)
-        x = sigma[target] / sigma[s] * x - alpha[target] * np.expm1(-h) * d
-        previous = (s, data)
+        x = sigma_t / sigma_s * x - alpha_t * np.expm1(-h) * d
+        history.append((s, data))
     return x
 
 
-def test_dpm_solver_matches_a_written_out_dpm_solver_pp():
+@pytest.mark.parametrize("grid", ["time_uniform", "logSNR"])
+@pytest.mark.parametrize("steps", [10, 20, 7])
+def test_dpm_solver_follows_open_soras_time_grid_and_order_schedule(steps, grid):
     y, y_null = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17))
     scale = 3.0
+    calls = []
 
-    def guided_eps(x, s):
-        t = torch.full((2,), int(s))
+    def model(x, t, y, mask=None):
+        calls.append(t.clone())
+        return conditional_model(x, t, y)
+
+    def guided_eps(x, timestep):
+        t = torch.full((2,), timestep, dtype=torch.float64)
         cond, uncond = conditional_model(x, t, y.double())[:, :4], conditional_model(x, t, y_null.double())[:, :4]
         return uncond + scale * (cond - uncond)
 
-    got = DPMSolver(num_sampling_steps=20, cfg_scale=scale).sample(conditional_model, z, y, y_null, progress=False)
-    expected = reference_dpm_solver_pp_2m(guided_eps, z, 20)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    got = DPMSolver(num_sampling_steps=steps, cfg_scale=scale, time_grid=grid).sample(model, z, y, y_null,
+                                                                                       progress=False)
+    expected = reference_dpm_solver_pp_2m(guided_eps, z, steps, grid)
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-5
+    # one call per step, at float timesteps from 999 down (time_uniform: evenly spaced, never rounded)
+    assert len(calls) == steps and calls[0][0].item() == pytest.approx(999)
+    if grid == "time_uniform":
+        torch.testing.assert_close(torch.stack([c[0] for c in calls]).double(),
+                                   torch.linspace(999, 0, steps + 1, dtype=torch.float64)[:-1])
 
 
 # ---------------------------------------------------------------- training losses
@@ -441,8 +476,8 @@ def test_build_scheduler():
     [
         (dict(type="ddim"), r"unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
         (dict(num_sampling_steps=10), r"unknown scheduler type None"),
-        (dict(type="iddpm", num_steps=10), r"unknown scheduler option 'num_steps' for type 'iddpm'; valid options: num_sampling_steps"),
-        (dict(type="dpm-solver", timestep_respacing="10"), r"option 'timestep_respacing' for type 'dpm-solver'; valid options: .*cfg_channel"),
+        (dict(type="iddpm", num_steps=10), r"unknown argument\(s\) num_steps for scheduler 'iddpm'; valid: num_sampling_steps"),
+        (dict(type="dpm-solver", timestep_respacing="10"), r"timestep_respacing for scheduler 'dpm-solver'; valid: .*cfg_channel"),
         (dict(type="iddpm", cfg_scale="7"), r"cfg_scale must be a finite number, got '7'"),
         (dict(type="dpm-solver", cfg_scale=float("nan")), r"cfg_scale must be a finite number"),
         (dict(type="iddpm", num_sampling_steps=0), r"num_sampling_steps must be an int in \[1, 1000\], got 0"),
@@ -454,6 +489,7 @@ def test_build_scheduler():
         (dict(type="iddpm", cfg_channel=0), r"cfg_channel must be None or a positive int, got 0"),
         (dict(type="iddpm", noise_schedule="cosine"), r"noise_schedule must be one of"),
         (dict(type="iddpm", learn_sigma="yes"), r"learn_sigma must be True or False"),
+        (dict(type="dpm-solver", time_grid="karras"), r"time_grid must be one of time_uniform, logSNR, got 'karras'"),
     ],
 )
 def test_build_scheduler_rejects_bad_configs(cfg, message):
@@ -472,3 +508,27 @@ def test_sample_rejects_mismatched_inputs():
         IDDPM(num_sampling_steps=2, cfg_channel=9).sample(conditional_model, z, y, y, progress=False)
     with pytest.raises(ValueError, match="model_kwargs must be a dict"):
         diffusion.training_losses(conditional_model, z, torch.tensor([1, 2]))
+
+
+# ---------------------------------------------------------------- no host synchronisation in the loop
+
+
+@pytest.mark.parametrize("make", [lambda: IDDPM(num_sampling_steps=5), lambda: DPMSolver(num_sampling_steps=5),
+                                  lambda: DPMSolver(num_sampling_steps=12, time_grid="logSNR")])
+def test_sampling_loop_reads_nothing_back_from_the_tensors(make, monkeypatch):
+    """On CUDA, reading a tensor's value on the host (.item(), bool(), int(), .tolist(), .cpu(), numpy) waits
+    for the GPU: the denoising loop must not. Here any such read raises, and sampling still works."""
+    y, y_null, z = torch.randn(2, 1, 3, 6), torch.randn(2, 1, 3, 6), torch.randn(SHAPE)
+    scheduler = make()
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    expected = scheduler.sample(conditional_model, z, y, y_null, progress=False, generator=generators)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the sampling loop read a tensor's value on the host")
+
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    got = scheduler.sample(conditional_model, z, y, y_null, progress=False, generator=generators)
+    monkeypatch.undo()
+    assert torch.equal(got, expected)

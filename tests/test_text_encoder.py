@@ -1,6 +1,5 @@
 import json
 import string
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ def test_t5_from_folder_matches_model(t5_folder):
     expected_mask = torch.tensor([[1] * 6 + [0] * 10, [1] * 3 + [0] * 13, [1] * 16])
     assert out["y"].shape == (3, 1, 16, 32) and out["y"].dtype == torch.float32
     assert torch.equal(out["mask"], expected_mask)
-    assert encoder.output_dim == 32 and encoder.model_max_length == 16 and encoder.y_embedder is None
+    assert encoder.output_dim == 32 and encoder.model_max_length == 16
     with torch.no_grad():
         model = tiny_t5()
         short = tokenizer(PROMPTS[:2], padding="max_length", max_length=16, return_tensors="pt")
@@ -78,15 +77,21 @@ def test_t5_tiny_config_is_seeded():
     assert torch.equal(encoder.encode(PROMPTS)["y"], again.encode(PROMPTS)["y"])
 
 
-def test_t5_null_needs_y_embedder():
-    encoder = T5Encoder(config=TINY_T5_CONFIG, model_max_length=12)
-    with pytest.raises(RuntimeError, match="assign `text_encoder.y_embedder = model.y_embedder`"):
-        encoder.null(2)
-    y_embedding = torch.randn(12, 32)
-    encoder.y_embedder = SimpleNamespace(y_embedding=y_embedding)
-    null = encoder.null(3)
+def test_null_condition_comes_from_the_model_embedders():
+    """Guidance's unconditional input is the model's: its null caption, or its null class."""
+    from sora.models.layers import CaptionEmbedder, LabelEmbedder
+
+    captions = CaptionEmbedder(in_channels=32, hidden_size=8, uncond_prob=0.1, token_num=12)
+    null = captions.null(3)
     assert null.shape == (3, 1, 12, 32)
-    assert all(torch.equal(null[i, 0], y_embedding) for i in range(3))
+    assert all(torch.equal(null[i, 0], captions.y_embedding) for i in range(3))
+    # what training puts in place of a dropped caption
+    dropped = captions(torch.randn(3, 1, 12, 32), train=False, force_drop_ids=torch.ones(3))
+    torch.testing.assert_close(dropped, captions.y_proj(null))
+    labels = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=0.1)
+    assert torch.equal(labels.null(2), torch.tensor([10, 10]))
+    with pytest.raises(ValueError, match="guidance needs the null class, but this model has none"):
+        LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=0.0).null(2)
 
 
 def test_t5_path_errors(tmp_path):
@@ -146,8 +151,6 @@ def test_clip_pooled_output(clip_folder):
             # unpadded: the pooled output is the last (end-token) state
             states = model(input_ids=torch.tensor([tokenizer(prompt).input_ids])).last_hidden_state
             torch.testing.assert_close(out["y"][i, 0, 0], states[0, -1], rtol=1e-5, atol=1e-6)
-    encoder.y_embedder = SimpleNamespace(y_embedding=torch.arange(32.0)[None])
-    assert torch.equal(encoder.null(2), torch.arange(32.0).expand(2, 1, 1, 32))
 
 
 def test_clip_errors(clip_folder, tmp_path):
@@ -161,7 +164,6 @@ def test_classes():
     encoder = build_text_encoder(dict(type="classes", num_classes=10))
     out = encoder.encode(["0", " 7 ", "9\n"])
     assert torch.equal(out["y"], torch.tensor([0, 7, 9])) and out["y"].dtype == torch.long and out["mask"] is None
-    assert torch.equal(encoder.null(2), torch.tensor([10, 10]))
     assert encoder.output_dim is None and encoder.model_max_length is None
     for bad in ["cat", "10", "-1", "1.5"]:
         with pytest.raises(ValueError, match=rf"prompt '{bad}' is not a class id: expected an integer in \[0, 10\)"):
@@ -172,7 +174,7 @@ def test_classes():
 def test_build_errors():
     with pytest.raises(ValueError, match="unknown text_encoder type 't3'; valid types: t5, clip, classes"):
         build_text_encoder(dict(type="t3"))
-    with pytest.raises(ValueError, match="unknown text_encoder option 'max_length' for type 't5'; valid options: from_pretrained, model_max_length"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) max_length for text_encoder 't5'; valid: from_pretrained, model_max_length"):
         build_text_encoder(dict(type="t5", config=TINY_T5_CONFIG, max_length=8))
 
 

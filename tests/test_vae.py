@@ -105,7 +105,7 @@ def test_errors(vae, tmp_path):
         vae.encode(torch.zeros(2, 3, 16, 16))
     with pytest.raises(ValueError, match=r"z must be \(B, 4, T, H, W\), got shape \(1, 3, 1, 2, 2\)"):
         vae.decode(torch.zeros(1, 3, 1, 2, 2))
-    with pytest.raises(ValueError, match="unknown vae option 'micro_batch' for type 'VideoAutoencoderKL'"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) micro_batch for vae 'VideoAutoencoderKL'"):
         build_vae(dict(type="VideoAutoencoderKL", config=TINY_VAE_CONFIG, micro_batch=2))
     with pytest.raises(ValueError, match="unknown vae type 'VideoAutoencoderKLTemporalDecoder'"):
         build_vae(dict(type="VideoAutoencoderKLTemporalDecoder"))

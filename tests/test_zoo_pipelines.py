@@ -22,7 +22,7 @@ from sora.config import load_config, parse_args, validate
 from sora.data.synthetic import make_synthetic_dataset
 from sora.data.video import read_video
 from sora.launch import build_components, main, setup
-from sora.models import lookup
+from sora.models import model_patch_size
 from sora.models.text_encoder import build_text_encoder
 from sora.models.vae import TINY_VAE_CONFIG
 
@@ -63,8 +63,8 @@ def tiny_flags(config, clip_folder):
     """Overrides that make `config` CPU-sized: a 2-block model of the preset's kind and patch, no weights,
     the tiny AutoencoderKL, fp32, 64x64 (and 4 frames for video configs), the tiny CLIP for text configs."""
     cfg = load_config(config)
-    kind, preset = cfg.model.type.split("-")[0], lookup(cfg.model.type)[1]
-    flags = ["--model.type", kind, "--model.patch_size", str(list(preset["patch_size"])),
+    kind = cfg.model.type.split("-")[0]
+    flags = ["--model.type", kind, "--model.patch_size", str(list(model_patch_size(cfg.model))),
              "--model.depth", "2", "--model.hidden_size", "64", "--model.num_heads", "4",
              "--model.from_pretrained", "none",
              "--vae.from_pretrained", "none", "--vae.config", repr(TINY_VAE_CONFIG),

@@ -208,11 +208,3 @@ class DiT(VideoTransformer):
 
 # DiT-XL/2 is STDiT's XL/2 (28 blocks of width 1152, 16 heads, 2x2 patches); x2 also patches 2 frames.
 XL_2x2 = {**XL_2, "patch_size": (2, 2, 2)}
-
-
-def DiT_XL_2(**kwargs):
-    return DiT(**XL_2, **kwargs)
-
-
-def DiT_XL_2x2(**kwargs):
-    return DiT(**XL_2x2, **kwargs)

@@ -13,8 +13,7 @@ Parameter names and shapes are Open-Sora's (those of DiT), so Latte's `Latte-XL-
 (weights under "ema", 2-D patch embed lifted, `pos_embed` and `temp_embed` recomputed).
 """
 
-from sora.models.dit import XL_2x2, DiT
-from sora.models.stdit import XL_2
+from sora.models.dit import DiT
 
 
 class Latte(DiT):
@@ -31,11 +30,3 @@ class Latte(DiT):
                 x = (x.view(B, T, -1, C) + tpe[:, :, None]).view(B, N, C)
             x = self.run_block(block, x, c, T, i % 2 == 1)
         return x
-
-
-def Latte_XL_2(**kwargs):
-    return Latte(**XL_2, **kwargs)
-
-
-def Latte_XL_2x2(**kwargs):
-    return Latte(**XL_2x2, **kwargs)

@@ -208,6 +208,10 @@ class CaptionEmbedder(nn.Module):
             caption = torch.where(drop[:, None, None, None], self.y_embedding.to(caption.dtype), caption)
         return self.y_proj(caption)
 
+    def null(self, n):
+        """The unconditional input of classifier-free guidance for n samples: the null caption, (n, 1, L, C)."""
+        return self.y_embedding[None, None].expand(n, 1, -1, -1)
+
 
 class LabelEmbedder(nn.Module):
     """Class ids (B,) -> (B, hidden) rows of a learned table (DiT, Latte).
@@ -235,6 +239,12 @@ class LabelEmbedder(nn.Module):
                 raise ValueError("dropping labels needs the null class, but this embedder has none (dropout_prob=0)")
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
+
+    def null(self, n):
+        """The unconditional input of classifier-free guidance for n samples: the null class, (n,) int64."""
+        if not self.has_null_class:
+            raise ValueError("guidance needs the null class, but this model has none (built with class_dropout_prob=0)")
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.embedding_table.weight.device)
 
 
 class _ModulatedOutput(nn.Module):

@@ -8,7 +8,7 @@ full-attention baseline. With one frame it is PixArt-alpha, whose released check
 import math
 
 from sora.models.layers import get_2d_sincos_pos_embed
-from sora.models.stdit import XL_2, STDiT
+from sora.models.stdit import STDiT
 
 
 class PixArt(STDiT):
@@ -23,7 +23,3 @@ class PixArt(STDiT):
         _, h, w = self.token_grid(self.input_size)
         base_size = math.isqrt(h * w)
         return get_2d_sincos_pos_embed(self.hidden_size, grid_hw, scale=self.space_scale, base_size=base_size)[None]
-
-
-def PixArt_XL_2(**kwargs):
-    return PixArt(**XL_2, **kwargs)

@@ -238,7 +238,3 @@ class STDiT(VideoTransformer):
 
 # The XL/2 preset of Open-Sora v1 (and PixArt-alpha): 28 blocks of width 1152, 16 heads, 2x2 spatial patches.
 XL_2 = dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16)
-
-
-def STDiT_XL_2(**kwargs):
-    return STDiT(**XL_2, **kwargs)

@@ -4,14 +4,13 @@ The interface (Open-Sora v1's; sora.sample and sora.train rely on exactly this):
 
 - `output_dim`: the width of `y`, which the model's `caption_channels` must equal (None for class ids).
 - `model_max_length`: tokens per caption, which the model's `model_max_length` must equal (None for class ids).
-- `y_embedder`: None until the caller assigns the diffusion model's `y_embedder`
-  (`text_encoder.y_embedder = model.y_embedder`), whose `y_embedding` buffer is the null caption.
 - `encode(prompts: list[str]) -> dict(y=Tensor, mask=Tensor | None)`:
     t5       y (B, 1, L, C) float, L = model_max_length; mask (B, L) int64, 1 for real tokens
     clip     y (B, 1, 1, C) float, the pooled (end-token) embedding; mask None
     classes  y (B,) int64 class ids, one per prompt line ("3"); mask None
-- `null(n) -> Tensor`: the unconditional `y` for classifier-free guidance, shaped like `encode`'s
-  `y` for n prompts (t5/clip: the model's null caption; classes: the null class `num_classes`).
+
+The unconditional `y` for classifier-free guidance is the diffusion model's, not the encoder's:
+`model.y_embedder.null(n)` (the null caption for t5/clip, the null class for classes).
 
 `build_text_encoder(dict(type="t5" | "clip" | "classes", **options), device, dtype)` builds one.
 T5-v1.1 overflows in fp16: run it in fp32 (as Open-Sora v1 does for sampling) or bf16.
@@ -26,14 +25,14 @@ import os
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-from sora.config import build, load_pretrained
+from sora.registry import build, load_pretrained
 
 # Two layers of T5-v1.1's block (gated-GELU MLP, no biases) at width 32: captions of width 32.
 TINY_T5_CONFIG = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu")
 
 
 class _CaptionEncoder:
-    """What T5 and CLIP share: a frozen transformers model, its tokenizer, and `null`."""
+    """What T5 and CLIP share: a frozen transformers model and its tokenizer."""
 
     def __init__(self, model, tokenizer, model_max_length, device, dtype):
         self.model = model.to(device, dtype).eval().requires_grad_(False)
@@ -41,7 +40,6 @@ class _CaptionEncoder:
         self.model_max_length = model_max_length
         self.output_dim = model.config.hidden_size
         self.device = torch.device(device)
-        self.y_embedder = None
 
     def _tokenize(self, prompts):
         return self.tokenizer(
@@ -51,15 +49,6 @@ class _CaptionEncoder:
             truncation=True,
             return_tensors="pt",
         ).to(self.device)
-
-    def null(self, n):
-        if self.y_embedder is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.null needs the diffusion model's null caption: "
-                "assign `text_encoder.y_embedder = model.y_embedder` first"
-            )
-        # (L, C) -> (n, 1, L, C)
-        return self.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
 
 
 class T5Encoder(_CaptionEncoder):
@@ -141,8 +130,8 @@ class ClipEncoder(_CaptionEncoder):
 
 class ClassEncoder:
     """Class labels (`type="classes"`): each prompt is a class id in [0, num_classes), for models
-    with `condition="label_N"`; `null` is the extra class `num_classes` their embedder keeps for
-    classifier-free guidance.
+    with `condition="label_N"`, whose embedder keeps the extra class `num_classes` for classifier-free
+    guidance.
 
     dtype: unused (class ids are integers); taken so every encoder is built the same way.
     """
@@ -152,7 +141,6 @@ class ClassEncoder:
         self.output_dim = None
         self.model_max_length = None
         self.device = torch.device(device)
-        self.y_embedder = None
 
     def encode(self, prompts):
         ids = []
@@ -165,9 +153,6 @@ class ClassEncoder:
                 raise ValueError(f"prompt {prompt!r} is not a class id: expected an integer in [0, {self.num_classes})")
             ids.append(class_id)
         return dict(y=torch.tensor(ids, dtype=torch.long, device=self.device), mask=None)
-
-    def null(self, n):
-        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)
 
 
 TEXT_ENCODERS = {"t5": T5Encoder, "clip": ClipEncoder, "classes": ClassEncoder}

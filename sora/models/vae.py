@@ -16,7 +16,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from einops import rearrange
 from torch import nn
 
-from sora.config import build, load_pretrained
+from sora.registry import build, load_pretrained
 
 # SD's VAE shape at toy width: 4 blocks (3 downsamplings: 8x, as SD) and 4 latent channels.
 TINY_VAE_CONFIG = dict(

@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping
 
-from sora.config import build
+from sora.registry import build
 
 from .dpm_solver import DPMSolver
 from .iddpm import IDDPM

@@ -18,7 +18,7 @@ import re
 import torch
 from tqdm import tqdm
 
-from sora.config import is_int
+from sora.registry import is_int
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
@@ -120,23 +120,24 @@ def check_sample_inputs(z, y, y_null, mask):
         raise ValueError(f"y and y_null must have the same shape, got {tuple(y.shape)} and {tuple(y_null.shape)}.")
 
 
-def guided_output(model, x, timestep, y, y_null, mask, cfg_scale, cfg_channel):
+def guided_output(model, x, timestep, y, y_null, mask, cfg_scale, cfg_channel, check=True):
     """One model call on the batch doubled as [conditional; unconditional], guided.
 
     x: (B, C, ...), timestep: (B,) original-process indices. Returns (B, C_out, ...): the first
     `cfg_channel` channels (default C, the eps part) are uncond + cfg_scale * (cond - uncond), the
-    rest (the learned variance) are the conditional ones.
+    rest (the learned variance) are the conditional ones. `check`: validate the output's shape
+    (sampling loops do it on their first step only: the shapes do not change between steps).
     """
     kwargs = {"y": torch.cat([y, y_null])}
     # Models without masking (class-conditioned DiT) take no mask argument at all.
     if mask is not None:
         kwargs["mask"] = torch.cat([mask, mask])
     out = model(torch.cat([x, x]), torch.cat([timestep, timestep]), **kwargs)
-    if out.shape[0] != 2 * x.shape[0] or out.shape[2:] != x.shape[2:]:
+    num_guided = x.shape[1] if cfg_channel is None else cfg_channel
+    if check and (out.shape[0] != 2 * x.shape[0] or out.shape[2:] != x.shape[2:]):
         expected = (2 * x.shape[0], "C_out", *x.shape[2:])
         raise ValueError(f"model output must be {expected} for the doubled input, got {tuple(out.shape)}.")
-    num_guided = x.shape[1] if cfg_channel is None else cfg_channel
-    if num_guided > out.shape[1]:
+    if check and num_guided > out.shape[1]:
         raise ValueError(f"cfg_channel={num_guided} exceeds the model's {out.shape[1]} output channels.")
     cond, uncond = out.chunk(2)
     guided = uncond[:, :num_guided] + cfg_scale * (cond[:, :num_guided] - uncond[:, :num_guided])
@@ -279,16 +280,16 @@ class IDDPM:
         mean = self._at("posterior_mean_coef1", t, x_t) * x_start + self._at("posterior_mean_coef2", t, x_t) * x_t
         return mean, self._at("posterior_variance", t, x_t), self._at("posterior_log_variance_clipped", t, x_t)
 
-    def p_mean_variance(self, model_output, x_t, t):
+    def p_mean_variance(self, model_output, x_t, t, check=True):
         """Mean, log-variance and x_0 prediction of p(x_{t-1} | x_t) from the model's output.
 
         model_output: (B, 2C, ...) [eps (or x_0); variance fraction v in [-1, 1]] with learn_sigma,
         else (B, C, ...). The learned log-variance is (v + 1) / 2 * log(beta_t)
-        + (1 - v) / 2 * log(posterior variance_t).
+        + (1 - v) / 2 * log(posterior variance_t). `check`: validate model_output's shape.
         """
         channels = x_t.shape[1]
         expected = (x_t.shape[0], 2 * channels if self.learn_sigma else channels, *x_t.shape[2:])
-        if model_output.shape != expected:
+        if check and model_output.shape != expected:
             raise ValueError(
                 f"model output must be {expected} (learn_sigma={self.learn_sigma}) for x_t {tuple(x_t.shape)}, "
                 f"got {tuple(model_output.shape)}."
@@ -389,10 +390,16 @@ class IDDPM:
         x = z.to(compute_dtype(z))
         batch = x.shape[0]
         timesteps = self._on("timestep_map", x.device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress):
+        steps = range(self.num_timesteps - 1, -1, -1)
+        # Every step's noise (the last step adds none), drawn before the loop in the order the steps use it: a
+        # CPU generator's noise is then on the GPU before the first step instead of each step waiting for its
+        # copy (this holds num_timesteps - 1 tensors of z's size on the device).
+        noise = iter([randn(x.shape, generator, x) for _ in steps[:-1]])
+        for i in tqdm(steps, disable=not progress):
+            first = i == steps[0]
             t = torch.full((batch,), i, dtype=torch.long, device=x.device)
-            out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel)
-            mean, log_variance, _ = self.p_mean_variance(out.to(x.dtype), x, t)
+            out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel, first)
+            mean, log_variance, _ = self.p_mean_variance(out.to(x.dtype), x, t, check=first)
             # The last step returns the mean: x_0 gets no noise.
-            x = mean + torch.exp(0.5 * log_variance) * randn(x.shape, generator, x) if i > 0 else mean
+            x = mean + torch.exp(0.5 * log_variance) * next(noise) if i > 0 else mean
         return x.to(z.dtype)

@@ -1,0 +1,81 @@
+"""Building what a config names: `build` (a registry of constructors, one error wording for every kind of
+thing), `load_pretrained` (a transformers/diffusers `from_pretrained` with a one-line error), `is_int`, and the
+compute dtypes by their config names.
+
+The models, the VAE, the text encoders and the schedulers build through here; none of them imports the
+command-line config module (sora.config), which only loads, overrides and validates config files.
+"""
+
+import inspect
+import os
+import re
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def options(factory):
+    """The keyword arguments a config may give `factory`: its parameters, less those a `functools.partial`
+    preset fixes (`partial(STDiT, depth=28, ...)` is the preset STDiT-XL/2, whose depth is not an option)."""
+    fixed = getattr(factory, "keywords", {})
+    params = inspect.signature(factory).parameters
+    return [name for name, p in params.items() if name not in fixed and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def build(registry, cfg, what, **runtime):
+    """`registry[cfg["type"]](**other keys, **runtime)`, rejecting an unknown type or argument by name.
+
+    `runtime` holds what the caller supplies (device, dtype, sizes); a config may not set those.
+    """
+    kwargs = dict(cfg)
+    name = kwargs.pop("type", None)
+    if name not in registry:
+        raise ValueError(f"unknown {what} type {name!r}; valid types: {', '.join(registry)}")
+    factory = registry[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [key for key in options(factory) if key not in runtime]
+        unknown = [key for key in kwargs if key not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown argument(s) {', '.join(unknown)} for {what} {name!r}; valid: {', '.join(valid)}"
+            )
+    return factory(**kwargs, **runtime)
+
+
+# Looks like a Hugging Face hub id ("org/name" or "name") rather than a file-system path.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def load_pretrained(load, name, what, weights=True, **kwargs):
+    """`load(name, **kwargs)` (a `from_pretrained`) with a one-line error instead of a library's
+    traceback when `name` is a missing path, a folder without a model, or an unreachable hub id.
+
+    `weights`: the folder must hold config.json and weights (*.safetensors or *.bin); tokenizers
+    have their own file sets, so for them only the folder's existence is checked.
+    """
+    name = os.path.expanduser(name)
+    path = os.path.join(name, kwargs["subfolder"]) if kwargs.get("subfolder") else name
+    model_files = "config.json and weights (*.safetensors or *.bin)"
+    local = os.path.isdir(path)
+    if local:
+        files = os.listdir(path)
+        if weights and ("config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files)):
+            raise ValueError(f"{what} folder {path} holds no model: expected {model_files}")
+    elif os.path.exists(path) or not _HUB_ID.match(name):
+        expected = f"a folder with {model_files}" if weights else "a folder"
+        raise FileNotFoundError(f"{what} not found: {path} is not {expected}")
+    try:
+        return load(name, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if local:
+            raise ValueError(f"could not load {what} from folder {path}: {reason}") from e
+        raise FileNotFoundError(
+            f"could not load {what} {name!r}: no such local folder, and as a hub id: {reason}"
+        ) from e
