@@ -73,7 +73,7 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False):
 
     The model is cast to the compute dtype for sampling; for training it keeps fp32 master weights (the
     compute dtype is applied by autocast or FSDP2's mixed-precision policy)."""
-    from sora.models import build_model, model_arguments, model_patch_size
+    from sora.models import model_patch_size
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
 
@@ -93,19 +93,30 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False):
     # T5 overflows in fp16: half-precision runs put it in bf16 (Open-Sora v1 kept it in fp32).
     text_dtype = torch.float32 if runtime.dtype == torch.float32 else torch.bfloat16
     text_encoder = build_text_encoder(cfg.text_encoder, runtime.device, text_dtype)
+    model = build_diffusion_model(cfg, runtime, latent_size, vae.out_channels, text_encoder.output_dim,
+                                  text_encoder.model_max_length, sequence_parallel, training)
+    text_encoder.y_embedder = model.y_embedder
+    return model, vae, text_encoder, latent_size
+
+
+def build_diffusion_model(cfg, runtime, latent_size, in_channels, caption_channels, model_max_length,
+                          sequence_parallel=False, training=False):
+    """The diffusion model a config names, for its encoders' latent size and channels and caption width and
+    length (from the encoders, or from the index of a pre-encoded training set); training adds the config's
+    grad_checkpoint."""
+    from sora.models import build_model, model_arguments
 
     wiring = dict(
         input_size=latent_size,
-        in_channels=vae.out_channels,
-        caption_channels=text_encoder.output_dim,
-        model_max_length=text_encoder.model_max_length,
+        in_channels=in_channels,
+        caption_channels=caption_channels,
+        model_max_length=model_max_length,
         # The process layout decides sequence parallelism (sp_size), whatever the model dict says.
         enable_sequence_parallelism=sequence_parallel,
+        grad_checkpoint=(training and cfg.grad_checkpoint) or None,  # True turns it on; else the model dict decides
     )
     accepted = model_arguments(cfg.model["type"])
     if sequence_parallel and "enable_sequence_parallelism" not in accepted:
         raise ValueError(f"sp_size > 1 needs a model with sequence parallelism (STDiT); {cfg.model['type']} has none")
     model = build_model(cfg.model, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
-    model = model.to(runtime.device, torch.float32 if training else runtime.dtype)
-    text_encoder.y_embedder = model.y_embedder
-    return model, vae, text_encoder, latent_size
+    return model.to(runtime.device, torch.float32 if training else runtime.dtype)
