@@ -337,8 +337,9 @@ def run(cfg):
              f"pre-encoded data from {cfg.data_path}" if encoded else "VAE and text encoder on the fly")
 
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    bar = tqdm(total=total, initial=global_step, unit="step", disable=not runtime.is_main, file=sys.stdout,
-               dynamic_ncols=True)
+    # On rank 0 in a terminal (redirected to a file, the log lines say the same but the ETA).
+    bar = tqdm(total=total, initial=global_step, unit="step", disable=None if runtime.is_main else True,
+               file=sys.stdout, dynamic_ncols=True)
     meter = Meter()
     done = cfg.max_steps is not None and global_step >= cfg.max_steps
     with logging_redirect_tqdm():  # log lines above the bar, not through it
