@@ -27,6 +27,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -82,12 +83,17 @@ def _describe(error):
 
 
 def _os_error(error, folder):
-    """The OS error behind a failed write: the exception itself or one it was raised from; else (torch.save
-    reports a full disk as a RuntimeError "unexpected pos ...") a fresh write of 1 MiB into `folder` tells."""
-    while error is not None:
+    """The OS error behind a failed write: the exception itself, one it was raised from, or one a rank
+    reported to torch.distributed.checkpoint; else (torch.save reports a full disk as a RuntimeError
+    "unexpected pos ...") a fresh write of 1 MiB into `folder`, before the partial save is removed, tells."""
+    pending = [error]
+    while pending:
+        error = pending.pop()
         if isinstance(error, OSError):
             return error
-        error = error.__cause__ or error.__context__
+        if error is not None:
+            pending += [error.__cause__ or error.__context__]
+            pending += [failure for failure, _ in getattr(error, "failures", {}).values()]
     probe = os.path.join(folder, f".write-test-{uuid.uuid4().hex}")
     try:
         with open(probe, "wb") as f:
@@ -126,12 +132,12 @@ def save_checkpoint(exp_dir, model, ema, optimizer, running_states):
             torch.save({k: v.float() for k, v in ema_state.items()}, os.path.join(tmp, "ema.pt"))
             with open(os.path.join(tmp, RUNNING_STATES), "w") as f:
                 json.dump(running_states, f, indent=2)
-    except Exception as error:  # noqa: BLE001 - sorted out below: a failed write becomes one line
+    except (Exception, CheckpointException) as error:  # sorted out below: a failed write becomes one line
         failure = error
     if _any_rank(failure is not None):
+        os_error = _os_error(failure, exp_dir) if failure is not None else None
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        os_error = _os_error(failure, exp_dir) if failure is not None else None
         if failure is not None and os_error is None:
             raise failure
         reason = _describe(os_error) if os_error is not None else "another rank failed to write its part"

@@ -16,6 +16,7 @@ caption dropout) from (seed, global step, data-parallel rank), and the data orde
 """
 
 import copy
+import itertools
 import json
 import logging
 import os
@@ -159,6 +160,26 @@ def step_seed(seed, global_step, dp_rank):
     return (seed * 1_000_003 + global_step * 7_919 + dp_rank) % (2**63)
 
 
+def step_generator(seed, global_step, dp_rank):
+    """The step's host generator (timesteps, noise, the posterior sample), the global generators (caption
+    dropout and anything else drawing from them) seeded alike."""
+    torch.manual_seed(step_seed(seed, global_step, dp_rank))
+    return torch.Generator().manual_seed(step_seed(seed, global_step, dp_rank))
+
+
+def epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit):
+    """(epoch, batch) from `step` steps into `epoch` to the end of the last epoch; each epoch's data order
+    and frame choices come from (seed, epoch)."""
+    for epoch in range(epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        if step:
+            sampler.load_state_dict(dict(seed=cfg.seed, epoch=epoch, index=step * sampler_unit))
+            step = 0
+        for batch in loader:
+            yield epoch, batch
+
+
 def optimizer_step(model, ema, optimizer, grad_clip, ema_decay):
     """What follows backward: gradients clipped to grad_clip (foreach), the optimizer's step, the EMA update.
     Returns the gradient norm before clipping. Fully memory-bound: at least 52 bytes per fp32 parameter
@@ -216,9 +237,9 @@ class Logger:
         if not is_main:
             return
         self.metrics = os.path.join(exp_dir, "metrics.jsonl")
-        handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
-        logging.getLogger().addHandler(handler)
+        self.handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logging.getLogger().addHandler(self.handler)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(os.path.join(exp_dir, "tensorboard"))
@@ -227,6 +248,14 @@ class Logger:
 
             self.wandb = wandb
             wandb.init(project="sora", name=os.path.basename(exp_dir), config=dict(cfg), dir=exp_dir)
+
+    def close(self):
+        if self.is_main:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
 
     def scalars(self, values, step):
         if not self.is_main:
@@ -341,23 +370,18 @@ def run(cfg):
     bar = tqdm(total=total, initial=global_step, unit="step", disable=None if runtime.is_main else True,
                file=sys.stdout, dynamic_ncols=True)
     meter = Meter()
-    done = cfg.max_steps is not None and global_step >= cfg.max_steps
-    with logging_redirect_tqdm():  # log lines above the bar, not through it
-        while not done and epoch < cfg.epochs:
-            sampler.set_epoch(epoch)
-            loader.dataset.set_epoch(epoch)  # frame choices are drawn per (seed, epoch, index)
-            if step:
-                sampler.load_state_dict(dict(seed=cfg.seed, epoch=epoch, index=step * sampler_unit))
-            for batch in loader:
-                seed = step_seed(cfg.seed, global_step, dp_rank)
-                torch.manual_seed(seed)  # caption dropout and anything else drawing from the global generators
-                generator = torch.Generator().manual_seed(seed)  # timesteps, noise, the posterior sample
+    remaining = None if cfg.max_steps is None else max(cfg.max_steps - global_step, 0)
+    try:
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            for batch_epoch, batch in itertools.islice(epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit),
+                                                       remaining):
+                if batch_epoch != epoch:
+                    epoch, step = batch_epoch, 0
                 loss, grad_norm, samples = train_step(
-                    model, ema, optimizer, diffusion, batch, generator, vae=vae, text_encoder=text_encoder,
-                    latent_scale=latent_scale, dtype=runtime.dtype, autocast_dtype=autocast_dtype,
-                    grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
-                step += 1
-                global_step += 1
+                    model, ema, optimizer, diffusion, batch, step_generator(cfg.seed, global_step, dp_rank), vae=vae,
+                    text_encoder=text_encoder, latent_scale=latent_scale, dtype=runtime.dtype,
+                    autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+                step, global_step = step + 1, global_step + 1
                 meter.add(loss, samples * dp_size)
                 bar.update()
                 if global_step % cfg.log_every == 0 or not meter.logged:
@@ -366,17 +390,13 @@ def run(cfg):
                                     "grad_norm": scalar(grad_norm), "samples_per_s": samples_per_s, "epoch": epoch},
                                    global_step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{samples_per_s:.3g}", refresh=False)
-                done = cfg.max_steps is not None and global_step >= cfg.max_steps
-                if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or done):
+                if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or global_step == cfg.max_steps):
                     log.info("saved %s", save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step,
                                               global_step, dp_size, sampler_unit))
-                if done:
-                    break
-            if not done:
-                epoch, step = epoch + 1, 0
-    bar.close()
-    if runtime.is_main:
-        log.info("finished at global step %d; checkpoints in %s", global_step, exp_dir)
+    finally:
+        bar.close()
+        logger.close()
+    log.info("finished at global step %d; checkpoints in %s", global_step, exp_dir)
 
 
 if __name__ == "__main__":
