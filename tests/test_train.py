@@ -252,10 +252,11 @@ def test_bucketed_training(tmp_path):
 
 
 def test_trainer_pieces_import_without_pyav():
-    """The benchmarks reuse update_ema on GPU machines without PyAV: only building a dataset needs it."""
+    """The benchmarks time train_step and optimizer_step on GPU machines without PyAV: only building a dataset
+    needs it."""
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['av'] = None; from sora.train import update_ema, run; print('ok')"
+    code = "import sys; sys.modules['av'] = None; from sora.train import train_step, optimizer_step, build_optimizer, run; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
