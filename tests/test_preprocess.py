@@ -13,6 +13,7 @@ from sora.launch import main
 from sora.models.vae import TINY_VAE_CONFIG
 from sora.preprocess import cli
 from sora.train import run
+from spawn import run as spawn_run
 
 SMALL = ["--model.depth", "2", "--model.hidden_size", "64", "--batch-size", "2", "--num-workers", "0",
          "--num-frames", "4"]
@@ -101,3 +102,17 @@ def test_training_with_other_settings_is_refused(tmp_path, clips, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was encoded with num_frames=4, the config has 8" in err[0], err
+
+
+def preprocess_worker(rank, world, out, csv):
+    preprocess(csv, f"{out}/encoded", "--shard-size", "2")
+
+
+def test_ranks_share_the_shards(tmp_path, clips):
+    """Under torchrun (2 gloo processes) shard k is encoded by rank k mod 2; the set equals one process's."""
+    spawn_run(preprocess_worker, 2, tmp_path / "two", str(clips))
+    preprocess(clips, tmp_path / "one", "--shard-size", "2")
+    two, one = EncodedDataset(tmp_path / "two/encoded"), EncodedDataset(tmp_path / "one")
+    assert len(two.index["shards"]) == 3 and two.index == one.index
+    for i in range(6):
+        assert all(torch.equal(two[i][key], one[i][key]) for key in ("mean", "y", "mask")), i
