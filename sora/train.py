@@ -163,8 +163,9 @@ def step_seed(seed, global_step, dp_rank):
 def step_generator(seed, global_step, dp_rank):
     """The step's host generator (timesteps, noise, the posterior sample), the global generators (caption
     dropout and anything else drawing from them) seeded alike."""
-    torch.manual_seed(step_seed(seed, global_step, dp_rank))
-    return torch.Generator().manual_seed(step_seed(seed, global_step, dp_rank))
+    seed = step_seed(seed, global_step, dp_rank)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit):
