@@ -395,7 +395,8 @@ def test_train(case, benchmark, bench_env, results, device):
     def measure(row, batch):
         encoders = {}
         if case.encoders:
-            encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH), text_encoder=RESIDENT.text_encoder(device))
+            encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH),
+                            text_encoder=RESIDENT.text_encoder(device))
         model = build_dit(case.model, case.video.latent, case.provider, device, torch.float32,
                           grad_checkpoint=case.video.grad_checkpoint, **LABEL_MODELS.get(case.model, {})).train()
         ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -140,7 +140,8 @@ def run(cfg, save_dir, shard_size):
         raise ValueError(f"--data-path {cfg.data_path} is already pre-encoded: give the dataset CSV")
     check_writable(save_dir)
     if cfg.bucket_config:
-        dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root, seed=cfg.seed)
+        dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root,
+                                           seed=cfg.seed)
     else:
         dataset = VideoTextDataset(cfg.data_path, num_frames=cfg.num_frames, frame_interval=cfg.frame_interval,
                                    image_size=cfg.image_size, root=cfg.root,
@@ -162,8 +163,10 @@ def run(cfg, save_dir, shard_size):
 
     shards = plan["shards"][runtime.rank::runtime.world_size]
     todo = [shard for shard in shards if not os.path.isfile(os.path.join(save_dir, shard["file"]))]
-    bar = tqdm(total=sum(len(shard["keys"]) for shard in shards), unit="clip", disable=None if runtime.is_main else True,
-               file=sys.stdout, desc=f"encoding (rank 0 of {runtime.world_size})" if runtime.world_size > 1 else "encoding")
+    # On rank 0 in a terminal: its own shards' clips.
+    desc = f"encoding (rank 0 of {runtime.world_size})" if runtime.world_size > 1 else "encoding"
+    bar = tqdm(total=sum(len(shard["keys"]) for shard in shards), unit="clip", desc=desc, file=sys.stdout,
+               disable=None if runtime.is_main else True)
     bar.update(sum(len(shard["keys"]) for shard in shards if shard not in todo))
     for shard in todo:
         entries = encode_shard(shard, dataset, cfg, vae, text_encoder, multiple, runtime)

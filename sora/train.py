@@ -133,7 +133,8 @@ def build_optimizer(model, lr):
     """AdamW, weight decay 0: fused (one kernel for all parameters) on CUDA, foreach (a few ops over lists
     of tensors) elsewhere; both take FSDP2's DTensor parameters."""
     cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, **({"fused": True} if cuda else {"foreach": True}))
+    kernel = {"fused": True} if cuda else {"foreach": True}
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, **kernel)
 
 
 @torch.no_grad()
@@ -374,8 +375,8 @@ def run(cfg):
     remaining = None if cfg.max_steps is None else max(cfg.max_steps - global_step, 0)
     try:
         with logging_redirect_tqdm():  # log lines above the bar, not through it
-            for batch_epoch, batch in itertools.islice(epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit),
-                                                       remaining):
+            batches = epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit)
+            for batch_epoch, batch in itertools.islice(batches, remaining):
                 if batch_epoch != epoch:
                     epoch, step = batch_epoch, 0
                 loss, grad_norm, samples = train_step(

@@ -19,7 +19,8 @@ SMALL = ["--model.depth", "2", "--model.hidden_size", "64", "--batch-size", "2",
          "--num-frames", "4"]
 # The tiny config's weight-free PixelVAE, and a tiny AutoencoderKL whose posterior is sampled (mean + std * noise).
 KL_VAE = ["--vae", repr(dict(type="VideoAutoencoderKL", config=TINY_VAE_CONFIG, micro_batch_size=4))]
-BUCKETS = ["--frame-interval", "1", "--model.depth", "1", "--bucket-config", "{'144p': {4: (1.0, 2)}, '256': {4: (0.5, 2)}}"]
+BUCKETS = ["--frame-interval", "1", "--model.depth", "1",
+           "--bucket-config", "{'144p': {4: (1.0, 2)}, '256': {4: (0.5, 2)}}"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_shards_done_are_skipped(tmp_path, clips):
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "plan.json", "shard-00000.pt", "shard-00001.pt"]
     dataset = EncodedDataset(out)
     assert len(dataset) == 6 and torch.equal(dataset[0]["mean"], first[0]["mean"])
-    assert dataset[5]["mean"].shape == (3, 4, 8, 8) and dataset[5]["y"].shape == (1, 32, 32)  # TINY_T5_CONFIG: 32 tokens of width 32
+    # PixelVAE: 3 channels at 1/8 of 64x64; TINY_T5_CONFIG: 32 tokens of width 32.
+    assert dataset[5]["mean"].shape == (3, 4, 8, 8) and dataset[5]["y"].shape == (1, 32, 32)
 
 
 def test_another_encoding_in_the_folder_is_refused(tmp_path, clips, capsys):

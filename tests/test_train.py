@@ -257,6 +257,7 @@ def test_trainer_pieces_import_without_pyav():
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['av'] = None; from sora.train import train_step, optimizer_step, build_optimizer, run; print('ok')"
+    code = ("import sys; sys.modules['av'] = None; "
+            "from sora.train import train_step, optimizer_step, build_optimizer, run; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
