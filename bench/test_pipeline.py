@@ -16,8 +16,13 @@ bench/test_models.py (Open-Sora v1's own setting); `eager+compile` is test_model
 - vae_decode: VideoAutoencoderKL.decode of 64 frames at 256x256 and 512x512 per micro-batch size, fp16.
 - sample_e2e: one 16x256 video as sora/sample.py makes it: T5 encode, 100 IDDPM steps with CFG, VAE decode,
   the video copied to the host (not written to a file).
-- train_step_full: sora/train.py's step (TrainStep below) for STDiT-XL/2 and PixArt-XL/2 ("DiT" in Open-Sora's
-  table), with T5-XXL + VAE encoding raw videos and prompts on the fly, and with pre-encoded latents/captions.
+- train_step_full: sora.train.train_step, the step `python -m sora.train` runs, for STDiT-XL/2 and PixArt-XL/2
+  ("DiT" in Open-Sora's table): with T5-XXL + VAE encoding raw videos and prompts on the fly, and on
+  pre-encoded data (the posterior's mean and std, captions), as from `python -m sora.preprocess`. Open-Sora
+  v1's training settings: IDDPM's hybrid loss, bf16 autocast with fp32 master weights (fp32 on a CPU), AdamW
+  (fused on CUDA), clipping, an fp32 EMA; timesteps and noise from a host generator seeded per step.
+- optimizer_step: sora.train.optimizer_step (clipping, AdamW, EMA) over STDiT-XL/2's parameters, with the
+  bytes it must move per parameter and its share of the copy bandwidth.
 - dit_image_train: the same step for class-conditioned DiT-XL/2 on 256x256 images (latent 1 x 32 x 32).
 - latte_train: the same step for class-conditioned Latte-XL/2 at 16x256.
 
@@ -28,6 +33,7 @@ runs on tiny sizes (TINY models, TINY_T5_CONFIG, TINY_VAE_CONFIG, 4x64x64 videos
 
 import copy
 import importlib
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -77,6 +83,7 @@ SD_VAE_CONFIG = dict(
     scaling_factor=0.18215,
 )
 CAPTION_TOKENS = 120  # T5 model_max_length (TINY's model_max_length on a CPU)
+SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
 
 # Open-Sora v1's settings: inference configs (batch_size 2, fp16, VAE micro_batch_size 128, IDDPM 100 steps,
 # cfg_scale 7, cfg_channel 3) and training configs (lr 2e-5, grad_clip 1.0, EMA decay 0.9999).
@@ -301,43 +308,6 @@ def test_sample_e2e(provider, benchmark, bench_env, results, device):
 
 
 # ---- training ----------------------------------------------------------------------------------------------
-class TrainStep:
-    """One training step of sora/train.py's single-process path, from the same public pieces: (with encoders)
-    the VAE encodes the videos and T5 the prompts under no_grad; IDDPM().training_losses under bf16 autocast
-    with fp32 master weights (no autocast on a CPU: fp32); backward; clip_grad_norm_; AdamW (weight decay 0)
-    step; zero_grad; sora.train.update_ema into an fp32 EMA copy. Timesteps and noise come from a host
-    generator seeded per step, as train.py draws them."""
-
-    def __init__(self, model, device, update_ema, compile=False, vae=None, text_encoder=None):
-        self.model = model
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        self.forward = compiled(model) if compile else model  # after the EMA copy: the EMA is never compiled
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        self.diffusion = IDDPM()  # Open-Sora's training scheduler: 1000 steps, learned sigma, hybrid loss
-        self.update_ema = update_ema
-        self.vae, self.text_encoder = vae, text_encoder
-        self.steps = 0
-
-    def __call__(self, batch):
-        generator = torch.Generator().manual_seed(self.steps)
-        self.steps += 1
-        if self.vae is not None:
-            with torch.no_grad():
-                x = self.vae.encode(batch["video"]).float()
-                condition = self.text_encoder.encode(batch["text"])
-            model_kwargs = dict(y=condition["y"], mask=condition["mask"])
-        else:
-            x, model_kwargs = batch["x"], batch["model_kwargs"]
-        with self.autocast:
-            losses = self.diffusion.training_losses(self.forward, x, model_kwargs, generator=generator)
-        losses["loss"].mean().backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.update_ema(self.ema, self.model, EMA_DECAY)
-
-
 # Class-conditioned models: DiT on ImageNet's 1000 classes, Latte as released (UCF-101's 101).
 LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
 
@@ -384,20 +354,21 @@ def train_row(case: TrainCase, batch: int, device) -> dict:
 
 
 def train_inputs(case: TrainCase, model, batch: int, device, generator) -> dict:
-    """Raw videos in [-1, 1] (B, 3, T, H, W) already on the device and prompts; or what the encoders would give:
-    fp32 latents and bf16 captions (class ids for the class-conditioned models)."""
+    """Raw videos in [-1, 1] (B, 3, T, H, W) already on the device and prompts; or what sora.preprocess stores:
+    the posterior's mean and std in the compute dtype, bf16 captions (class ids for the class-conditioned
+    models)."""
     T, H, W = case.video.latent
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if case.encoders:
         video = torch.rand(batch, 3, case.video.frames, case.video.height, case.video.width, device=device,
                            generator=generator)
-        return {"video": (video * 2 - 1).to(torch.bfloat16 if device.type == "cuda" else torch.float32),
-                "text": prompts(batch)}
-    x = torch.randn(batch, model.in_channels, T, H, W, device=device, generator=generator)
+        return {"video": (video * 2 - 1).to(dtype), "text": prompts(batch)}
+    mean = torch.randn(batch, model.in_channels, T, H, W, device=device, generator=generator) / SD_SCALING_FACTOR
+    encoded = {"mean": mean.to(dtype), "std": torch.full_like(mean, 0.1, dtype=dtype)}
     if case.model in LABEL_MODELS:
-        labels = torch.randint(0, model.num_classes, (batch,), device=device, generator=generator)
-        return {"x": x, "model_kwargs": dict(y=labels)}
-    y, mask = captions(model, batch, device, torch.bfloat16 if device.type == "cuda" else torch.float32, generator)
-    return {"x": x, "model_kwargs": dict(y=y, mask=mask)}
+        return {**encoded, "y": torch.randint(0, model.num_classes, (batch,), device=device, generator=generator)}
+    y, mask = captions(model, batch, device, dtype, generator)
+    return {**encoded, "y": y, "mask": mask}
 
 
 @pytest.mark.parametrize("case", train_cases(on_cuda()), ids=str)
@@ -406,25 +377,68 @@ def test_train(case, benchmark, bench_env, results, device):
     first = train_row(case, case.video.batches[0], device)
     if case.provider.endswith("+compile") and device.type != "cuda":
         skip(results, benchmark, first, "CPU smoke set: torch.compile is measured on GPUs only")
-    update_ema = importable(results, benchmark, first, "sora.train", "update_ema")
+    train_step = importable(results, benchmark, first, "sora.train", "train_step")
+    build_optimizer = importable(results, benchmark, first, "sora.train", "build_optimizer")
     if case.encoders:
         importable(results, benchmark, first, "sora.models.vae", "VideoAutoencoderKL")
     else:
         RESIDENT.drop()
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
 
     def measure(row, batch):
         encoders = {}
         if case.encoders:
-            encoders = dict(vae=build_vae(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                          TRAIN_VAE_MICRO_BATCH),
+            encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH),
                             text_encoder=RESIDENT.text_encoder(device))
         model = build_dit(case.model, case.video.latent, case.provider, device, torch.float32,
                           grad_checkpoint=case.video.grad_checkpoint, **LABEL_MODELS.get(case.model, {})).train()
-        step = TrainStep(model, device, update_ema, compile=case.provider.endswith("+compile"), **encoders)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        forward = compiled(model) if case.provider.endswith("+compile") else model  # the EMA is never compiled
+        optimizer = build_optimizer(model, LR)
+        diffusion = IDDPM()  # Open-Sora's training scheduler: 1000 steps, learned sigma, hybrid loss
         batch_inputs = train_inputs(case, model, batch, device, torch.Generator(device=device).manual_seed(1))
-        timing = time_steps(benchmark, lambda: step(batch_inputs), device)
+        seeds = itertools.count()
+
+        def step():
+            train_step(model, ema, optimizer, diffusion, batch_inputs, torch.Generator().manual_seed(next(seeds)),
+                       latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=torch.bfloat16 if cuda else None,
+                       grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, **encoders)
+
+        timing = time_steps(benchmark, step, device)
         samples_per_s = batch / (timing["ms"] * 1e-3)
         row.update(timing, samples_per_s=samples_per_s,
                    tokens_per_s=samples_per_s * tokens_per_sample(model, case.video))
 
     record_largest_batch(results, benchmark, lambda batch: train_row(case, batch, device), measure, case.video.batches)
+
+
+OPTIMIZER_BYTES_PER_PARAM = 52  # sora.train.optimizer_step's docstring: clipping 12, AdamW 28, EMA 12 (fp32)
+
+
+def test_optimizer_step(benchmark, bench_env, results, device):
+    """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights,
+    gradients and EMA, as after a step's backward."""
+    RESIDENT.drop()
+    benchmark.group = "optimizer_step"
+    video = GPU_VIDEOS[0] if device.type == "cuda" else CPU_VIDEOS[0]
+    row = {"suite": "optimizer", "bench": "optimizer_step", "model": model_name("STDiT-XL/2", device),
+           "provider": "sora", "shape": "parameters", "dtype": "fp32",
+           "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW foreach"}
+    build_optimizer = importable(results, benchmark, row, "sora.train", "build_optimizer")
+    optimizer_step = importable(results, benchmark, row, "sora.train", "optimizer_step")
+
+    def measure(row):
+        model = build_dit("STDiT-XL/2", video.latent, "sora", device, torch.float32).train()
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = build_optimizer(model, LR)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for parameter in model.parameters():
+            parameter.grad = torch.randn(parameter.shape, device=device, generator=generator)
+        timing = time_steps(benchmark, lambda: optimizer_step(model, ema, optimizer, GRAD_CLIP, EMA_DECAY), device)
+        params = sum(p.numel() for p in model.parameters())
+        gbps = OPTIMIZER_BYTES_PER_PARAM * params / (timing["ms"] * 1e-3) / 1e9
+        row.update(timing, params=params, bytes_per_param=OPTIMIZER_BYTES_PER_PARAM, gbps=gbps,
+                   frac_copy_bw=gbps / bench_env["copy_bandwidth_gbps"])
+
+    record(results, benchmark, row, measure)

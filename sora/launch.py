@@ -1,6 +1,7 @@
 """What `python -m sora.sample` and `python -m sora.train` share: process setup under torchrun or alone,
 dtypes by their config names, and turning a user's mistake into one line and exit code 2."""
 
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,14 @@ class Runtime:
         return self.rank == 0
 
 
+def setup_logging(is_main=True):
+    """Info lines (the trainer's, the checkpoint loader's "loaded N weights") on stdout on rank 0, warnings
+    only on the other ranks; errors stay the entry point's one line on stderr. setup() calls it, so every
+    entry point has it (sora.train's Logger adds the run's log.txt)."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)], force=True)
+
+
 def setup(cfg):
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), pick the device (this rank's
     GPU, else the CPU) and the compute dtype; seed every generator from cfg.seed."""
@@ -43,7 +52,9 @@ def setup(cfg):
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("dtype fp16 needs a GPU; on the CPU use fp32 or bf16")
     torch.manual_seed(cfg.seed)
-    return Runtime(dist.get_rank() if dist.is_initialized() else 0, world_size, device, dtype)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    setup_logging(rank == 0)
+    return Runtime(rank, world_size, device, dtype)
 
 
 def main(run, mode, argv=None):
@@ -74,7 +85,7 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False, weig
     The model is cast to the compute dtype for sampling; for training it keeps fp32 master weights (the
     compute dtype is applied by autocast or FSDP2's mixed-precision policy). `weights="model"`: with
     `model.from_pretrained` a training checkpoint folder, load its trained weights instead of its EMA."""
-    from sora.models import build_model, model_arguments, model_patch_size
+    from sora.models import model_patch_size
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
 
@@ -94,14 +105,26 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False, weig
     # T5 overflows in fp16: half-precision runs put it in bf16 (Open-Sora v1 kept it in fp32).
     text_dtype = torch.float32 if runtime.dtype == torch.float32 else torch.bfloat16
     text_encoder = build_text_encoder(cfg.text_encoder, runtime.device, text_dtype)
+    model = build_diffusion_model(cfg, runtime, latent_size, vae.out_channels, text_encoder.output_dim,
+                                  text_encoder.model_max_length, sequence_parallel, training, weights)
+    return model, vae, text_encoder, latent_size
+
+
+def build_diffusion_model(cfg, runtime, latent_size, in_channels, caption_channels, model_max_length,
+                          sequence_parallel=False, training=False, weights="ema"):
+    """The diffusion model a config names, for its encoders' latent size and channels and caption width and
+    length (from the encoders, or from the index of a pre-encoded training set); training adds the config's
+    grad_checkpoint. weights: as in build_components."""
+    from sora.models import build_model, model_arguments
 
     wiring = dict(
         input_size=latent_size,
-        in_channels=vae.out_channels,
-        caption_channels=text_encoder.output_dim,
-        model_max_length=text_encoder.model_max_length,
+        in_channels=in_channels,
+        caption_channels=caption_channels,
+        model_max_length=model_max_length,
         # The process layout decides sequence parallelism (sp_size), whatever the model dict says.
         enable_sequence_parallelism=sequence_parallel,
+        grad_checkpoint=(training and cfg.grad_checkpoint) or None,  # True turns it on; else the model dict decides
     )
     accepted = model_arguments(cfg.model["type"])
     if sequence_parallel and "enable_sequence_parallelism" not in accepted:
@@ -111,8 +134,7 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False, weig
     model = build_model(model_cfg, **{k: v for k, v in wiring.items() if v is not None and k in accepted})
     if folder is not None:
         load_trained_weights(model, folder)
-    model = model.to(runtime.device, torch.float32 if training else runtime.dtype)
-    return model, vae, text_encoder, latent_size
+    return model.to(runtime.device, torch.float32 if training else runtime.dtype)
 
 
 def load_trained_weights(model, folder):

@@ -110,6 +110,17 @@ def test_disabled_bucket_sends_samples_to_the_next_resolution():
     assert bucket.get_bucket_id(20, 240, 426) is None
 
 
+def test_candidates_are_every_bucket_some_epoch_draws():
+    """What sora.preprocess encodes: the buckets get_bucket_id gives over many epochs' draws, no more."""
+    bucket = Bucket({"480p": {16: (0.5, 2), 32: (0.0, None)}, "240p": {16: (0.3, 4)}, "144p": {16: (1.0, 8)},
+                     "1080p": {16: (1.0, 1)}})
+    for T, H, W in [(40, 480, 854), (20, 480, 854), (20, 240, 426), (20, 144, 256), (8, 480, 854)]:
+        drawn = {bucket.get_bucket_id(T, H, W, seed=(0, epoch, 3)) for epoch in range(200)} - {None}
+        assert set(bucket.candidates(T, H, W)) == drawn, (T, H, W)
+    assert bucket.candidates(20, 480, 854) == [("480p", 16, "0.56"), ("240p", 16, "0.56"), ("144p", 16, "0.56")]
+    assert bucket.candidates(8, 480, 854) == []
+
+
 @pytest.mark.parametrize(
     "config, named",
     [

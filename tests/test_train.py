@@ -1,9 +1,11 @@
 """`python -m sora.train`: tiny runs on synthetic clips, checkpoints, exact resume, FSDP2 and sequence
 parallelism across gloo processes, atomic saves, and bad input."""
 
+import errno
 import json
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -113,6 +115,78 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(value, saved[key])
 
 
+def test_the_next_save_removes_partial_saves(tmp_path):
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    (tmp_path / ".tmp-epoch0-global_step2" / "model").mkdir(parents=True)  # a save that was killed
+    checkpointing.save_checkpoint(str(tmp_path), model, ema, optimizer, dict(epoch=0, step=3, global_step=3, seed=0))
+    assert sorted(os.listdir(tmp_path)) == ["epoch0-global_step3"]
+
+
+def test_load_takes_a_run_folder(tmp_path, clips):
+    first = train(tmp_path, clips, "--max-steps", "4", "--ckpt-every", "2", outputs="first")
+    (first / "epoch2-global_step6").mkdir()  # incomplete: no running_states.json
+    (first / ".tmp-epoch2-global_step6").mkdir()  # left by a killed save
+    resumed = train(tmp_path, clips, "--max-steps", "5", "--ckpt-every", "0", "--load", str(first), outputs="second")
+    assert sorted(losses(resumed)) == [5]
+    assert f"resumed from {first / 'epoch1-global_step4'}" in (resumed / "log.txt").read_text()
+    assert not (first / ".tmp-epoch2-global_step6").exists()
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_unwritable_outputs_fail_before_any_model_is_built(tmp_path, clips, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr("sora.train.build_data", lambda *args, **kwargs: pytest.fail("data built"))
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, clips, "--max-steps", "1", outputs="file/outputs")
+    assert exit_info.value.code == 2
+    assert f"outputs='{tmp_path}/file/outputs' is not writable: [Errno 20] Not a directory" in one_error_line(capsys)
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, clips, capsys, monkeypatch):
+    real_save = checkpointing.torch.save
+
+    def disk_full_at_step_4(obj, path):
+        if "global_step4" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpointing.torch, "save", disk_full_at_step_4)
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, clips, "--max-steps", "4", "--ckpt-every", "2")
+    assert exit_info.value.code == 2
+    (exp,) = (tmp_path / "outputs").iterdir()
+    assert one_error_line(capsys) == (f"error: could not write checkpoint {exp}/epoch1-global_step4: [Errno 28] No "
+                                      "space left on device; the previous checkpoint is intact")
+    assert sorted(p.name for p in exp.iterdir() if "global_step" in p.name) == ["epoch0-global_step2"]
+
+
+def test_a_full_disk_during_a_save(tmp_path, clips, capsys):
+    """A real full filesystem (a 6 MiB tmpfs, when this process may mount one; a checkpoint of this model
+    takes 3.9 MB): the second save runs out of space, in whichever writer, and says so."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(run, "train", ["configs/tiny/train.py", "--data-path", str(clips), "--outputs", str(disk), *SMALL,
+                                "--max-steps", "4", "--ckpt-every", "2"])
+        assert exit_info.value.code == 2
+        line = one_error_line(capsys)
+        assert re.fullmatch(r"error: could not write checkpoint .*/epoch1-global_step4: \[Errno 28\] No space left on "
+                            r"device; the previous checkpoint is intact", line), line
+        (exp,) = disk.iterdir()
+        assert sorted(p.name for p in exp.iterdir() if "global_step" in p.name) == ["epoch0-global_step2"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def sp_worker(rank, world, out, clips, plugin):
     main(run, "train", ["configs/tiny/train.py", "--data-path", clips, "--outputs", f"{out}/runs", *SMALL,
                         "--max-steps", "3", "--ckpt-every", "3", "--plugin", plugin, "--sp-size", str(world if plugin == "zero2-seq" else 1)])
@@ -178,10 +252,12 @@ def test_bucketed_training(tmp_path):
 
 
 def test_trainer_pieces_import_without_pyav():
-    """The benchmarks reuse update_ema on GPU machines without PyAV: only building a dataset needs it."""
+    """The benchmarks time train_step and optimizer_step on GPU machines without PyAV: only building a dataset
+    needs it."""
     import subprocess
     import sys
 
-    code = "import sys; sys.modules['av'] = None; from sora.train import update_ema, run; print('ok')"
+    code = ("import sys; sys.modules['av'] = None; "
+            "from sora.train import train_step, optimizer_step, build_optimizer, run; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr

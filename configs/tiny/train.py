@@ -38,7 +38,7 @@ wandb = False
 
 epochs = 1000
 max_steps = 2000
-log_every = 100
+log_every = 10  # and the first step: the loss shows learning from the start
 ckpt_every = 500
 load = None
 

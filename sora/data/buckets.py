@@ -152,6 +152,18 @@ class Bucket:
             return name, t, get_closest_ratio(H, W, ASPECT_RATIOS[name])
         return None
 
+    def candidates(self, T, H, W, frame_interval=1):
+        """Every bucket id `get_bucket_id` may give this sample in some epoch (largest resolution first):
+        the keep_prob draws pick one of these, or none."""
+        found = []
+        for name in self.resolutions:
+            t = self._frames_for(name, T, frame_interval) if H * W >= PIXEL_FRACTION * RESOLUTIONS[name] else None
+            if t is not None and self.keep_prob[name, t] > 0:
+                found.append((name, t, get_closest_ratio(H, W, ASPECT_RATIOS[name])))
+                if self.keep_prob[name, t] >= 1:
+                    break  # always kept here: lower resolutions are never tried
+        return found
+
     def get_thw(self, bucket_id):
         """`(T, H, W)` a sample of this bucket is cut and resized to."""
         name, t, ratio = bucket_id

@@ -13,6 +13,7 @@ weights (the same weights in every process and run).
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from torch import nn
 
@@ -27,6 +28,15 @@ TINY_VAE_CONFIG = dict(
     latent_channels=4,
     norm_num_groups=4,
 )
+
+
+def sample_posterior(mean, std, scaling_factor, generator=None):
+    """The scaled latent `encode` returns, from the posterior's (mean, std): the mean without a generator (or
+    for a deterministic encoder, std None), else a sample whose noise is drawn once for the whole batch, on
+    the generator's device, exactly as diffusers' `DiagonalGaussianDistribution.sample` draws it."""
+    if generator is not None and std is not None:
+        mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean * scaling_factor
 
 
 class VideoAutoencoderKL(nn.Module):
@@ -76,11 +86,15 @@ class VideoAutoencoderKL(nn.Module):
         reproducible from the generator's seed: the noise is drawn once for the whole batch after
         the micro-batches, so it does not depend on micro_batch_size either.
         """
+        return sample_posterior(*self.latent_distribution(x), self.scaling_factor, generator)
+
+    def latent_distribution(self, x):
+        """Videos (B, 3, T, H, W) -> the posterior's (mean, std), each (B, 4, T, H/8, W/8), unscaled: what
+        sora.preprocess stores, and `sample_posterior` turns into `encode`'s latent."""
         # Per frame: (mean, logvar) stacked on channels; the Gaussian is formed on the whole batch.
         moments = self._per_frame(lambda f: self.module.encode(f).latent_dist.parameters, x, 3, "x")
         posterior = DiagonalGaussianDistribution(moments)
-        z = posterior.mode() if generator is None else posterior.sample(generator)
-        return z * self.scaling_factor
+        return posterior.mean, posterior.std
 
     def decode(self, z):
         """Scaled latents (B, 4, T, h, w) -> videos (B, 3, T, 8h, 8w), roughly in [-1, 1]."""
@@ -129,6 +143,12 @@ class PixelVAE(nn.Module):
         upsampled = torch.nn.functional.interpolate(frames, scale_factor=self.factor, mode="bilinear",
                                                     align_corners=False)
         return rearrange(upsampled, "(B T) C H W -> B C T H W", B=z.shape[0])
+
+    scaling_factor = 1.0
+
+    def latent_distribution(self, x):
+        """(the latent, None): a deterministic encoder has no spread to sample."""
+        return self.encode(x), None
 
     get_latent_size = VideoAutoencoderKL.get_latent_size
 
