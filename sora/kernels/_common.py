@@ -63,15 +63,21 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def num_programs_target(device_index: int) -> int:
-    """How many programs keep the whole device busy in a reduction grid (4 per SM on CUDA)."""
-    if device_index < 0:
-        return 4  # interpreter: programs run one after another, fewer means less Python overhead
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(x: torch.Tensor) -> int | None:
+    """SMs of x's GPU; None under the interpreter (bench/kernel_report.py stands in an H100's 132 here)."""
+    return _cuda_multiprocessors(x.device.index) if x.device.type == "cuda" else None
 
 
 def target_programs(x: torch.Tensor) -> int:
-    return num_programs_target(x.device.index if x.device.type == "cuda" else -1)
+    """How many programs keep the whole device busy in a reduction grid (4 per SM on CUDA)."""
+    sms = multiprocessor_count(x)
+    if sms is None:
+        return 4  # interpreter: programs run one after another, fewer means less Python overhead
+    return 4 * sms
 
 
 def row_tile(C: int, elements: int = 4096) -> tuple[int, int, int]:
