@@ -156,13 +156,16 @@ def sm90_capture(case: str, launches: list):
 # ----------------------------------------------------------------------------------------------- SASS
 
 
-def _blocks(sass: str) -> list[list[str]]:
-    """Basic blocks of a function's SASS, each a list of its lines (labels open a block, branches end one)."""
+def _instructions(sass: str) -> list[str]:
+    """The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels."""
+    lines = (line.split("\t")[-1].strip() for line in sass.splitlines())
+    return [line for line in lines if line and not line.startswith("Function:")]
+
+
+def _blocks(lines: list[str]) -> list[list[str]]:
+    """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
     blocks, current = [], []
-    for line in sass.splitlines():
-        line = line.split("\t")[-1].strip()
-        if not line or line.startswith("Function:"):
-            continue
+    for line in lines:
         if line.endswith(":"):
             if current:
                 blocks.append(current)
@@ -177,31 +180,53 @@ def _blocks(sass: str) -> list[list[str]]:
     return blocks
 
 
-def _issued(block: list[str]) -> int:
-    return sum(1 for line in block if not line.endswith(":") and not line.startswith("NOP"))
+def _subroutine_length(lines: list[str], address: int) -> int:
+    """Instructions from a CALL's target to its first RET (the straight-line length of e.g. a 64-bit division)."""
+    code = [line for line in lines if not line.endswith(":")]
+    start = address // 16
+    return next(i - start + 1 for i in range(start, len(code)) if code[i].startswith("RET"))
+
+
+def _issued(block: list[str], lines: list[str]) -> int:
+    count = 0
+    for line in block:
+        if line.endswith(":") or line.startswith("NOP"):
+            continue
+        count += 1
+        call = re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line)
+        if call:
+            count += _subroutine_length(lines, int(call.group(1), 16))
+    return count
+
+
+def _slow_path(block: list[str]) -> bool:
+    """A block that calls a subroutine and then jumps over the inline code: the rare branch of a 64-bit
+    division whose operands have a high word, or of a reciprocal of a denormal."""
+    return any(line.startswith("CALL") for line in block) and re.match(r"BRA\b", block[-1]) is not None
 
 
 def count_instructions(sass: str) -> tuple[int, int]:
-    """(per program outside the loop, per loop iteration), counting the fast path only.
+    """(per program outside the loop, per loop iteration), counting the common path only.
 
-    The body runs up to the last EXIT (what follows are subroutines and the trap loop); a block that calls a
-    subroutine is a slow path (64-bit division with a high word, a denormal reciprocal) and is not counted.
-    The loop is the range from a label to the branch that jumps back to it.
+    The body runs up to the last EXIT (what follows are subroutines and the trap loop); slow-path blocks are
+    left out, and a subroutine called on the common path counts with its straight-line length. The loop is the
+    range from a label to the last branch that jumps back to it.
     """
-    blocks = _blocks(sass)
+    lines = _instructions(sass)
+    blocks = _blocks(lines)
     last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
-    blocks = [b for b in blocks[:last_exit + 1] if not any("CALL" in line for line in b)]
+    blocks = blocks[:last_exit + 1]
     labels = {b[0][:-1]: i for i, b in enumerate(blocks) if b[0].endswith(":")}
     loop = None
     for i, b in enumerate(blocks):
-        target = re.search(r"BRA (?:`\()?\.?(\w+)", b[-1])
+        target = re.search(r"BRA (\w+)", b[-1])
         if target and target.group(1) in labels and labels[target.group(1)] <= i:
             loop = (labels[target.group(1)], i)
-    total = sum(_issued(b) for b in blocks)
+    issued = [0 if _slow_path(b) else _issued(b, lines) for b in blocks]
     if loop is None:
-        return total, 0
-    body = sum(_issued(b) for b in blocks[loop[0]:loop[1] + 1])
-    return total - body, body
+        return sum(issued), 0
+    body = sum(issued[loop[0]:loop[1] + 1])
+    return sum(issued) - body, body
 
 
 def _widths(sass: str, op: str) -> str:
@@ -234,8 +259,8 @@ def analyse(launch: Launch) -> Launch:
                                capture_output=True, text=True, check=True).stdout
     resources = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage))
     launch.registers = int(resources["REG"])
-    # Local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
-    launch.spill_bytes = int(resources["LOCAL"])
+    # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
+    launch.spill_bytes = int(resources["STACK"]) + int(resources["LOCAL"])
     launch.shared_bytes = compiled.metadata.shared
     sass = compiled.asm["sass"]
     launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
