@@ -387,10 +387,36 @@ def table(launches: list[Launch]) -> str:
     return "\n".join(rows)
 
 
+def _key(launch: dict) -> tuple:
+    return launch["case"], launch["kernel"], launch["constexprs"].get("TO_TEMPORAL")
+
+
+def comparison(before: list[dict], after: list[dict]) -> str:
+    """Before -> after per launch (matched by case and kernel): warps, registers, spills, warp-instr/byte."""
+    old = {_key(launch): launch for launch in before}
+    rows = ["| case | kernel | warps | regs | spill B | warp-instr/B | loop warp-instr/B |", "|" + "---|" * 7]
+    for launch in after:
+        was = old.get(_key(launch))
+        if was is None or launch["error"] or was["error"]:
+            continue
+
+        def pair(field, fmt="{}"):
+            a, b = was[field], launch[field]
+            a, b = (fmt.format(v) if v else "-" for v in (a, b))
+            return a if a == b else f"{a} -> {b}"
+
+        name = launch["kernel"].strip("_").replace("_kernel", "")
+        rows.append(f"| {launch['case']} | {name} | {pair('num_warps')} | {pair('registers')} | {pair('spill_bytes')} "
+                    f"| {pair('per_byte', '{:.3f}')} | {pair('loop_per_byte', '{:.3f}')} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
     parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
+    parser.add_argument("--compare", default=None, metavar="JSON",
+                        help="print before -> after against the launches another run wrote with --json")
     args = parser.parse_args(argv)
     cases = [(name, run) for name, run in CASES if not args.k or any(k in name for k in args.k)]
     if not cases:
@@ -399,12 +425,15 @@ def main(argv=None):
     launches = capture(cases)
     print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
           f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, H200 ~{COPY_TBS['H200']} TB/s\n")
-    print(table(launches))
+    fields = [f.name for f in dataclasses.fields(Launch)]
+    found = [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
+              "loop_per_byte": None if launch.error else launch.loop_per_byte()} for launch in launches]
+    if args.compare:
+        print(comparison(json.loads(Path(args.compare).read_text()), found))
+    else:
+        print(table(launches))
     if args.json:
-        fields = [f.name for f in dataclasses.fields(Launch)]
-        Path(args.json).write_text(json.dumps(
-            [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
-              "loop_per_byte": None if launch.error else launch.loop_per_byte()} for launch in launches], indent=1))
+        Path(args.json).write_text(json.dumps(found, indent=1))
     return 1 if any(launch.error for launch in launches) else 0
 
 
