@@ -60,3 +60,12 @@ def test_bulk_accesses_are_128_bit(launches):
     for launch in found:
         if launch["ints"].get("C", 0) % 16 == 0:
             assert launch["loads"].startswith("128x") and launch["stores"].startswith("128x"), launch
+
+
+def test_reduction_grids_fit_one_wave(launches):
+    """The backward reductions size their grid from the programs that fit an SM; at the registers ptxas gives,
+    that many must be resident, or the grid runs a second, part-empty wave (an H100's 132 SMs)."""
+    found, _ = launches
+    for launch in found:
+        if launch["loop_trips"]:
+            assert launch["waves"] <= 1.0, launch

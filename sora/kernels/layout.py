@@ -11,20 +11,23 @@ which stay coalesced along C. Each is the other's backward.
 
 import torch
 
-from sora.kernels._common import check_frames, check_tokens, col_tile, new_buffer, temporal_row, temporal_shape, use_triton
+from sora.kernels._common import check_frames, check_tokens, col_tile, new_buffer, temporal_rows, temporal_shape, use_triton
 from sora.kernels._triton import tl, triton
 
 
 @triton.jit
 def _temporal_copy_kernel(
-    src_ptr, dst_ptr, M, C, T, S,
+    src_ptr, dst_ptr, N, C, T, S,
     TO_TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < M)[:, None] & (cols < C)[None, :]
-    frame_major = rows[:, None] * C + cols[None, :]
-    temporal = temporal_row(rows, T, S)[:, None] * C + cols[None, :]
+    # Grid (row blocks of a sample, samples, channel blocks); a sample is N = T*S rows.
+    sample = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    local = first + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (local < N)[:, None] & (cols < C)[None, :]
+    frame_major = (sample.to(tl.int64) * N + local)[:, None] * C + cols[None, :]
+    temporal = (sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M))[:, None] * C + cols[None, :]
     if TO_TEMPORAL:
         tl.store(dst_ptr + temporal, tl.load(src_ptr + frame_major, mask=mask), mask=mask)
     else:
@@ -32,13 +35,15 @@ def _temporal_copy_kernel(
 
 
 def _launch(x, out_shape, T, S, to_temporal):
+    """Samples of T*S rows of C, frame-major <-> temporal; x is contiguous, viewed (samples * T * S, C)."""
     x = x.contiguous()
     out = new_buffer(out_shape, x.dtype, x.device)
     C = x.shape[-1]
-    M = x.numel() // C
-    block_m, block_c, num_warps = col_tile(C)
-    _temporal_copy_kernel[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
-        x, out, M, C, T, S,
+    N = T * S
+    samples = x.numel() // (N * C)
+    block_m, block_c, num_warps = col_tile(C, rows_within=S)
+    _temporal_copy_kernel[(triton.cdiv(N, block_m), samples, triton.cdiv(C, block_c))](
+        x, out, N, C, T, S,
         TO_TEMPORAL=to_temporal, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
