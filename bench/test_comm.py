@@ -7,7 +7,7 @@ twice per forward on each rank:
 - "out": the attention output (B*S, T, H/sp, D) scatters frames, gathers heads -> (B*S, T/sp, H, D).
 sora.kernels.comm._exchange packs before all_to_all_single and unpacks after it, each a swap of the two
 leading axes of a 3-D view (A, B, M) -> (B, A, M); the backward runs the inverse exchanges, i.e. the same
-permutes with A and B swapped. Providers: `sora` (the Triton `_swap_leading`, exactly as `_exchange` calls it)
+permutes with A and B swapped. Providers: `sora` (the Triton `swap_leading`, exactly as `_exchange` calls it)
 and `torch` (`x.view(A, B, M).transpose(0, 1).contiguous()`, the kernel's reference). Bytes: the permute reads
 and writes the tensor once, 2 x its size.
 """
@@ -30,7 +30,7 @@ from bench.bench_utils import (
     synchronize,
     time_ms,
 )
-from sora.kernels.comm import _swap_leading, swap_leading_reference
+from sora.kernels.layout import swap_leading, swap_leading_reference
 
 SP_SIZES = (2, 4, 8)
 DEPTH = 28  # STDiT-XL/2's blocks: one temporal attention each
@@ -107,7 +107,7 @@ def pack_cases(cuda: bool) -> list[PackCase]:
     ]
 
 
-SWAPS = {"sora": _swap_leading, "torch": swap_leading_reference}
+SWAPS = {"sora": swap_leading, "torch": swap_leading_reference}
 
 
 @pytest.mark.parametrize("case", pack_cases(on_cuda()), ids=str)

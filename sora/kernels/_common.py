@@ -102,9 +102,11 @@ def one_wave(kernel, x: torch.Tensor, num_warps: int, *args, **kwargs) -> int:
 # registers, and fp32 then spills 8 B (shift and scale rows are per thread too); 1 row in 2 warps 0.181.
 # 8 warps per 2 rows of 2048 lanes (before: 44% masked) issued 0.362.
 ROW_ELEMENTS_PER_WARP = 1024
-# Many rows per program only amortise the per-program work; 64 keeps a small C's tail piece from being
-# replicated across lanes (C=72: 64 + 8 channels, 32 rows of 8 tail values fill one warp's 32 lanes once).
+# Small C gets many rows per program (C=72: 16 rows of 64 + 8 channels per warp); past 64 rows the
+# per-program work (sample index, shift/scale rows) is already amortised and registers only grow.
 MAX_ROWS_PER_PROGRAM = 64
+# Warps per program at most: a row of C=8192 (MAX_CHANNELS) in the backward takes 16; Triton allows 32.
+MAX_WARPS = 16
 
 
 def row_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
@@ -117,14 +119,15 @@ def row_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
     head = 1 << (C.bit_length() - 1)
     tail = triton.next_power_of_2(C - head) if C > head else 0
     block_m = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_ELEMENTS_PER_WARP // head))
-    num_warps = max(1, min(16, block_m * head // ROW_ELEMENTS_PER_WARP))
+    num_warps = max(1, min(MAX_WARPS, block_m * head // ROW_ELEMENTS_PER_WARP))
     return block_rows_within(block_m, rows_within), head, tail, num_warps
 
 
-# The whole-row backward also keeps four (C,) token sums per program: 2048 head channels of rows per
-# program, 4 warps per 2048 (16 values of a piece per thread). Measured on sm_90 at C=1152 bf16
-# (bench/kernel_report.py): 2 rows x 4 warps, 168 registers, loop 0.143 warp-instr/B (temporal 0.157); 2 x 8
-# warps (before) 0.22 with 8 B of spill; 4 x 4 0.127 but 250 registers (2 programs per SM); 1 x 4 0.159.
+# The whole-row backward also keeps four (C,) token sums per program, so it spreads a row over more
+# threads: 2048 head channels of rows per program, a warp per 512 (16 values of a piece per thread).
+# Measured on sm_90 at C=1152 bf16 (bench/kernel_report.py): 2 rows x 4 warps, 168 registers (3 programs
+# per SM), loop 0.147 warp-instr/B (temporal 0.163); 2 x 8 warps 0.22 with 8 B of spill; 4 x 4 0.127 but
+# 250 registers (2 per SM); 1 x 4 0.159. Before tuning (one 2048-lane block, 2 x 8 warps): 0.217 and 0.330.
 BACKWARD_ELEMENTS = 2048
 BACKWARD_ELEMENTS_PER_WARP = 512
 
@@ -133,7 +136,7 @@ def backward_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, HEAD, TAIL, num_warps) for the whole-row backward (see row_pieces)."""
     _, head, tail, _ = row_pieces(C, rows_within)
     block_m = max(1, min(MAX_ROWS_PER_PROGRAM, BACKWARD_ELEMENTS // head))
-    num_warps = max(1, min(16, block_m * head // BACKWARD_ELEMENTS_PER_WARP))
+    num_warps = max(1, min(MAX_WARPS, block_m * head // BACKWARD_ELEMENTS_PER_WARP))
     return block_rows_within(block_m, rows_within), head, tail, num_warps
 
 
@@ -147,7 +150,8 @@ def col_tile(C: int, rows_within: int) -> tuple[int, int, int]:
 
     BLOCK_C is the largest power of two dividing C, from 128 to 1024, so no lane is masked (1152 = 9 x 128:
     before, two blocks of 1024 left 896 of the second idle); a C without one takes next_power_of_2 (<= 1024).
-    4096 values per program over 4 warps: 32 per thread, 128-bit accesses, 63 registers at C=1152 bf16.
+    4096 values per program over 4 warps: 32 per thread in 128-bit accesses; on sm_90 the gated residual at
+    C=1152 bf16 then issues 0.049 warp-instructions per byte at 64 registers (bench/kernel_report.py).
     rows_within: a block's rows must stay inside this many (S for the temporal row map).
     """
     divisor = C & -C
@@ -232,9 +236,16 @@ def temporal_shape(B: int, N: int, C: int, T: int) -> tuple[int, int, int]:
     return (B * (N // T), T, C)
 
 
-def layout_shape(shape, T: int) -> tuple[int, int, int]:
-    """Where a kernel writes (B, N, C) tokens: frame-major for T=1, else the temporal layout."""
-    return tuple(shape) if T == 1 else temporal_shape(*shape, T)
+def frame_count(temporal, x: torch.Tensor) -> int:
+    """The one reading of the layout-aware ops' `temporal` argument: None (tokens stay frame-major) -> 1,
+    T (the temporal-attention layout of T frames) -> T, checked. Kernels branch on T > 1 alone: with one
+    frame the layout (B*S, 1, C) is the same memory as (B, N, C), so T=1 moves no row."""
+    return 1 if temporal is None else check_frames(temporal, x)
+
+
+def layout_shape(shape, temporal) -> tuple[int, int, int]:
+    """Shape of (B, N, C) tokens in the layout `temporal` names: (B, N, C) for None, (B*S, T, C) for T."""
+    return tuple(shape) if temporal is None else temporal_shape(*shape, temporal)
 
 
 def batch_stride(rows: torch.Tensor | None) -> int:

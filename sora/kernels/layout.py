@@ -3,6 +3,8 @@
 to_temporal:   "B (T S) C -> (B S) T C"
 from_temporal: "(B S) T C -> B (T S) C"
 (The spatial layout "(B T) S C" is a free reshape of "B (T S) C" and needs no kernel.)
+swap_leading:  "(A B) M -> (B A) M", the same row permutation for one sample of A frames of B rows of M
+               values: all_to_all's pack and unpack.
 
 One kernel serves both directions: each program walks frame-major rows and reads or writes the matching
 temporal rows, so stores (to_temporal) or loads (from_temporal) are row-gathers of whole C-wide rows,
@@ -98,6 +100,25 @@ def to_temporal_reference(x, T):
 def from_temporal_reference(x, B):
     BS, T, C = x.shape
     return x.reshape(B, BS // B, T, C).transpose(1, 2).reshape(B, T * (BS // B), C)
+
+
+def swap_leading_reference(x, A, B):
+    return x.view(A, B, -1).transpose(0, 1).contiguous()
+
+
+def swap_leading(x, A, B):
+    """"(A B) M -> (B A) M": contiguous x viewed as (A, B, M) to a new contiguous (B, A, M)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, n in (("A", A), ("B", B)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if x.numel() % (A * B) != 0:
+        raise ValueError(f"A*B={A * B} does not divide the {x.numel()} elements of x {tuple(x.shape)}")
+    if not use_triton(x):
+        return swap_leading_reference(x, A, B)
+    M = x.numel() // (A * B)
+    return _launch(x.reshape(A * B, M), (B, A, M), A, B, to_temporal=True)  # one sample: T=A frames, S=B
 
 
 def to_temporal(x, T):

@@ -17,9 +17,9 @@ import torch
 
 from sora.kernels._common import (
     batch_stride,
-    check_frames,
     check_tokens,
     compute_dtype,
+    frame_count,
     new_buffer,
     per_channel,
     per_sample_rows,
@@ -30,7 +30,6 @@ from sora.kernels._common import (
     row_pieces,
     temporal_rows,
     layout_shape,
-    temporal_shape,
     use_triton,
 )
 from sora.kernels._triton import tl, triton
@@ -282,7 +281,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, T):
     y = new_buffer(layout_shape(x.shape, T), x.dtype, x.device)
     mean = new_buffer((B * N,), torch.float32, x.device)
     rstd = new_buffer((B * N,), torch.float32, x.device)
-    block_m, head, tail, num_warps = row_pieces(C, rows_within=N // T if T > 1 else N)
+    block_m, head, tail, num_warps = row_pieces(C, rows_within=N // T)
     _layernorm_modulate_fwd_kernel[(triton.cdiv(N, block_m), B)](
         x, y, shift, scale, weight, bias, mean, rstd,
         N, C, T, N // T, batch_stride(shift), batch_stride(scale), eps,
@@ -298,7 +297,7 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
     x = x.contiguous()
     B, N, C = x.shape
     dx = new_buffer(x.shape, x.dtype, x.device)
-    block_m, head, tail, num_warps = backward_pieces(C, rows_within=N // T if T > 1 else N)
+    block_m, head, tail, num_warps = backward_pieces(C, rows_within=N // T)
     flags = dict(
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, TEMPORAL=T > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail,
@@ -336,7 +335,7 @@ def _layernorm_modulate_op(
 @_layernorm_modulate_op.register_fake
 def _(x, shift, scale, weight, bias, eps, T):
     B, N, C = x.shape
-    y = x.new_empty(temporal_shape(B, N, C, T) if T > 1 else (B, N, C))
+    y = x.new_empty(layout_shape(x.shape, T))
     stats = x.new_empty(B * N, dtype=torch.float32)
     return y, stats, torch.empty_like(stats)
 
@@ -415,7 +414,7 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     check_tokens("x", x)
     if x.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"layernorm_modulate supports C <= {MAX_CHANNELS}, got x of shape {tuple(x.shape)}")
-    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
+    T = frame_count(temporal, x)
     shift_rows = per_sample_rows("shift", shift, x)
     scale_rows = per_sample_rows("scale", scale, x)
     weight = per_channel("weight", weight, x)
@@ -423,5 +422,4 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     if not use_triton(x):
         return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, temporal)
     y, _, _ = _layernorm_modulate_op(x, shift_rows, scale_rows, weight, bias, float(eps), T)
-    # One frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C), and the kernel wrote that.
-    return y.view(-1, 1, x.shape[-1]) if temporal == 1 else y
+    return y.view(layout_shape(x.shape, temporal))  # the op writes the (B*S, T, C) layout, T=1 included

@@ -14,18 +14,18 @@ import torch
 
 from sora.kernels._common import (
     batch_stride,
-    check_frames,
     check_same,
     check_tokens,
     col_tile,
     compute_dtype,
+    frame_count,
+    layout_shape,
     new_buffer,
     per_sample_rows,
     reduce_partials,
     one_wave,
     reduction_split,
     temporal_rows,
-    temporal_shape,
     use_triton,
 )
 from sora.kernels._triton import tl, triton
@@ -184,9 +184,8 @@ def gated_residual(x, y, gate, temporal=None):
     check_tokens("x", x)
     check_tokens("y", y)
     check_same("y", y, "x", x)
-    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
-    B, N, C = x.shape
-    expected = temporal_shape(B, N, C, T) if temporal is not None else (B, N, C)
+    T = frame_count(temporal, x)
+    expected = layout_shape(x.shape, temporal)
     if tuple(y.shape) != expected:
         layout = f"temporal layout (B*S, T, C) for temporal={T}" if temporal is not None else "the shape of x"
         raise ValueError(f"y must have {layout}, i.e. {expected}, got {tuple(y.shape)} (x is {tuple(x.shape)})")
@@ -195,6 +194,4 @@ def gated_residual(x, y, gate, temporal=None):
     gate_rows = per_sample_rows("gate", gate, x)
     if not use_triton(x):
         return gated_residual_reference(x, y, gate_rows, temporal)
-    if T == 1:  # one frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C)
-        y = y.reshape(B, N, C)
-    return _gated_residual_op(x, y, gate_rows, T)
+    return _gated_residual_op(x, y, gate_rows, T)  # the kernel reads y's rows, whatever its 3-D view
