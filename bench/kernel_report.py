@@ -47,7 +47,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import sora.kernels as K  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
-SM90 = GPUTarget("cuda", 90, 128)
+SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
 # Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
 # memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
 SMS = 132

@@ -124,12 +124,13 @@ def row_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
 
 
 # The whole-row backward also keeps four (C,) token sums per program, so it spreads a row over more
-# threads: 2048 head channels of rows per program, a warp per 512 (16 values of a piece per thread).
-# Measured on sm_90 at C=1152 bf16 (bench/kernel_report.py): 2 rows x 4 warps, 168 registers (3 programs
-# per SM), loop 0.147 warp-instr/B (temporal 0.163); 2 x 8 warps 0.22 with 8 B of spill; 4 x 4 0.127 but
-# 250 registers (2 per SM); 1 x 4 0.159. Before tuning (one 2048-lane block, 2 x 8 warps): 0.217 and 0.330.
-BACKWARD_ELEMENTS = 2048
-BACKWARD_ELEMENTS_PER_WARP = 512
+# threads: 1024 head channels of rows per program, a warp per 256 (8 values of a piece per thread).
+# Measured at C=1152 bf16 (bench/kernel_report.py, sm_90): 1 row x 4 warps, 105 registers, loop 0.159
+# warp-instr/B (temporal 0.184) on Triton 3.9, 0.184 (0.206) on 3.6; 2 rows x 4 warps issue 0.147 (0.163)
+# at 168 registers but spill 8 B with fp16 on Triton 3.6 (the GPU image's); 2 x 8 warps 0.246; 4 x 4 0.127
+# at 250 registers. Before tuning (one 2048-lane block, 2 rows x 8 warps): 0.217 (temporal 0.330).
+BACKWARD_ELEMENTS = 1024
+BACKWARD_ELEMENTS_PER_WARP = 256
 
 
 def backward_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
