@@ -172,6 +172,17 @@ def _piece_grads(x, dy, mean, rstd, one_plus_scale, weight, bias, acc_shift, acc
 
 
 @triton.jit
+def _piece_channels(scale_ptr, weight_ptr, bias_ptr, cols, C, MASKED: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """1 + scale, weight and bias over one piece's channels; an absent one is zeros, which nothing reads."""
+    zeros = tl.zeros(cols.shape, dtype=tl.float32)
+    one_plus_scale = 1.0 + _channel_row(scale_ptr, cols, C, MASKED) if HAS_SCALE else zeros
+    weight = _channel_row(weight_ptr, cols, C, MASKED) if HAS_WEIGHT else zeros
+    bias = _channel_row(bias_ptr, cols, C, MASKED) if HAS_BIAS else zeros
+    return one_plus_scale, weight, bias
+
+
+@triton.jit
 def _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr, acc_shift, acc_scale, acc_weight, acc_bias,
                     partial, cols, C, MASKED: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -205,31 +216,20 @@ def _layernorm_modulate_bwd_kernel(
     head = tl.arange(0, HEAD)
     if HAS_SCALE:
         scale_ptr += sample * scale_stride
-    one_plus_scale = 1.0 + _channel_row(scale_ptr, head, C, False) if HAS_SCALE else None
-    weight = _channel_row(weight_ptr, head, C, False) if HAS_WEIGHT else None
-    bias = _channel_row(bias_ptr, head, C, False) if HAS_BIAS else None
-    acc_shift = tl.zeros([HEAD], dtype=tl.float32)
-    acc_scale = tl.zeros([HEAD], dtype=tl.float32)
-    acc_weight = tl.zeros([HEAD], dtype=tl.float32)
-    acc_bias = tl.zeros([HEAD], dtype=tl.float32)
+    one_plus_scale, weight, bias = _piece_channels(scale_ptr, weight_ptr, bias_ptr, head, C, False,
+                                                   HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+    zeros = tl.zeros([HEAD], dtype=tl.float32)
     if TAIL > 0:
         tail = HEAD + tl.arange(0, TAIL)
-        one_plus_scale_tail = 1.0 + _channel_row(scale_ptr, tail, C, True) if HAS_SCALE else None
-        weight_tail = _channel_row(weight_ptr, tail, C, True) if HAS_WEIGHT else None
-        bias_tail = _channel_row(bias_ptr, tail, C, True) if HAS_BIAS else None
-        acc_shift_tail = tl.zeros([TAIL], dtype=tl.float32)
-        acc_scale_tail = tl.zeros([TAIL], dtype=tl.float32)
-        acc_weight_tail = tl.zeros([TAIL], dtype=tl.float32)
-        acc_bias_tail = tl.zeros([TAIL], dtype=tl.float32)
+        one_plus_scale_tail, weight_tail, bias_tail = _piece_channels(scale_ptr, weight_ptr, bias_ptr, tail, C, True,
+                                                                      HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+        zeros_tail = tl.zeros([TAIL], dtype=tl.float32)
     else:  # no tail piece: placeholders the loop carries unchanged
         tail = head
-        one_plus_scale_tail = one_plus_scale
-        weight_tail = weight
-        bias_tail = bias
-        acc_shift_tail = acc_shift
-        acc_scale_tail = acc_scale
-        acc_weight_tail = acc_weight
-        acc_bias_tail = acc_bias
+        one_plus_scale_tail, weight_tail, bias_tail = one_plus_scale, weight, bias
+        zeros_tail = zeros
+    acc_shift, acc_scale, acc_weight, acc_bias = zeros, zeros, zeros, zeros
+    acc_shift_tail, acc_scale_tail, acc_weight_tail, acc_bias_tail = zeros_tail, zeros_tail, zeros_tail, zeros_tail
 
     # The next block's loads are issued before this block's reductions, so they are in flight meanwhile.
     x, dy, x_tail, dy_tail, mean, rstd = _load_rows(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sample, first, last,
