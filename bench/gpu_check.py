@@ -74,7 +74,8 @@ from bench.test_attention import Case as AttentionCase  # noqa: E402
 from bench.test_attention import base_row as attention_base_row  # noqa: E402
 from bench.test_attention import measure_attention  # noqa: E402
 from bench.test_comm import CPU_SHAPES as CPU_SEQ_SHAPES  # noqa: E402
-from bench.test_comm import SeqShape, exchange_layout, swap_sora, swap_torch, swap_view  # noqa: E402
+from bench.test_comm import SeqShape, exchange_layout, swap_view  # noqa: E402
+from sora.kernels.layout import swap_leading, swap_leading_reference  # noqa: E402
 from bench.test_kernels import (  # noqa: E402
     BENCHES,
     CPU_SHAPES,
@@ -517,7 +518,7 @@ def pack_checks(check: Check) -> None:
                     check.tick()
                     A, B = swap_view(direction, tensor_shape, sp, scatter_dim, gather_dim)
                     x = torch.randn(math.prod(tensor_shape), device=check.device, dtype=dtype)
-                    got, want = swap_sora(x, A, B), swap_torch(x, A, B)
+                    got, want = swap_leading(x, A, B), swap_leading_reference(x, A, B)
                     err = 0.0 if torch.equal(got, want) else (got.double() - want.double()).abs().max().item()
                     check.add_check("all_to_all pack", f"all_to_all {direction} sp={sp} {exchange} {tuple(tensor_shape)}",
                                     err, 0.0)

@@ -5,12 +5,11 @@ Under sequence parallelism STDiT's temporal attention (sora.models.layers.Attent
 twice per forward on each rank:
 - "qkv": (B*S, T/sp, 3, H, D) scatters heads, gathers frames -> (B*S, T, 3, H/sp, D);
 - "out": the attention output (B*S, T, H/sp, D) scatters frames, gathers heads -> (B*S, T/sp, H, D).
-K.all_to_all packs before all_to_all_single and unpacks after it, each a swap of the two leading axes of a
-3-D view (A, B, M) -> (B, A, M), made by the to_temporal kernel; the backward runs the inverse exchanges, i.e.
-the same permutes with A and B swapped. Providers: `sora` (the public K.to_temporal on the view as one sample
-of A frames of B tokens: the same kernel launch all_to_all makes) and `torch`
-(`x.view(A, B, M).transpose(0, 1).contiguous()`). Each case is timed once. Bytes: the permute reads and writes
-the tensor once, 2 x its size.
+sora.kernels.comm._exchange packs before all_to_all_single and unpacks after it, each a swap of the two
+leading axes of a 3-D view (A, B, M) -> (B, A, M); the backward runs the inverse exchanges, i.e. the same
+permutes with A and B swapped. Providers: `sora` (the Triton `swap_leading`, exactly as `_exchange` calls it)
+and `torch` (`x.view(A, B, M).transpose(0, 1).contiguous()`, the kernel's reference). Each case is timed once. Bytes: the permute reads
+and writes the tensor once, 2 x its size.
 """
 
 import math
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import sora.kernels as K
 from bench.bench_utils import (
     DTYPE_NAMES,
     Rotation,
@@ -31,6 +29,7 @@ from bench.bench_utils import (
     synchronize,
     time_ms,
 )
+from sora.kernels.layout import swap_leading, swap_leading_reference
 
 SP_SIZES = (2, 4, 8)
 DEPTH = 28  # STDiT-XL/2's blocks: one temporal attention each
@@ -107,16 +106,7 @@ def pack_cases(cuda: bool) -> list[PackCase]:
     ]
 
 
-def swap_sora(x, A, B):
-    """(A, B, M) -> (B, A, M) as all_to_all's pack/unpack makes it: to_temporal of one sample of A frames."""
-    return K.to_temporal(x.view(1, A * B, -1), A)
-
-
-def swap_torch(x, A, B):
-    return x.view(A, B, -1).transpose(0, 1).contiguous()
-
-
-SWAPS = {"sora": swap_sora, "torch": swap_torch}
+SWAPS = {"sora": swap_leading, "torch": swap_leading_reference}
 
 
 @pytest.mark.parametrize("case", pack_cases(on_cuda()), ids=str)
@@ -146,7 +136,7 @@ def test_all_to_all_pack(case, benchmark, bench_env, results, device):
         run = Rotation(lambda: torch.randn(numel, device=device, dtype=dtype), lambda x: swap(x, A, B), nbytes // 2,
                        device)
         if case.provider == "sora":  # a permutation: the kernel must match torch bit for bit
-            row["exact"] = torch.equal(swap(run.sets[0], A, B), swap_torch(run.sets[0], A, B))
+            row["exact"] = torch.equal(swap(run.sets[0], A, B), swap_leading_reference(run.sets[0], A, B))
         for _ in range(2):  # Triton JIT
             run()
         synchronize(device)

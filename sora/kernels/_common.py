@@ -5,7 +5,6 @@ Token layouts follow Open-Sora: `x` is (B, T*S, C) frame-major, "B (T S) C". The
 layout is "(B S) T C". A frame-major row r = b*N + t*S + s lives at temporal row (b*S + s)*T + t.
 """
 
-import functools
 import os
 
 import torch
@@ -14,13 +13,16 @@ from sora.kernels._triton import AVAILABLE, tl, triton  # noqa: F401 - tl: Trito
 
 
 @triton.jit
-def temporal_row(row, T, S):
-    """Row index in "(B S) T C" of frame-major row `row` of "B (T S) C"."""
-    n = T * S
-    b = row // n
-    t = (row % n) // S
-    s = row % S
-    return (b * S + s) * T + t
+def temporal_rows(first, T, S, BLOCK_M: tl.constexpr):
+    """Rows in "(S T)" (a sample's temporal layout) of frame-major rows first .. first + BLOCK_M of "(T S)".
+
+    One scalar division per block instead of a 64-bit div/mod per row: with BLOCK_M <= S (the launchers
+    take block_rows_within), the frame index t steps at most once inside the block.
+    """
+    t = first // S
+    s = first - t * S + tl.arange(0, BLOCK_M)
+    wrapped = s >= S
+    return tl.where(wrapped, s - S, s) * T + t + wrapped.to(tl.int32)
 
 
 @triton.jit
@@ -62,40 +64,107 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def num_programs_target(device_index: int) -> int:
-    """How many programs keep the whole device busy in a reduction grid (4 per SM on CUDA)."""
-    if device_index < 0:
-        return 4  # interpreter: programs run one after another, fewer means less Python overhead
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+def on_gpu(x: torch.Tensor) -> bool:
+    """Whether x's kernels are compiled for a GPU (bench/kernel_report.py says yes for its sm_90 stand-in)."""
+    return x.device.type == "cuda"
 
 
-def target_programs(x: torch.Tensor) -> int:
-    return num_programs_target(x.device.index if x.device.type == "cuda" else -1)
+# Threads an SM holds: 2048 on sm_80 and sm_90 (A100, H100, H200), the GPUs this library is tuned for.
+THREADS_PER_SM = 2048
 
 
-def row_tile(C: int, elements: int = 4096) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for kernels that hold whole rows: one row of C in BLOCK_C lanes,
-    and as many rows per program as keep about `elements` values in flight (small C gets many rows)."""
-    block_c = triton.next_power_of_2(C)
-    block_m = max(1, min(64, elements // block_c))
-    num_warps = max(1, min(16, block_m * block_c // 512))
-    return block_m, block_c, num_warps
+def one_wave(kernel, x: torch.Tensor, num_warps: int, *args, **kwargs) -> int:
+    """How many programs of `kernel` the whole GPU holds at once, for a reduction grid of one full wave.
 
-
-def col_tile(C: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for elementwise kernels, which tile the channel axis too."""
-    block_c = min(triton.next_power_of_2(C), 1024)
-    block_m = max(1, 4096 // block_c)
-    return block_m, block_c, 4
-
-
-def reduction_split(rows: int, batches: int, block_m: int, x: torch.Tensor) -> tuple[int, int]:
-    """Split each sample's `rows` into programs for a per-sample partial-sum reduction.
-
-    Returns (programs per sample, rows per program); rows per program is a multiple of block_m.
+    The occupancy count of Triton's fused-softmax tutorial: compile (or find in the cache) the kernel for
+    these arguments and divide the SM's registers, shared memory and threads by what one program takes.
+    An argument that depends on the grid must be in the kernel's do_not_specialize, so this compile is the
+    one the launch uses. Under the interpreter programs run one after another: 4, to keep Python overhead low.
     """
-    per_sample = max(1, min(triton.cdiv(target_programs(x), batches), triton.cdiv(rows, block_m)))
+    if not on_gpu(x):
+        return 4
+    compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
+    compiled._init_handles()  # loads the binary, which sets n_regs (as the tutorial does)
+    device = triton.runtime.driver.active.get_current_device()
+    properties = triton.runtime.driver.active.utils.get_device_properties(device)
+    registers_per_warp = triton.cdiv(compiled.n_regs * 32, 256) * 256  # allocated per warp, 256 at a time
+    fits = min(
+        properties["max_num_regs"] // (registers_per_warp * num_warps),
+        properties["max_shared_mem"] // max(compiled.metadata.shared, 1),
+        THREADS_PER_SM // (32 * num_warps),
+    )
+    return properties["multiprocessor_count"] * max(1, fits)
+
+
+# Whole-row kernels: about 1024 channels of the row's head piece per warp (32 fp32 values per thread).
+# Measured on sm_90 (bench/kernel_report.py), LN-modulate forward at C=1152 bf16: 1 row per warp issues
+# 0.153 warp-instructions per byte at 96 registers (temporal 0.162, 80); 2 rows per warp 0.136 but 128
+# registers, and fp32 then spills 8 B (shift and scale rows are per thread too); 1 row in 2 warps 0.181.
+# 8 warps per 2 rows of 2048 lanes (before: 44% masked) issued 0.362.
+ROW_ELEMENTS_PER_WARP = 1024
+# Small C gets many rows per program (C=72: 16 rows of 64 + 8 channels per warp); past 64 rows the
+# per-program work (sample index, shift/scale rows) is already amortised and registers only grow.
+MAX_ROWS_PER_PROGRAM = 64
+# Warps per program at most: a row of C=8192 (MAX_CHANNELS) in the backward takes 16; Triton allows 32.
+MAX_WARPS = 16
+
+
+def row_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, HEAD, TAIL, num_warps) for kernels that hold whole rows in registers.
+
+    A row's C channels are two power-of-two pieces, HEAD <= C and TAIL >= C - HEAD (0 when C is a power of
+    two), so no lane is masked at C=1152 (1024 + 128) where one next_power_of_2 block masks 44%.
+    rows_within: a block's rows must stay inside this many (S for the temporal row map).
+    """
+    head = 1 << (C.bit_length() - 1)
+    tail = triton.next_power_of_2(C - head) if C > head else 0
+    block_m = max(1, min(MAX_ROWS_PER_PROGRAM, ROW_ELEMENTS_PER_WARP // head))
+    num_warps = max(1, min(MAX_WARPS, block_m * head // ROW_ELEMENTS_PER_WARP))
+    return block_rows_within(block_m, rows_within), head, tail, num_warps
+
+
+# The whole-row backward also keeps four (C,) token sums per program, so it spreads a row over more
+# threads: 1024 head channels of rows per program, a warp per 256 (8 values of a piece per thread).
+# Measured at C=1152 bf16 (bench/kernel_report.py, sm_90): 1 row x 4 warps, 105 registers, loop 0.159
+# warp-instr/B (temporal 0.184) on Triton 3.9, 0.184 (0.206) on 3.6; 2 rows x 4 warps issue 0.147 (0.163)
+# at 168 registers but spill 8 B with fp16 on Triton 3.6 (the GPU image's); 2 x 8 warps 0.246; 4 x 4 0.127
+# at 250 registers. Before tuning (one 2048-lane block, 2 rows x 8 warps): 0.217 (temporal 0.330).
+BACKWARD_ELEMENTS = 1024
+BACKWARD_ELEMENTS_PER_WARP = 256
+
+
+def backward_pieces(C: int, rows_within: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, HEAD, TAIL, num_warps) for the whole-row backward (see row_pieces)."""
+    _, head, tail, _ = row_pieces(C, rows_within)
+    block_m = max(1, min(MAX_ROWS_PER_PROGRAM, BACKWARD_ELEMENTS // head))
+    num_warps = max(1, min(MAX_WARPS, block_m * head // BACKWARD_ELEMENTS_PER_WARP))
+    return block_rows_within(block_m, rows_within), head, tail, num_warps
+
+
+def block_rows_within(block_m: int, rows: int) -> int:
+    """BLOCK_M, lowered to a power of two <= rows: the temporal row map needs a block within one frame."""
+    return min(block_m, 1 << (max(rows, 1).bit_length() - 1))
+
+
+def col_tile(C: int, rows_within: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for elementwise kernels, which tile the channel axis too.
+
+    BLOCK_C is the largest power of two dividing C, from 128 to 1024, so no lane is masked (1152 = 9 x 128:
+    before, two blocks of 1024 left 896 of the second idle); a C without one takes next_power_of_2 (<= 1024).
+    4096 values per program over 4 warps: 32 per thread in 128-bit accesses; on sm_90 the gated residual at
+    C=1152 bf16 then issues 0.049 warp-instructions per byte at 64 registers (bench/kernel_report.py).
+    rows_within: a block's rows must stay inside this many (S for the temporal row map).
+    """
+    divisor = C & -C
+    block_c = min(divisor, 1024) if divisor >= 128 else min(triton.next_power_of_2(C), 1024)
+    block_m = max(1, 4096 // block_c)
+    return block_rows_within(block_m, rows_within), block_c, 4
+
+
+def reduction_split(rows: int, batches: int, block_m: int, programs: int) -> tuple[int, int]:
+    """Split each sample's `rows` into about `programs` programs in all (one_wave's count) for a per-sample
+    partial-sum reduction. Returns (programs per sample, rows per program), a multiple of block_m."""
+    per_sample = max(1, min(programs // batches, triton.cdiv(rows, block_m)))
     rows_per_program = triton.cdiv(triton.cdiv(rows, per_sample), block_m) * block_m
     return triton.cdiv(rows, rows_per_program), rows_per_program
 
@@ -168,6 +237,18 @@ def temporal_shape(B: int, N: int, C: int, T: int) -> tuple[int, int, int]:
     return (B * (N // T), T, C)
 
 
+def frame_count(temporal, x: torch.Tensor) -> int:
+    """The one reading of the layout-aware ops' `temporal` argument: None (tokens stay frame-major) -> 1,
+    T (the temporal-attention layout of T frames) -> T, checked. Kernels branch on T > 1 alone: with one
+    frame the layout (B*S, 1, C) is the same memory as (B, N, C), so T=1 moves no row."""
+    return 1 if temporal is None else check_frames(temporal, x)
+
+
+def layout_shape(shape, temporal) -> tuple[int, int, int]:
+    """Shape of (B, N, C) tokens in the layout `temporal` names: (B, N, C) for None, (B*S, T, C) for T."""
+    return tuple(shape) if temporal is None else temporal_shape(*shape, temporal)
+
+
 def batch_stride(rows: torch.Tensor | None) -> int:
     """Stride between samples of a (1 or B, C) modulation view; 0 broadcasts one row over the batch."""
     if rows is None or rows.shape[0] == 1:
@@ -182,3 +263,4 @@ def reduce_partials(partial: torch.Tensor, B: int, like: torch.Tensor) -> torch.
     if like.dim() == 1 or like.shape[0] == 1:
         per_sample = per_sample.sum(0, keepdim=like.dim() == 2)
     return per_sample.to(like.dtype)
+

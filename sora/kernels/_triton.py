@@ -11,7 +11,7 @@ try:
 except ImportError:
     AVAILABLE = False
     triton = types.SimpleNamespace(
-        jit=lambda fn: fn,
+        jit=lambda fn=None, **options: fn if fn is not None else (lambda fn: fn),
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length(),
     )

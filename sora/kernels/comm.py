@@ -3,7 +3,7 @@
 With W ranks, scatter_dim d and gather_dim g, rank r sends its W slices along d (slice w to rank w) and
 receives one slice from every rank, which it concatenates along g. Around one
 torch.distributed.all_to_all_single the data is permuted twice, each a swap of the two leading axes of a
-3-D view, done by the to_temporal layout kernel (the same row permutation, for one sample):
+3-D view, done by layout.swap_leading (to_temporal's row permutation, for one sample):
 - pack:   x viewed (P, W, M) -> send buffer (W, P, M), P = prod(shape[:d]), M = the rest after W;
 - unpack: receive buffer (W, P', M') -> out viewed (P', W, M'), P' = prod(chunk[:g]), M' = prod(chunk[g:]).
 When P (or P') is 1 the view already is the buffer and no copy is made. The backward of an exchange is
@@ -15,21 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from sora.kernels._common import use_triton
-from sora.kernels.layout import _launch
-
-
-def swap_leading_reference(x, A, B):
-    return x.view(A, B, -1).transpose(0, 1).contiguous()
-
-
-def _swap_leading(x, A, B):
-    """Contiguous x viewed as (A, B, M) -> a new contiguous (B, A, M): to_temporal's kernel, for one sample
-    of A frames of B tokens of M channels ("(A B) M -> (B A) M")."""
-    if not use_triton(x):
-        return swap_leading_reference(x, A, B)
-    M = x.numel() // (A * B)
-    return _launch(x.view(A * B, M), (B, A, M), A, B, to_temporal=True)
+from sora.kernels.layout import swap_leading
 
 
 def _exchange(x, group, scatter_dim, gather_dim):
@@ -37,14 +23,14 @@ def _exchange(x, group, scatter_dim, gather_dim):
     shape = list(x.shape)
     x = x.contiguous()
     before = math.prod(shape[:scatter_dim])
-    send = _swap_leading(x, before, world) if before > 1 else x
+    send = swap_leading(x, before, world) if before > 1 else x
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # splits dim 0 (size W for both layouts) evenly
 
     chunk = shape.copy()
     chunk[scatter_dim] //= world
     before = math.prod(chunk[:gather_dim])
-    out = _swap_leading(recv, world, before) if before > 1 else recv
+    out = swap_leading(recv, world, before) if before > 1 else recv
     chunk[gather_dim] *= world
     return out.view(chunk)
 

@@ -17,159 +17,277 @@ import torch
 
 from sora.kernels._common import (
     batch_stride,
-    check_frames,
     check_tokens,
     compute_dtype,
+    frame_count,
     new_buffer,
     per_channel,
     per_sample_rows,
     reduce_partials,
+    one_wave,
     reduction_split,
-    row_tile,
-    temporal_row,
-    temporal_shape,
+    backward_pieces,
+    row_pieces,
+    temporal_rows,
+    layout_shape,
     use_triton,
 )
 from sora.kernels._triton import tl, triton
 from sora.kernels.layout import to_temporal_reference
 
-# Whole rows live in registers; beyond this the row no longer fits a program's register file sensibly.
-MAX_CHANNELS = 16384
+# Whole rows live in registers. At C=16384 the backward spilled 240 B per thread (sm_90, 16 warps, the most a
+# program has); 8192 is the widest it holds without spilling (bench/kernel_report.py). DiT/STDiT use 1152.
+MAX_CHANNELS = 8192
+
+
+@triton.jit
+def _channel_row(ptr, cols, C, MASKED: tl.constexpr):
+    """One (piece of a) per-channel row: shift, scale, weight or bias, in fp32."""
+    if MASKED:
+        return tl.load(ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    return tl.load(ptr + cols).to(tl.float32)
+
+
+@triton.jit
+def _normalize_piece(x, mean, rstd, cols, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, MASKED: tl.constexpr):
+    """(x - mean) * rstd, affine, modulated: one power-of-two piece of a block of rows."""
+    y = (x - mean[:, None]) * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * _channel_row(weight_ptr, cols, C, MASKED)[None, :]
+    if HAS_BIAS:
+        y = y + _channel_row(bias_ptr, cols, C, MASKED)[None, :]
+    if HAS_SCALE:
+        y = y * (1.0 + _channel_row(scale_ptr, cols, C, MASKED))[None, :]
+    if HAS_SHIFT:
+        y = y + _channel_row(shift_ptr, cols, C, MASKED)[None, :]
+    return y
 
 
 @triton.jit
 def _layernorm_modulate_fwd_kernel(
     x_ptr, y_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
-    M, N, C, T, S, shift_stride, scale_stride, eps,
+    N, C, T, S, shift_stride, scale_stride, eps,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
-    # int64 rows: B*N*C passes 2**31 at 64x512 with C=4096.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
-
-    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    y = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sample = rows // N
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + sample[:, None] * scale_stride + cols[None, :], mask=mask, other=0.0)
-        y = y * (1.0 + scale.to(tl.float32))
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + sample[:, None] * shift_stride + cols[None, :], mask=mask, other=0.0)
-        y = y + shift.to(tl.float32)
-
+    # Grid (row blocks of a sample, B): one sample per program, so its shift and scale are one (C,) row each.
+    # The row's C channels are two power-of-two pieces, HEAD <= C and TAIL (0 when C is a power of two):
+    # 1152 = 1024 + 128 issues no masked lane, where one next_power_of_2 block would mask 44% of them.
+    sample = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    local = first + tl.arange(0, BLOCK_M)
+    row_ok = local < N
+    rows = sample.to(tl.int64) * N + local  # int64: B*N*C passes 2**31 at 64x512 with C=4096
+    x_rows = x_ptr + rows * C
     if TEMPORAL:
-        out_rows = temporal_row(rows, T, S)
+        y_rows = y_ptr + (sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)) * C
     else:
-        out_rows = rows
-    tl.store(y_ptr + out_rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        y_rows = y_ptr + rows * C
+    if HAS_SHIFT:
+        shift_ptr += sample * shift_stride
+    if HAS_SCALE:
+        scale_ptr += sample * scale_stride
+
+    head = tl.arange(0, HEAD)
+    x = tl.load(x_rows[:, None] + head[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    total = tl.sum(x, axis=1)
+    if TAIL > 0:
+        tail = HEAD + tl.arange(0, TAIL)
+        tail_ok = tail < C
+        tail_mask = row_ok[:, None] & tail_ok[None, :]
+        x_tail = tl.load(x_rows[:, None] + tail[None, :], mask=tail_mask, other=0.0).to(tl.float32)
+        total += tl.sum(x_tail, axis=1)
+    mean = total / C
+    xc = x - mean[:, None]
+    squares = tl.sum(xc * xc, axis=1)
+    if TAIL > 0:
+        xc_tail = tl.where(tail_mask, x_tail - mean[:, None], 0.0)
+        squares += tl.sum(xc_tail * xc_tail, axis=1)
+    rstd = tl.rsqrt(squares / C + eps)
+
+    y = _normalize_piece(x, mean, rstd, head, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
+                         HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=False)
+    tl.store(y_rows[:, None] + head[None, :], y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if TAIL > 0:
+        y = _normalize_piece(x_tail, mean, rstd, tail, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
+                             HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=True)
+        tl.store(y_rows[:, None] + tail[None, :], y.to(y_ptr.dtype.element_ty), mask=tail_mask)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
 @triton.jit
+def _load_rows(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sample, start, last, N, C, T, S,
+               TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """One block of rows for the backward: x and dy in their own dtype (fp32 only once used), mean, rstd."""
+    local = start + tl.arange(0, BLOCK_M)
+    row_ok = local < last
+    rows = sample.to(tl.int64) * N + local
+    x_rows = x_ptr + rows * C
+    if TEMPORAL:
+        dy_rows = dy_ptr + (sample.to(tl.int64) * N + temporal_rows(start, T, S, BLOCK_M)) * C
+    else:
+        dy_rows = dy_ptr + rows * C
+    head = tl.arange(0, HEAD)
+    x = tl.load(x_rows[:, None] + head[None, :], mask=row_ok[:, None], other=0.0)
+    dy = tl.load(dy_rows[:, None] + head[None, :], mask=row_ok[:, None], other=0.0)
+    if TAIL > 0:
+        tail = HEAD + tl.arange(0, TAIL)
+        tail_mask = row_ok[:, None] & (tail < C)[None, :]
+        x_tail = tl.load(x_rows[:, None] + tail[None, :], mask=tail_mask, other=0.0)
+        dy_tail = tl.load(dy_rows[:, None] + tail[None, :], mask=tail_mask, other=0.0)
+    else:
+        x_tail, dy_tail = x, dy  # unused
+    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    return x, dy, x_tail, dy_tail, mean, rstd
+
+
+@triton.jit
+def _piece_grads(x, dy, mean, rstd, one_plus_scale, weight, bias, acc_shift, acc_scale, acc_weight, acc_bias,
+                 HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """For one piece of the channels: xhat, d(loss)/d(xhat), and the token sums of dshift, dscale, dweight, dbias."""
+    xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    dy = dy.to(tl.float32)
+    if HAS_SHIFT:
+        acc_shift += tl.sum(dy, axis=0)
+    dz = dy  # gradient w.r.t. z = affine(xhat), the input of the modulation
+    if HAS_SCALE:
+        z = xhat
+        if HAS_WEIGHT:
+            z = z * weight[None, :]
+        if HAS_BIAS:
+            z = z + bias[None, :]
+        acc_scale += tl.sum(dy * z, axis=0)
+        dz = dy * one_plus_scale[None, :]
+    dxhat = dz
+    if HAS_WEIGHT:
+        acc_weight += tl.sum(dz * xhat, axis=0)
+        dxhat = dz * weight[None, :]
+    if HAS_BIAS:
+        acc_bias += tl.sum(dz, axis=0)
+    return xhat, dxhat, acc_shift, acc_scale, acc_weight, acc_bias
+
+
+@triton.jit
+def _piece_channels(scale_ptr, weight_ptr, bias_ptr, cols, C, MASKED: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """1 + scale, weight and bias over one piece's channels; an absent one is zeros, which nothing reads."""
+    zeros = tl.zeros(cols.shape, dtype=tl.float32)
+    one_plus_scale = 1.0 + _channel_row(scale_ptr, cols, C, MASKED) if HAS_SCALE else zeros
+    weight = _channel_row(weight_ptr, cols, C, MASKED) if HAS_WEIGHT else zeros
+    bias = _channel_row(bias_ptr, cols, C, MASKED) if HAS_BIAS else zeros
+    return one_plus_scale, weight, bias
+
+
+@triton.jit
+def _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr, acc_shift, acc_scale, acc_weight, acc_bias,
+                    partial, cols, C, MASKED: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program's partial token sums (channels `cols`) into its row `partial` of the (B * programs, C) partials."""
+    offsets = partial * C + cols
+    mask = cols < C if MASKED else None
+    if HAS_SHIFT:
+        tl.store(dshift_ptr + offsets, acc_shift, mask=mask)
+    if HAS_SCALE:
+        tl.store(dscale_ptr + offsets, acc_scale, mask=mask)
+    if HAS_WEIGHT:
+        tl.store(dweight_ptr + offsets, acc_weight, mask=mask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + offsets, acc_bias, mask=mask)
+
+
+@triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see one_wave)
 def _layernorm_modulate_bwd_kernel(
     dy_ptr, x_ptr, scale_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, dx_ptr,
     dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr,
     N, C, T, S, scale_stride, rows_per_program,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     # Grid (B, P): program (b, p) owns rows [p * rows_per_program, ...) of sample b, so its per-sample
-    # partial sums (dshift, dscale) need no mixing of samples.
+    # partial sums (dshift, dscale) need no mixing of samples. Channels in two pieces as in the forward.
     sample = tl.program_id(0)
     program = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
     first = program * rows_per_program
     last = tl.minimum(first + rows_per_program, N)
-
+    head = tl.arange(0, HEAD)
     if HAS_SCALE:
-        one_plus_scale = 1.0 + tl.load(scale_ptr + sample * scale_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_weight = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        scale_ptr += sample * scale_stride
+    one_plus_scale, weight, bias = _piece_channels(scale_ptr, weight_ptr, bias_ptr, head, C, False,
+                                                   HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+    zeros = tl.zeros([HEAD], dtype=tl.float32)
+    if TAIL > 0:
+        tail = HEAD + tl.arange(0, TAIL)
+        one_plus_scale_tail, weight_tail, bias_tail = _piece_channels(scale_ptr, weight_ptr, bias_ptr, tail, C, True,
+                                                                      HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+        zeros_tail = tl.zeros([TAIL], dtype=tl.float32)
+    else:  # no tail piece: placeholders the loop carries unchanged
+        tail = head
+        one_plus_scale_tail, weight_tail, bias_tail = one_plus_scale, weight, bias
+        zeros_tail = zeros
+    acc_shift, acc_scale, acc_weight, acc_bias = zeros, zeros, zeros, zeros
+    acc_shift_tail, acc_scale_tail, acc_weight_tail, acc_bias_tail = zeros_tail, zeros_tail, zeros_tail, zeros_tail
 
+    # The next block's loads are issued before this block's reductions, so they are in flight meanwhile.
+    x, dy, x_tail, dy_tail, mean, rstd = _load_rows(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sample, first, last,
+                                                     N, C, T, S, TEMPORAL, BLOCK_M, HEAD, TAIL)
     for start in range(first, last, BLOCK_M):
+        next_x, next_dy, next_x_tail, next_dy_tail, next_mean, next_rstd = _load_rows(
+            dy_ptr, x_ptr, mean_ptr, rstd_ptr, sample, start + BLOCK_M, last, N, C, T, S,
+            TEMPORAL, BLOCK_M, HEAD, TAIL)
+        xhat, dxhat, acc_shift, acc_scale, acc_weight, acc_bias = _piece_grads(
+            x, dy, mean, rstd, one_plus_scale, weight, bias, acc_shift, acc_scale, acc_weight, acc_bias,
+            HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+        sum_dxhat = tl.sum(dxhat, axis=1)
+        sum_dxhat_xhat = tl.sum(dxhat * xhat, axis=1)
+        if TAIL > 0:
+            xhat_tail, dxhat_tail, acc_shift_tail, acc_scale_tail, acc_weight_tail, acc_bias_tail = _piece_grads(
+                x_tail, dy_tail, mean, rstd, one_plus_scale_tail, weight_tail, bias_tail,
+                acc_shift_tail, acc_scale_tail, acc_weight_tail, acc_bias_tail,
+                HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+            xhat_tail = tl.where((tail < C)[None, :], xhat_tail, 0.0)  # masked lanes loaded x=0, not mean
+            sum_dxhat += tl.sum(dxhat_tail, axis=1)
+            sum_dxhat_xhat += tl.sum(dxhat_tail * xhat_tail, axis=1)
+        mean_dxhat = sum_dxhat / C
+        mean_dxhat_xhat = sum_dxhat_xhat / C
+
         local = start + tl.arange(0, BLOCK_M)
         row_ok = local < last
-        rows = sample.to(tl.int64) * N + local
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * C + cols[None, :]
-
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        if TEMPORAL:
-            dy_rows = temporal_row(rows, T, S)
-        else:
-            dy_rows = rows
-        dy = tl.load(dy_ptr + dy_rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-        if HAS_SHIFT:
-            acc_shift += tl.sum(dy, axis=0)
-        dz = dy  # gradient w.r.t. z = affine(xhat), the input of the modulation
-        if HAS_SCALE:
-            z = xhat
-            if HAS_WEIGHT:
-                z = z * weight[None, :]
-            if HAS_BIAS:
-                z = z + bias[None, :]
-            acc_scale += tl.sum(dy * z, axis=0)
-            dz = dy * one_plus_scale[None, :]
-        dxhat = dz
-        if HAS_WEIGHT:
-            acc_weight += tl.sum(dz * xhat, axis=0)
-            dxhat = dz * weight[None, :]
-        if HAS_BIAS:
-            acc_bias += tl.sum(dz, axis=0)
-
-        mean_dxhat = tl.sum(dxhat, axis=1) / C
-        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
+        dx_rows = dx_ptr + (sample.to(tl.int64) * N + local) * C
         dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_rows[:, None] + head[None, :], dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if TAIL > 0:
+            dx = (dxhat_tail - xhat_tail * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+            tail_mask = row_ok[:, None] & (tail < C)[None, :]
+            tl.store(dx_rows[:, None] + tail[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tail_mask)
+        x, dy, x_tail, dy_tail, mean, rstd = next_x, next_dy, next_x_tail, next_dy_tail, next_mean, next_rstd
 
-    partial = (sample * tl.num_programs(1) + program) * C + cols
-    if HAS_SHIFT:
-        tl.store(dshift_ptr + partial, acc_shift, mask=col_ok)
-    if HAS_SCALE:
-        tl.store(dscale_ptr + partial, acc_scale, mask=col_ok)
-    if HAS_WEIGHT:
-        tl.store(dweight_ptr + partial, acc_weight, mask=col_ok)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + partial, acc_bias, mask=col_ok)
+    partial = sample * tl.num_programs(1) + program
+    _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr,
+                    acc_shift, acc_scale, acc_weight, acc_bias, partial, head, C, False,
+                    HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
+    if TAIL > 0:
+        _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr,
+                        acc_shift_tail, acc_scale_tail, acc_weight_tail, acc_bias_tail, partial, tail, C, True,
+                        HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
 
 
 def _launch_forward(x, shift, scale, weight, bias, eps, T):
     x = x.contiguous()
     B, N, C = x.shape
-    M = B * N
-    y = new_buffer(temporal_shape(B, N, C, T) if T > 1 else (B, N, C), x.dtype, x.device)
-    mean = new_buffer((M,), torch.float32, x.device)
-    rstd = new_buffer((M,), torch.float32, x.device)
-    block_m, block_c, num_warps = row_tile(C)
-    _layernorm_modulate_fwd_kernel[(triton.cdiv(M, block_m),)](
+    y = new_buffer(layout_shape(x.shape, T), x.dtype, x.device)
+    mean = new_buffer((B * N,), torch.float32, x.device)
+    rstd = new_buffer((B * N,), torch.float32, x.device)
+    block_m, head, tail, num_warps = row_pieces(C, rows_within=N // T)
+    _layernorm_modulate_fwd_kernel[(triton.cdiv(N, block_m), B)](
         x, y, shift, scale, weight, bias, mean, rstd,
-        M, N, C, T, N // T, batch_stride(shift), batch_stride(scale), eps,
+        N, C, T, N // T, batch_stride(shift), batch_stride(scale), eps,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        TEMPORAL=T > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -179,24 +297,26 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
     x = x.contiguous()
     B, N, C = x.shape
     dx = new_buffer(x.shape, x.dtype, x.device)
-    block_m, block_c, num_warps = row_tile(C)
-    programs, rows_per_program = reduction_split(N, B, block_m, x)
-
-    def partials(t):
-        return None if t is None else new_buffer((B * programs, C), torch.float32, x.device)
-
-    dshift, dscale, dweight, dbias = partials(shift), partials(scale), partials(weight), partials(bias)
-    _layernorm_modulate_bwd_kernel[(B, programs)](
-        dy, x, scale, weight, bias, mean, rstd, dx,
-        dshift, dscale, dweight, dbias,
-        N, C, T, N // T, batch_stride(scale), rows_per_program,
-        HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    block_m, head, tail, num_warps = backward_pieces(C, rows_within=N // T)
+    flags = dict(
+        HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, TEMPORAL=T > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail,
     )
+
+    def arguments(partials, rows_per_program):
+        return (dy, x, scale, weight, bias, mean, rstd, dx, *partials,
+                N, C, T, N // T, batch_stride(scale), rows_per_program)
+
+    def partial_sums(rows):
+        return [None if t is None else new_buffer((rows, C), torch.float32, x.device) for t in (shift, scale, weight, bias)]
+
+    wave = one_wave(_layernorm_modulate_bwd_kernel, x, num_warps, *arguments(partial_sums(1), 1), **flags)
+    programs, rows_per_program = reduction_split(N, B, block_m, wave)
+    partials = partial_sums(B * programs)
+    _layernorm_modulate_bwd_kernel[(B, programs)](*arguments(partials, rows_per_program), **flags, num_warps=num_warps)
     # Second reduction stage; an absent argument gets an empty tensor (custom ops cannot return None).
     return dx, *(x.new_empty(0) if partial is None else reduce_partials(partial, B, like)
-                 for partial, like in ((dshift, shift), (dscale, scale), (dweight, weight), (dbias, bias)))
+                 for partial, like in zip(partials, (shift, scale, weight, bias)))
 
 
 @torch.library.custom_op("sora::layernorm_modulate", mutates_args=())
@@ -215,7 +335,7 @@ def _layernorm_modulate_op(
 @_layernorm_modulate_op.register_fake
 def _(x, shift, scale, weight, bias, eps, T):
     B, N, C = x.shape
-    y = x.new_empty(temporal_shape(B, N, C, T) if T > 1 else (B, N, C))
+    y = x.new_empty(layout_shape(x.shape, T))
     stats = x.new_empty(B * N, dtype=torch.float32)
     return y, stats, torch.empty_like(stats)
 
@@ -294,7 +414,7 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     check_tokens("x", x)
     if x.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"layernorm_modulate supports C <= {MAX_CHANNELS}, got x of shape {tuple(x.shape)}")
-    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
+    T = frame_count(temporal, x)
     shift_rows = per_sample_rows("shift", shift, x)
     scale_rows = per_sample_rows("scale", scale, x)
     weight = per_channel("weight", weight, x)
@@ -302,5 +422,4 @@ def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e
     if not use_triton(x):
         return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, temporal)
     y, _, _ = _layernorm_modulate_op(x, shift_rows, scale_rows, weight, bias, float(eps), T)
-    # One frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C), and the kernel wrote that.
-    return y.view(-1, 1, x.shape[-1]) if temporal == 1 else y
+    return y.view(layout_shape(x.shape, temporal))  # the op writes the (B*S, T, C) layout, T=1 included

@@ -14,17 +14,18 @@ import torch
 
 from sora.kernels._common import (
     batch_stride,
-    check_frames,
     check_same,
     check_tokens,
     col_tile,
     compute_dtype,
+    frame_count,
+    layout_shape,
     new_buffer,
     per_sample_rows,
     reduce_partials,
+    one_wave,
     reduction_split,
-    temporal_row,
-    temporal_shape,
+    temporal_rows,
     use_triton,
 )
 from sora.kernels._triton import tl, triton
@@ -34,24 +35,29 @@ from sora.kernels.layout import from_temporal_reference
 @triton.jit
 def _gated_residual_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, out_ptr,
-    M, N, C, T, S, gate_stride,
+    N, C, T, S, gate_stride,
     TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    # Grid (row blocks of a sample, B, channel blocks): one sample per program, so its gate is one row.
+    sample = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    local = first + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (local < N)[:, None] & col_ok[None, :]
+    rows = sample.to(tl.int64) * N + local
     if TEMPORAL:
-        y_rows = temporal_row(rows, T, S)
+        y_rows = sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)
     else:
         y_rows = rows
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + y_rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + (rows // N)[:, None] * gate_stride + cols[None, :], mask=mask, other=0.0)
-    out = x + gate.to(tl.float32) * y
+    gate = tl.load(gate_ptr + sample * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = x + gate[None, :] * y
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see one_wave)
 def _gated_residual_bwd_kernel(
     dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_ptr,
     N, C, T, S, gate_stride, rows_per_program,
@@ -71,7 +77,7 @@ def _gated_residual_bwd_kernel(
         rows = sample.to(tl.int64) * N + local
         mask = (local < last)[:, None] & col_ok[None, :]
         if TEMPORAL:
-            y_rows = temporal_row(rows, T, S)
+            y_rows = sample.to(tl.int64) * N + temporal_rows(start, T, S, BLOCK_M)
         else:
             y_rows = rows
         dout = tl.load(dout_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -89,10 +95,10 @@ def _launch_forward(x, y, gate, T):
     y = y.contiguous()
     B, N, C = x.shape
     out = new_buffer(x.shape, x.dtype, x.device)
-    block_m, block_c, num_warps = col_tile(C)
-    grid = (triton.cdiv(B * N, block_m), triton.cdiv(C, block_c))
+    block_m, block_c, num_warps = col_tile(C, rows_within=N // T)
+    grid = (triton.cdiv(N, block_m), B, triton.cdiv(C, block_c))
     _gated_residual_fwd_kernel[grid](
-        x, y, gate, out, B * N, N, C, T, N // T, batch_stride(gate),
+        x, y, gate, out, N, C, T, N // T, batch_stride(gate),
         TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
@@ -103,12 +109,19 @@ def _launch_backward(dout, y, gate, T):
     y = y.contiguous()
     B, N, C = dout.shape
     dy = new_buffer(y.shape, y.dtype, y.device)
-    block_m, block_c, num_warps = col_tile(C)
-    programs, rows_per_program = reduction_split(N, B, block_m, dout)
+    block_m, block_c, num_warps = col_tile(C, rows_within=N // T)
+    flags = dict(TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c)
+
+    def arguments(dgate, rows_per_program):
+        return dout, y, gate, dy, dgate, N, C, T, N // T, batch_stride(gate), rows_per_program
+
+    sizing = new_buffer((1, C), torch.float32, dout.device)
+    wave = one_wave(_gated_residual_bwd_kernel, dout, num_warps, *arguments(sizing, 1), **flags)
+    channel_blocks = triton.cdiv(C, block_c)
+    programs, rows_per_program = reduction_split(N, B * channel_blocks, block_m, wave)
     dgate = new_buffer((B * programs, C), torch.float32, dout.device)
-    _gated_residual_bwd_kernel[(B, programs, triton.cdiv(C, block_c))](
-        dout, y, gate, dy, dgate, N, C, T, N // T, batch_stride(gate), rows_per_program,
-        TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+    _gated_residual_bwd_kernel[(B, programs, channel_blocks)](
+        *arguments(dgate, rows_per_program), **flags, num_warps=num_warps,
     )
     return dy, reduce_partials(dgate, B, gate)
 
@@ -171,9 +184,8 @@ def gated_residual(x, y, gate, temporal=None):
     check_tokens("x", x)
     check_tokens("y", y)
     check_same("y", y, "x", x)
-    T = 1 if temporal is None else check_frames(temporal, x)  # T=1 is the identity map of rows
-    B, N, C = x.shape
-    expected = temporal_shape(B, N, C, T) if temporal is not None else (B, N, C)
+    T = frame_count(temporal, x)
+    expected = layout_shape(x.shape, temporal)
     if tuple(y.shape) != expected:
         layout = f"temporal layout (B*S, T, C) for temporal={T}" if temporal is not None else "the shape of x"
         raise ValueError(f"y must have {layout}, i.e. {expected}, got {tuple(y.shape)} (x is {tuple(x.shape)})")
@@ -182,6 +194,4 @@ def gated_residual(x, y, gate, temporal=None):
     gate_rows = per_sample_rows("gate", gate, x)
     if not use_triton(x):
         return gated_residual_reference(x, y, gate_rows, temporal)
-    if T == 1:  # one frame: the temporal layout (B*S, 1, C) is the same memory as (B, N, C)
-        y = y.reshape(B, N, C)
-    return _gated_residual_op(x, y, gate_rows, T)
+    return _gated_residual_op(x, y, gate_rows, T)  # the kernel reads y's rows, whatever its 3-D view

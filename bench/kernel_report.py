@@ -1,0 +1,473 @@
+"""What the kernels cost on a Hopper GPU, read on a CPU: compile every launch the public ops make, ahead of
+time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump and nvdisasm), and read the SASS.
+
+    python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
+
+Launches are captured from the public ops, not from a copy of the launchers' tile logic: each case is a
+callable that calls a public op (forward and backward) on CPU tensors while Triton's active driver is a
+stand-in for an sm_90 device. Every `kernel[grid](...)` then goes through Triton's own JIT entry point,
+which specialises the arguments as it would on the GPU (ints equal to 1 or divisible by 16, pointers
+16-byte aligned), compiles, and returns without launching. Nothing is computed: outputs are whatever the
+allocator left, which is all a compile needs.
+
+Per launch it prints registers, spilled bytes, shared memory, the widths of global loads and stores, the
+SASS instructions a program issues (split into the loop body and the rest for loop kernels), and warp
+instructions per useful byte (bytes of every tensor the kernel is handed, each counted once). A kernel that
+issues more warp instructions per byte than an SM can issue at the rate the memory delivers bytes is
+issue-bound: the ceiling printed is SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
+
+Another kernel file adds its cases to CASES (or passes its own list to `report`); a case is a name and a
+callable that calls public ops.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels: must be set before triton decorates anything
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default today, without its warning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import sora.kernels as K  # noqa: E402
+from sora.kernels import _common, comm  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
+# Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
+# memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
+SMS = 132
+ISSUE_PER_CLOCK = 4
+CLOCKS_GHZ = (1.755, 1.98)
+# Copy rates the targets are set against (issue 10's figures, not measured here).
+COPY_TBS = {"H100": 3.0, "H200": 4.3}
+REGISTERS_PER_SM = 65536
+WARPS_PER_SM = 64
+SHARED_PER_SM = 228 * 1024
+H100_SHARED_PER_BLOCK = 227 * 1024
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def resources(cubin: bytes) -> dict:
+    """REG, STACK, LOCAL, SHARED of the one kernel in a cubin, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver for its JIT to compile for sm_90 on a machine without a GPU, and for
+    a launcher to read a compiled kernel's registers (one_wave) as it would from an H100."""
+
+    launcher_cls = staticmethod(lambda src, metadata: None)
+
+    class utils:
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": H100_SHARED_PER_BLOCK, "max_num_regs": REGISTERS_PER_SM,
+                    "multiprocessor_count": SMS, "warpSize": 32}
+
+        @staticmethod
+        def load_binary(name, cubin, shared, device):
+            usage = resources(cubin)
+            return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return SM90
+
+
+@dataclasses.dataclass
+class Launch:
+    case: str
+    kernel: str
+    grid: tuple
+    num_warps: int
+    constexprs: dict
+    ints: dict  # the int arguments as the JIT saw them: name -> value
+    useful_bytes: int
+    loop_trips: int  # loop iterations summed over all programs; 0 for a kernel without a loop
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    loads: str = ""
+    stores: str = ""
+    instructions: int = 0  # issued per program (outside the loop, fast paths only)
+    loop_instructions: int = 0  # issued per loop iteration
+    blocks_per_sm: int = 0
+    error: str = ""
+
+    @property
+    def channels(self) -> int:
+        return self.ints.get("C", 0)
+
+    def warp_instructions(self) -> int:
+        programs = math.prod(self.grid)
+        return (self.instructions * programs + self.loop_instructions * self.loop_trips) * self.num_warps
+
+    def per_byte(self) -> float:
+        return self.warp_instructions() / self.useful_bytes
+
+    def waves(self) -> float:
+        """Programs per resident slot on an H100 (132 SMs): above 1, the last wave runs part-empty."""
+        return math.prod(self.grid) / (self.blocks_per_sm * SMS) if self.blocks_per_sm else math.inf
+
+    def loop_per_byte(self) -> float:
+        """Warp instructions per byte of the loop alone: what the steady state of a long loop issues."""
+        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes if self.loop_trips else 0.0
+
+
+def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
+    """Loop iterations of a kernel that walks `rows_per_program` of each sample's N rows, BLOCK_M at a time
+    (grid (B, programs per sample, ...)); 0 for any other kernel."""
+    if "rows_per_program" not in bound:
+        return 0
+    per_program, N, block_m = bound["rows_per_program"], bound["N"], bound["BLOCK_M"]
+    per_sample = sum(triton.cdiv(min(per_program, N - p * per_program), block_m) for p in range(grid[1]))
+    return per_sample * grid[0] * math.prod(grid[2:])
+
+
+@contextlib.contextmanager
+def sm90_capture(case: str, launches: list):
+    """Public ops on CPU tensors launch their kernels into `launches`, compiled for sm_90, not run."""
+    original_run = JITFunction.run
+
+    def capture(kernel, *args, grid, warmup, **kwargs):
+        if warmup:  # a launcher asking for the compiled kernel (one_wave), not a launch
+            return original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+        bound = dict(zip([p.name for p in kernel.params], args))
+        bound.update(kwargs)
+        grid = tuple(grid(bound) if callable(grid) else grid)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        launch = Launch(
+            case=case, kernel=kernel.fn.__name__, grid=grid, num_warps=kwargs.get("num_warps", 4),
+            constexprs={p.name: bound[p.name] for p in kernel.params if p.is_constexpr and p.name in bound},
+            ints={k: v for k, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)},
+            useful_bytes=sum(t.numel() * t.element_size() for t in tensors),
+            loop_trips=_loop_trips(kernel, bound, grid),
+        )
+        try:
+            launch.compiled = original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as e:  # reported per launch; the test fails on it
+            launch.error = f"{type(e).__name__}: {e}"
+        launches.append(launch)
+
+    active = driver._active
+    driver.set_active(_Sm90Driver())
+    try:
+        with mock.patch.object(JITFunction, "run", capture), mock.patch.object(_common, "INTERPRETED", True), \
+                mock.patch.object(_common, "on_gpu", lambda x: True):
+            yield
+    finally:
+        driver._active = active
+
+
+# ----------------------------------------------------------------------------------------------- SASS
+
+
+def _instructions(sass: str) -> list[str]:
+    """The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels."""
+    lines = (line.split("\t")[-1].strip() for line in sass.splitlines())
+    return [line for line in lines if line and not line.startswith("Function:")]
+
+
+def _blocks(lines: list[str]) -> list[list[str]]:
+    """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
+    blocks, current = [], []
+    for line in lines:
+        if line.endswith(":"):
+            if current:
+                blocks.append(current)
+            current = [line]
+            continue
+        current.append(line)
+        if re.search(r"\b(BRA|EXIT|RET\S*)\b", line):
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def _subroutine_length(lines: list[str], address: int) -> int:
+    """Instructions from a CALL's target to its first RET (the straight-line length of e.g. a 64-bit division)."""
+    code = [line for line in lines if not line.endswith(":")]
+    start = address // 16
+    return next(i - start + 1 for i in range(start, len(code)) if code[i].startswith("RET"))
+
+
+def _issued(block: list[str], lines: list[str]) -> int:
+    count = 0
+    for line in block:
+        if line.endswith(":") or line.startswith("NOP"):
+            continue
+        count += 1
+        call = re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line)
+        if call:
+            count += _subroutine_length(lines, int(call.group(1), 16))
+    return count
+
+
+def _slow_path(block: list[str]) -> bool:
+    """A block that calls a subroutine and then jumps over the inline code: the rare branch of a 64-bit
+    division whose operands have a high word, or of a reciprocal of a denormal."""
+    return any(line.startswith("CALL") for line in block) and re.match(r"BRA\b", block[-1]) is not None
+
+
+def count_instructions(sass: str) -> tuple[int, int]:
+    """(per program outside the loop, per loop iteration), counting the common path only.
+
+    The body runs up to the last EXIT (what follows are subroutines and the trap loop); slow-path blocks are
+    left out, and a subroutine called on the common path counts with its straight-line length. The loop is the
+    range from a label to the last branch that jumps back to it.
+    """
+    lines = _instructions(sass)
+    blocks = _blocks(lines)
+    last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
+    blocks = blocks[:last_exit + 1]
+    labels = {b[0][:-1]: i for i, b in enumerate(blocks) if b[0].endswith(":")}
+    loop = None
+    for i, b in enumerate(blocks):
+        target = re.search(r"BRA (\w+)", b[-1])
+        if target and target.group(1) in labels and labels[target.group(1)] <= i:
+            loop = (labels[target.group(1)], i)
+    issued = [0 if _slow_path(b) else _issued(b, lines) for b in blocks]
+    if loop is None:
+        return sum(issued), 0
+    body = sum(issued[loop[0]:loop[1] + 1])
+    return sum(issued) - body, body
+
+
+def _widths(sass: str, op: str) -> str:
+    """e.g. "128x6 32x2": how many LDG/STG of each width in bits (a 2-byte access shows as U16/16)."""
+    counts = {}
+    for m in re.finditer(rf"\b{op}\.E(?:\.(\w+))?(?:\.(\w+))?", sass):
+        suffix = [s for s in m.groups() if s and s not in ("EL", "STRONG", "GPU", "SYS", "CONSTANT", "LTC128B")]
+        width = next((int(re.sub(r"\D", "", s)) for s in suffix if re.search(r"\d", s)), 32)
+        counts[width] = counts.get(width, 0) + 1
+    return " ".join(f"{w}x{n}" for w, n in sorted(counts.items(), reverse=True))
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    """Resident programs per SM from registers (allocated per warp in units of 256), warps and shared memory."""
+    per_warp = triton.cdiv(max(registers, 1) * 32, 256) * 256
+    by_registers = REGISTERS_PER_SM // (per_warp * num_warps)
+    by_shared = SHARED_PER_SM // (shared + 1024) if shared else 32
+    return min(by_registers, WARPS_PER_SM // num_warps, by_shared, 32)
+
+
+def analyse(launch: Launch) -> Launch:
+    """Fill in what the cubin and its SASS say about a compiled launch."""
+    if launch.error:
+        return launch
+    compiled = launch.compiled
+    usage = resources(compiled.asm["cubin"])
+    launch.registers = usage["REG"]
+    # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
+    launch.spill_bytes = usage["STACK"] + usage["LOCAL"]
+    launch.shared_bytes = compiled.metadata.shared
+    sass = compiled.asm["sass"]
+    launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
+    launch.instructions, launch.loop_instructions = count_instructions(sass)
+    launch.blocks_per_sm = blocks_per_sm(launch.registers, launch.num_warps, launch.shared_bytes)
+    return launch
+
+
+def ceiling_tbs(per_byte: float) -> tuple[float, float]:
+    """The bytes/s an SM array issuing flat out can move at `per_byte` warp-instructions per byte (TB/s)."""
+    return tuple(SMS * ISSUE_PER_CLOCK * ghz * 1e9 / per_byte / 1e12 for ghz in CLOCKS_GHZ)
+
+
+# ---------------------------------------------------------------------------------------------- cases
+
+# STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples keep the CPU buffers
+# small while the reduction grids still split each sample over many programs, as on the GPU.
+T, S, B = 16, 256, 4
+
+
+def _modulation(B, C, dtype):
+    """shift, scale, gate as chunks of a (B, 6, C) adaLN table, as STDiT passes them."""
+    return torch.randn(B, 6, C, dtype=dtype, requires_grad=True).chunk(6, dim=1)
+
+
+def layernorm_modulate_case(C, dtype, temporal, batch=B):
+    def run():
+        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
+        shift, scale, *_ = _modulation(batch, C, dtype)
+        K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
+    return run
+
+
+def gated_residual_case(C, dtype, temporal, batch=B):
+    def run():
+        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
+        y = torch.randn((batch * S, T, C) if temporal else (batch, T * S, C), dtype=dtype, requires_grad=True)
+        gate = _modulation(batch, C, dtype)[2]
+        K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
+    return run
+
+
+def layout_case(C, dtype):
+    def run():
+        x = torch.randn(B, T * S, C, dtype=dtype, requires_grad=True)
+        K.to_temporal(x, T).sum().backward()  # the backward is from_temporal
+    return run
+
+
+def all_to_all_case(world, heads=16, head_dim=72, dtype=torch.bfloat16):
+    """STDiT's Ulysses exchanges on a `world`-rank group (faked: the kernels need only its size): qkv
+    (B, N, 3, H, D) scatters heads and gathers tokens, the attention output goes back."""
+    def run():
+        fake = mock.Mock(get_world_size=lambda group: world,
+                         all_to_all_single=lambda recv, send, group: recv.copy_(send))
+        with mock.patch.object(comm, "dist", fake):
+            qkv = torch.randn(2, T * S // world, 3, heads, head_dim, dtype=dtype)
+            out = K.all_to_all(qkv, None, scatter_dim=3, gather_dim=1)[:, :, 0]
+            K.all_to_all(out.contiguous(), None, scatter_dim=1, gather_dim=2)
+    return run
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _cases():
+    cases = []
+    for C, dtypes in ((1152, (torch.bfloat16, torch.float16, torch.float32)), (4096, (torch.bfloat16,)),
+                      (72, (torch.bfloat16,)), (1000, (torch.bfloat16,)), (8192, (torch.bfloat16,))):
+        batch = B if C <= 1152 else 1
+        for dtype in dtypes:
+            d = DTYPE_NAMES[dtype]
+            for temporal in (False, True):
+                kind = "temporal" if temporal else "plain"
+                cases.append((f"layernorm_modulate C={C} {d} {kind}", layernorm_modulate_case(C, dtype, temporal, batch)))
+                cases.append((f"gated_residual C={C} {d} {kind}", gated_residual_case(C, dtype, temporal, batch)))
+        cases.append((f"to_temporal C={C} {DTYPE_NAMES[dtypes[0]]}", layout_case(C, dtypes[0])))
+    for world in (2, 4):
+        cases.append((f"all_to_all world={world} bf16", all_to_all_case(world)))
+    return cases
+
+
+CASES = _cases()
+
+
+def capture(cases) -> list[Launch]:
+    """Run each (name, callable) case and return its launches, compiled and analysed."""
+    launches = []
+    for name, run in cases:
+        found = []
+        with sm90_capture(name, found):
+            run()
+        launches += [analyse(launch) for launch in found]
+    return launches
+
+
+def _constexprs(launch: Launch) -> str:
+    shown = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
+    return " ".join(f"{k}={v}" for k, v in shown.items() if v is not True) + "".join(
+        f" {k}" for k, v in shown.items() if v is True and k in ("TEMPORAL", "TO_TEMPORAL"))
+
+
+def table(launches: list[Launch]) -> str:
+    """A markdown table, one row per launch."""
+    rows = ["| case | kernel | tile | warps | grid | regs | spill B | smem B | blocks/SM | waves | LDG bits | STG bits "
+            "| instr/program | loop instr | warp-instr/B | loop warp-instr/B | issue ceiling TB/s |",
+            "|" + "---|" * 17]
+    for launch in launches:
+        name = launch.kernel.strip("_").replace("_kernel", "")
+        if launch.error:
+            rows.append(f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | "
+                        f"{launch.grid} | FAILED: {launch.error.splitlines()[0]} |" + " |" * 11)
+            continue
+        per_byte = launch.per_byte()
+        low, high = ceiling_tbs(per_byte)
+        loop = f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-"
+        rows.append(
+            f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | {'x'.join(map(str, launch.grid))} "
+            f"| {launch.registers} | {launch.spill_bytes} | {launch.shared_bytes} | {launch.blocks_per_sm} | {launch.waves():.2f} "
+            f"| {launch.loads} | {launch.stores} | {launch.instructions} | {launch.loop_instructions or '-'} "
+            f"| {per_byte:.3f} | {loop} | {low:.1f}-{high:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def _keyed(launches: list[dict]) -> dict:
+    """Launches by (case, kernel, how many of that kernel the case launched before it)."""
+    seen, keyed = {}, {}
+    for launch in launches:
+        key = launch["case"], launch["kernel"]
+        seen[key] = seen.get(key, -1) + 1
+        keyed[(*key, seen[key])] = launch
+    return keyed
+
+
+def comparison(before: list[dict], after: list[dict]) -> str:
+    """Before -> after per launch (matched by case, kernel and order): warps, registers, spills, warp-instr/byte."""
+    old = _keyed(before)
+    rows = ["| case | kernel | warps | regs | spill B | warp-instr/B | loop warp-instr/B |", "|" + "---|" * 7]
+    for key, launch in _keyed(after).items():
+        was = old.get(key)
+        if was is None or launch["error"] or was["error"]:
+            continue
+
+        def pair(field, fmt="{}"):
+            a, b = was[field], launch[field]
+            a, b = (fmt.format(v) if v else "-" for v in (a, b))
+            return a if a == b else f"{a} -> {b}"
+
+        name = launch["kernel"].strip("_").replace("_kernel", "")
+        rows.append(f"| {launch['case']} | {name} | {pair('num_warps')} | {pair('registers')} | {pair('spill_bytes')} "
+                    f"| {pair('per_byte', '{:.3f}')} | {pair('loop_per_byte', '{:.3f}')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
+    parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
+    parser.add_argument("--compare", default=None, metavar="JSON",
+                        help="print before -> after against the launches another run wrote with --json")
+    args = parser.parse_args(argv)
+    cases = [(name, run) for name, run in CASES if not args.k or any(k in name for k in args.k)]
+    if not cases:
+        print(f"no case matches -k {args.k!r}", file=sys.stderr)
+        return 2
+    launches = capture(cases)
+    print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
+          f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, H200 ~{COPY_TBS['H200']} TB/s\n")
+    fields = [f.name for f in dataclasses.fields(Launch)]
+    found = [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
+              "loop_per_byte": None if launch.error else launch.loop_per_byte(),
+              "waves": None if launch.error else launch.waves()} for launch in launches]
+    if args.compare:
+        print(comparison(json.loads(Path(args.compare).read_text()), found))
+    else:
+        print(table(launches))
+    if args.json:
+        Path(args.json).write_text(json.dumps(found, indent=1))
+    return 1 if any(launch.error for launch in launches) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Every kernel launch the public ops make compiles for sm_90 (H100/H200) and spills no registers.
+
+bench/kernel_report.py captures the launches from the public ops on CPU tensors and compiles them ahead of
+time with Triton's own ptxas; it runs in a subprocess because this suite's kernels are interpreted
+(TRITON_INTERPRET=1 is set by conftest.py before Triton decorates them), and the report needs them compiled.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The model's shapes (C=1152 in each dtype, C=4096), the odd widths, the largest C that must not spill, and
+# the all-to-all packs; the rest of bench/kernel_report.py's cases differ only in dtype or size.
+CASES = ["C=1152", "C=4096 bf16", "C=72 ", "C=8192 bf16", "all_to_all"]
+KERNELS = {"_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
+           "_gated_residual_bwd_kernel", "_temporal_copy_kernel"}
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sm90") / "launches.json"
+    args = [sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--json", str(out)]
+    for case in CASES:
+        args += ["-k", case]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert out.exists(), f"kernel_report.py wrote nothing:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(out.read_text()), done
+
+
+def test_every_launch_compiles_for_sm90(launches):
+    found, done = launches
+    failed = [f"{launch['case']}: {launch['kernel']}: {launch['error']}" for launch in found if launch["error"]]
+    assert not failed, "\n".join(failed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {launch["kernel"] for launch in found} >= KERNELS
+    cases = {launch["case"] for launch in found}
+    for case in CASES:
+        assert any(case in name for name in cases), f"no launch captured for {case!r}"
+
+
+def test_no_spills_up_to_8192_channels(launches):
+    found, _ = launches
+    spilled = [f"{launch['case']}: {launch['kernel']} spills {launch['spill_bytes']} B"
+               for launch in found if launch["ints"].get("C", 0) <= 8192 and launch["spill_bytes"]]
+    assert not spilled, "\n".join(spilled)
+
+
+def test_bulk_accesses_are_128_bit(launches):
+    """Row data moves in 16-byte accesses wherever the JIT can prove rows 16-byte aligned (C divisible by 16,
+    its int specialisation); narrower ones may only be the per-row statistics."""
+    found, _ = launches
+    for launch in found:
+        if launch["ints"].get("C", 0) % 16 == 0:
+            assert launch["loads"].startswith("128x") and launch["stores"].startswith("128x"), launch
+
+
+def test_reduction_grids_fit_one_wave(launches):
+    """The backward reductions size their grid from the programs that fit an SM; at the registers ptxas gives,
+    that many must be resident, or the grid runs a second, part-empty wave (an H100's 132 SMs)."""
+    found, _ = launches
+    for launch in found:
+        if launch["loop_trips"]:
+            assert launch["waves"] <= 1.0, launch
