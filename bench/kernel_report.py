@@ -349,6 +349,14 @@ def all_to_all_case(world, heads=16, head_dim=72, dtype=torch.bfloat16):
     return run
 
 
+def temporal_attention_case(frames, positions, dtype, heads=16, head_dim=72):
+    """STDiT-XL/2's temporal attention: qkv (1, T*S, 3*C) as its qkv Linear writes it, C = 16 heads of 72."""
+    def run():
+        qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
+        K.temporal_attention(qkv, frames, heads).sum().backward()
+    return run
+
+
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -366,6 +374,11 @@ def _cases():
         cases.append((f"to_temporal C={C} {DTYPE_NAMES[dtypes[0]]}", layout_case(C, dtypes[0])))
     for world in (2, 4):
         cases.append((f"all_to_all world={world} bf16", all_to_all_case(world)))
+    # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).
+    for frames, positions, dtype in ((16, S, torch.bfloat16), (16, S, torch.float16), (64, 64, torch.bfloat16),
+                                     (16, S, torch.float32)):
+        cases.append((f"temporal_attention T={frames} D=72 {DTYPE_NAMES[dtype]}",
+                      temporal_attention_case(frames, positions, dtype)))
     return cases
 
 
