@@ -92,11 +92,13 @@ TRAIN_STEP_NOTE = (
 )
 
 
-# bench/gpu_check.py's step (its `train_step`): the same pieces, fewer of them.
+# bench/gpu_check.py's step: sora.train.train_step, as `python -m sora.train` runs it on pre-encoded data.
 GPU_CHECK_STEP_NOTE = (
-    "One step = IDDPM `training_losses` under bf16 autocast with fp32 master weights, backward, the AdamW step "
-    "(lr 2e-5, weight decay 0), zero_grad; **no gradient clipping and no EMA update**. Random weights, pre-encoded "
-    "random latents and captions. sora: enable_layernorm_kernel=True; eager: False; flash attention on in both."
+    "One step = `sora.train.train_step`, the step `python -m sora.train` runs on pre-encoded data: the latent "
+    "drawn from the posterior's (mean, std), IDDPM `training_losses` under bf16 autocast with fp32 master weights "
+    "(fp32 on a CPU), backward, gradient clipping to 1.0, AdamW (lr 2e-5, weight decay 0; fused on CUDA), the "
+    "fp32 EMA update (decay 0.9999), zero_grad; no encoders. Random weights, random latents and captions. "
+    "sora: enable_layernorm_kernel=True; eager: False; flash attention on in both."
 )
 
 
