@@ -15,7 +15,8 @@ script runs in one process, the sections in order of importance, each checking t
    STDiT-XL/2 16x256 (1M rows, C=1152), and temporal_attention at 16x256 (qkv (64, 4096, 3456)), bf16, fwd and
    fwd+bwd; sora, torch eager, torch.compile;
 4. the model rows: the STDiT-XL/2 training step (sora.train.train_step: forward, backward, clipping, AdamW,
-   EMA) at 16x256 batch 8, its temporal branch, and the 16x256 sampling step, sora vs eager;
+   EMA) at 16x256 batch 8, its temporal branch, and the 16x256 sampling step, sora vs eager; optimizer_step
+   (clipping, AdamW, EMA) over STDiT-XL/2's parameters against the copy bandwidth;
 5. while time remains: 16x512 and 64x512 kernel rows (temporal_attention's too), fp32, C=4096, the 16x512
    training step.
 
@@ -104,7 +105,14 @@ from bench.test_models import (  # noqa: E402
     tokens_per_sample,
 )
 from sora.kernels.attention import temporal_attention_reference  # noqa: E402
-from bench.test_pipeline import EMA_DECAY, GRAD_CLIP, LR, SD_SCALING_FACTOR  # noqa: E402
+from bench.test_pipeline import (  # noqa: E402
+    EMA_DECAY,
+    GRAD_CLIP,
+    LR,
+    SD_SCALING_FACTOR,
+    measure_optimizer_step,
+    optimizer_row,
+)
 from sora.models import build_model  # noqa: E402
 from sora.schedulers import IDDPM  # noqa: E402
 from sora.train import build_optimizer, train_step  # noqa: E402
@@ -718,11 +726,19 @@ def sampling_step_rows(check: Check, video: Video) -> None:
         measured_row(check, row, measure)
 
 
+def optimizer_step_row(check: Check) -> None:
+    """sora.train.optimizer_step over STDiT-XL/2's parameters: its target is >= 70% of the copy bandwidth."""
+    check.tick()
+    measured_row(check, optimizer_row(check.device),
+                 lambda: measure_optimizer_step(None, check.device, check.results.env["copy_bandwidth_gbps"]))
+
+
 def model_rows(check: Check) -> None:
     video = CPU_VIDEOS[0] if check.tiny else GPU_VIDEOS[0]  # 16x256x256, batch 8 (else 4)
     train_step_rows(check, video)
     temporal_branch_rows(check, video)
     sampling_step_rows(check, video)
+    optimizer_step_row(check)
 
 
 def more_rows(check: Check) -> None:
