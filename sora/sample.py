@@ -10,9 +10,9 @@ shared out across data-parallel ranks, and sp_size > 1 samples each batch with s
 group of sp_size ranks.
 
 Before any model is built it says in one line which weights sample (random ones without --ckpt-path: the
-videos are then noise; of a training checkpoint folder, its EMA and how many updates the EMA has seen, or with
-`--weights model` the trained weights themselves), and it checks that save_dir can be written. `--compile true`
-compiles the model call with torch.compile.
+videos are then noise; of a training checkpoint folder, its EMA, how many updates it has seen and how much of
+it is still the weights training started from, or with `--weights model` the trained weights themselves), and
+it checks that save_dir can be written. `--compile true` compiles the model call with torch.compile.
 """
 
 import functools
@@ -54,9 +54,15 @@ def describe_weights(cfg):
     if not os.path.isfile(states):
         return f"weights: {path}"
     with open(states, encoding="utf-8") as f:
-        step = json.load(f)["global_step"]
+        running = json.load(f)
+    step = running["global_step"]
     if cfg.weights == "ema":
-        return f"weights: the EMA of {path}, which has seen {step} updates (--weights model for the trained weights)"
+        decay = running.get("ema_decay")  # checkpoints saved before it was stored have none
+        # Each update keeps `decay` of the EMA: decay**step of it is still the weights training started from.
+        remains = "" if decay is None else (f" at decay {decay}: {100 * decay**step:.2g}% of it is still the weights "
+                                            "training started from")
+        return (f"weights: the EMA of {path}, which has seen {step} updates{remains} (--weights model for the trained "
+                "weights)")
     return f"weights: the trained model of {path} at step {step}, not its EMA"
 
 

@@ -293,9 +293,10 @@ class Meter:
         return values
 
 
-def save(exp_dir, model, ema, optimizer, sampler, seed, epoch, step, global_step, dp_size, sampler_unit):
-    """A checkpoint of the run at (epoch, step into it, global step); returns its folder."""
-    states = dict(epoch=epoch, step=step, global_step=global_step, seed=seed,
+def save(exp_dir, model, ema, optimizer, sampler, seed, epoch, step, global_step, dp_size, sampler_unit, ema_decay):
+    """A checkpoint of the run at (epoch, step into it, global step); returns its folder. ema_decay is kept so
+    that sampling can say how much of the EMA is still the weights training started from."""
+    states = dict(epoch=epoch, step=step, global_step=global_step, seed=seed, ema_decay=ema_decay,
                   data=dict(dp_size=dp_size, per_step=sampler_unit),
                   sampler=sampler.state_dict(index=step * sampler_unit))
     return save_checkpoint(exp_dir, model, ema, optimizer, states)
@@ -391,7 +392,7 @@ def run(cfg):
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{samples_per_s:.3g}", refresh=False)
                 if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or global_step == cfg.max_steps):
                     log.info("saved %s", save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step,
-                                              global_step, dp_size, sampler_unit))
+                                              global_step, dp_size, sampler_unit, cfg.ema_decay))
     finally:
         bar.close()
         logger.close()
