@@ -111,7 +111,7 @@ def bad_config_worker(rank, world, out):
     try:
         tiny_stdit(False, False)(*stdit_inputs(), sp_group=group)
     except ValueError as error:
-        messages["not parallel"] = str(error)
+        messages["off"] = str(error)
     from sora.models import build_model
 
     heads = build_model(dict(type="STDiT", input_size=(4, 4, 4), hidden_size=24, depth=1, num_heads=3,
@@ -133,7 +133,7 @@ def test_bad_sequence_parallel_configs(tmp_path):
     assert "sp_size=3 must be a positive int dividing the world size 2" in messages["sp_size"]
     assert "3 latent frames are not divisible by sp_size=2" in messages["frames"]
     assert "num_heads=3 is not divisible by sp_size=2" in messages["heads"]
-    assert "sp_group was given but this STDiT was built with enable_sequence_parallelism=False" in messages["not parallel"]
+    assert "sp_group was given but this STDiT was built with enable_sequence_parallelism=False" in messages["off"]
     assert "dim 0 (size 3) is not divisible by the group size 2" in messages["all_to_all"]
 
 
