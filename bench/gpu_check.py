@@ -14,8 +14,9 @@ script runs in one process, the sections in order of importance, each checking t
 3. the kernel rows that carry targets: layernorm_modulate, gated_residual (plain and temporal) and to_temporal at
    STDiT-XL/2 16x256 (1M rows, C=1152), and temporal_attention at 16x256 (qkv (64, 4096, 3456)), bf16, fwd and
    fwd+bwd; sora, torch eager, torch.compile;
-4. the model rows: the STDiT-XL/2 training step (forward, backward, AdamW) at 16x256 batch 8, its temporal
-   branch, and the 16x256 sampling step, sora vs eager;
+4. the model rows: the STDiT-XL/2 training step (sora.train.train_step: forward, backward, clipping, AdamW,
+   EMA) at 16x256 batch 8, its temporal branch, and the 16x256 sampling step, sora vs eager; optimizer_step
+   (clipping, AdamW, EMA) over STDiT-XL/2's parameters against the copy bandwidth;
 5. while time remains: 16x512 and 64x512 kernel rows (temporal_attention's too), fp32, C=4096, the 16x512
    training step.
 
@@ -33,7 +34,9 @@ it, so the script cannot rot before a GPU comes.
 """
 
 import argparse
+import copy
 import datetime
+import itertools
 import math
 import os
 import shutil
@@ -103,8 +106,17 @@ from bench.test_models import (  # noqa: E402
     tokens_per_sample,
 )
 from sora.kernels.attention import temporal_attention_reference  # noqa: E402
+from bench.test_pipeline import (  # noqa: E402
+    EMA_DECAY,
+    GRAD_CLIP,
+    LR,
+    SD_SCALING_FACTOR,
+    measure_optimizer_step,
+    optimizer_row,
+)
 from sora.models import build_model  # noqa: E402
 from sora.schedulers import IDDPM  # noqa: E402
+from sora.train import build_optimizer, train_step  # noqa: E402
 
 DEFAULT_DEADLINE_S = 420.0
 # After the deadline the main thread gets this long to write what it has; then the process exits (exit code 3).
@@ -634,19 +646,6 @@ def more_kernel_rows(check: Check) -> None:
 
 
 # ---- 4. and 5.: model rows --------------------------------------------------------------------------------------
-# THE TRAINING STEP. A stand-in built from the library's public pieces until sora.train.train_step exists (issue
-# 14, item 1): then make this function call it, so that these rows measure the step `python -m sora.train` runs.
-def training_step(model, optimizer, diffusion, latents, model_kwargs, generator, autocast: bool):
-    """IDDPM training_losses (under bf16 autocast on a GPU, fp32 master weights), backward, AdamW step."""
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = diffusion.training_losses(model, latents, model_kwargs, generator=generator)["loss"].mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-LR = 2e-5
 SAMPLE_PROMPTS = 2  # Open-Sora's inference batch; classifier-free guidance doubles it
 SAMPLE_STEPS = 5  # IDDPM steps per timed call (2 on a CPU)
 CFG = dict(cfg_scale=7.0, cfg_channel=3)
@@ -657,27 +656,36 @@ def model_name(device) -> str:
 
 
 def train_step_rows(check: Check, video: Video) -> None:
-    """The training step at the first of video.batches that fits, sora then eager."""
+    """sora.train.train_step (the step `python -m sora.train` runs on pre-encoded data: IDDPM's loss under bf16
+    autocast with fp32 master weights, backward, clipping, AdamW, the fp32 EMA) at the first of video.batches
+    that fits, sora then eager."""
     device = check.device
+    cuda = device.type == "cuda"
+    dtype, autocast_dtype = (torch.bfloat16, torch.bfloat16) if cuda else (torch.float32, None)
     for provider in ("sora", "eager"):
         for batch in video.batches:
             check.tick()
             row = {"suite": "train", "bench": "train_step", "model": model_name(device), "provider": provider,
                    "shape": video.label, "batch_size": batch, "encoders": "none", "optimizer_step": True,
-                   "grad_checkpoint": video.grad_checkpoint}
+                   "grad_checkpoint": video.grad_checkpoint,
+                   "dtype": "bf16 autocast, fp32 weights" if cuda else "fp32"}
 
             def measure():
                 model = build_dit("STDiT-XL/2", video.latent, provider, device, torch.float32,
                                   grad_checkpoint=video.grad_checkpoint).train()
-                optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0)
+                ema = copy.deepcopy(model).eval().requires_grad_(False)
+                optimizer = build_optimizer(model, LR)
                 generator = torch.Generator(device=device).manual_seed(1)
-                latents = torch.randn(batch, model.in_channels, *video.latent, device=device, generator=generator)
-                y, mask = captions(model, batch, device, torch.float32, generator)
-                diffusion, steps = IDDPM(), torch.Generator().manual_seed(0)
-                timing = time_steps(None, lambda: training_step(model, optimizer, diffusion, latents,
-                                                                dict(y=y, mask=mask.bool()), steps,
-                                                                device.type == "cuda"),
-                                    device)
+                # What sora.preprocess stores: the posterior's (mean, std) in the compute dtype, captions.
+                mean = torch.randn(batch, model.in_channels, *video.latent, device=device, generator=generator)
+                y, mask = captions(model, batch, device, dtype, generator)
+                encoded = {"mean": (mean / SD_SCALING_FACTOR).to(dtype),
+                           "std": torch.full_like(mean, 0.1, dtype=dtype), "y": y, "mask": mask}
+                diffusion, seeds = IDDPM(), itertools.count()
+                timing = time_steps(None, lambda: train_step(
+                    model, ema, optimizer, diffusion, encoded, torch.Generator().manual_seed(next(seeds)),
+                    latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=autocast_dtype,
+                    grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY), device)
                 samples_per_s = batch / (timing["ms"] * 1e-3)
                 return dict(timing, samples_per_s=samples_per_s,
                             tokens_per_s=samples_per_s * tokens_per_sample(model, video))
@@ -719,11 +727,19 @@ def sampling_step_rows(check: Check, video: Video) -> None:
         measured_row(check, row, measure)
 
 
+def optimizer_step_row(check: Check) -> None:
+    """sora.train.optimizer_step over STDiT-XL/2's parameters: its target is >= 70% of the copy bandwidth."""
+    check.tick()
+    measured_row(check, optimizer_row(check.device),
+                 lambda: measure_optimizer_step(None, check.device, check.results.env["copy_bandwidth_gbps"]))
+
+
 def model_rows(check: Check) -> None:
     video = CPU_VIDEOS[0] if check.tiny else GPU_VIDEOS[0]  # 16x256x256, batch 8 (else 4)
     train_step_rows(check, video)
     temporal_branch_rows(check, video)
     sampling_step_rows(check, video)
+    optimizer_step_row(check)
 
 
 def more_rows(check: Check) -> None:

@@ -416,29 +416,36 @@ def test_train(case, benchmark, bench_env, results, device):
 OPTIMIZER_BYTES_PER_PARAM = 52  # sora.train.optimizer_step's docstring: clipping 12, AdamW 28, EMA 12 (fp32)
 
 
-def test_optimizer_step(benchmark, bench_env, results, device):
+def optimizer_row(device) -> dict:
+    return {"suite": "optimizer", "bench": "optimizer_step", "model": model_name("STDiT-XL/2", device),
+            "provider": "sora", "shape": "parameters", "dtype": "fp32",
+            "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW foreach"}
+
+
+def measure_optimizer_step(benchmark, device, copy_bandwidth_gbps: float) -> dict:
     """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights,
-    gradients and EMA, as after a step's backward."""
+    gradients and EMA, as after a step's backward: time, parameters, bytes per parameter, GB/s and its share
+    of the copy bandwidth. bench/gpu_check.py runs it too (benchmark None)."""
+    from sora.train import build_optimizer, optimizer_step
+
+    video = GPU_VIDEOS[0] if device.type == "cuda" else CPU_VIDEOS[0]
+    model = build_dit("STDiT-XL/2", video.latent, "sora", device, torch.float32).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = build_optimizer(model, LR)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, device=device, generator=generator)
+    timing = time_steps(benchmark, lambda: optimizer_step(model, ema, optimizer, GRAD_CLIP, EMA_DECAY), device)
+    params = sum(p.numel() for p in model.parameters())
+    gbps = OPTIMIZER_BYTES_PER_PARAM * params / (timing["ms"] * 1e-3) / 1e9
+    return dict(timing, params=params, bytes_per_param=OPTIMIZER_BYTES_PER_PARAM, gbps=gbps,
+                frac_copy_bw=gbps / copy_bandwidth_gbps)
+
+
+def test_optimizer_step(benchmark, bench_env, results, device):
     RESIDENT.drop()
     benchmark.group = "optimizer_step"
-    video = GPU_VIDEOS[0] if device.type == "cuda" else CPU_VIDEOS[0]
-    row = {"suite": "optimizer", "bench": "optimizer_step", "model": model_name("STDiT-XL/2", device),
-           "provider": "sora", "shape": "parameters", "dtype": "fp32",
-           "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW foreach"}
-    build_optimizer = importable(results, benchmark, row, "sora.train", "build_optimizer")
-    optimizer_step = importable(results, benchmark, row, "sora.train", "optimizer_step")
-
-    def measure(row):
-        model = build_dit("STDiT-XL/2", video.latent, "sora", device, torch.float32).train()
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = build_optimizer(model, LR)
-        generator = torch.Generator(device=device).manual_seed(0)
-        for parameter in model.parameters():
-            parameter.grad = torch.randn(parameter.shape, device=device, generator=generator)
-        timing = time_steps(benchmark, lambda: optimizer_step(model, ema, optimizer, GRAD_CLIP, EMA_DECAY), device)
-        params = sum(p.numel() for p in model.parameters())
-        gbps = OPTIMIZER_BYTES_PER_PARAM * params / (timing["ms"] * 1e-3) / 1e9
-        row.update(timing, params=params, bytes_per_param=OPTIMIZER_BYTES_PER_PARAM, gbps=gbps,
-                   frac_copy_bw=gbps / bench_env["copy_bandwidth_gbps"])
-
-    record(results, benchmark, row, measure)
+    row = optimizer_row(device)
+    importable(results, benchmark, row, "sora.train", "optimizer_step")
+    record(results, benchmark, row,
+           lambda row: row.update(measure_optimizer_step(benchmark, device, bench_env["copy_bandwidth_gbps"])))

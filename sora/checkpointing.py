@@ -4,7 +4,7 @@
         model/                 torch.distributed.checkpoint of the model (sharded under FSDP2)
         optimizer/             torch.distributed.checkpoint of the optimizer state
         ema.pt                 the EMA weights, full and fp32: what sampling loads (--ckpt-path takes the folder)
-        running_states.json    epoch, step in epoch, global step, seed, the data sampler's position
+        running_states.json    epoch, step in epoch, global step, seed, the EMA's decay, the data sampler's position
 
 Every rank writes into `.tmp-epoch{E}-global_step{S}/`, and rank 0 renames it once all ranks are done, so a
 save that is killed midway leaves only a `.tmp-*` folder and the previous checkpoint intact. Randomness in

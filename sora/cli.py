@@ -1,5 +1,6 @@
-"""The console commands pip installs with the package: `sora-sample CONFIG ...` and `sora-train CONFIG ...` are
-`python -m sora.sample CONFIG ...` and `python -m sora.train CONFIG ...` (same flags, same exit codes)."""
+"""The console commands pip installs with the package: `sora-sample CONFIG ...`, `sora-train CONFIG ...` and
+`sora-preprocess CONFIG ...` are `python -m sora.sample CONFIG ...`, `python -m sora.train CONFIG ...` and
+`python -m sora.preprocess CONFIG ...` (same flags, same exit codes)."""
 
 from sora.launch import main
 
@@ -14,3 +15,9 @@ def train():
     from sora.train import run
 
     main(run, "train")
+
+
+def preprocess():
+    from sora.preprocess import cli
+
+    cli()

@@ -10,11 +10,12 @@ shared out across data-parallel ranks, and sp_size > 1 samples each batch with s
 group of sp_size ranks.
 
 Before any model is built it says in one line which weights sample (random ones without --ckpt-path: the
-videos are then noise; of a training checkpoint folder, its EMA and how many updates the EMA has seen, or with
-`--weights model` the trained weights themselves), and it checks that save_dir can be written. `--compile true`
-compiles the model call with torch.compile.
+videos are then noise; of a training checkpoint folder, its EMA, how many updates it has seen and how much of
+it is still the weights training started from, or with `--weights model` the trained weights themselves), and
+it checks that save_dir can be written. `--compile true` compiles the model call with torch.compile.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -53,9 +54,15 @@ def describe_weights(cfg):
     if not os.path.isfile(states):
         return f"weights: {path}"
     with open(states, encoding="utf-8") as f:
-        step = json.load(f)["global_step"]
+        running = json.load(f)
+    step = running["global_step"]
     if cfg.weights == "ema":
-        return f"weights: the EMA of {path}, which has seen {step} updates (--weights model for the trained weights)"
+        decay = running.get("ema_decay")  # checkpoints saved before it was stored have none
+        # Each update keeps `decay` of the EMA: decay**step of it is still the weights training started from.
+        remains = "" if decay is None else (f" at decay {decay}: {100 * decay**step:.2g}% of it is still the weights "
+                                            "training started from")
+        return (f"weights: the EMA of {path}, which has seen {step} updates{remains} (--weights model for the trained "
+                "weights)")
     return f"weights: the trained model of {path} at step {step}, not its EMA"
 
 
@@ -83,15 +90,18 @@ def save_video(video, path_without_ext, fps):
         raise ValueError(f"could not write {path}: {error.strerror or error}") from None
 
 
-def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, seed, device, dtype, progress=False):
+def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, seed, device, dtype, progress=False,
+                  sp_group=None):
     """Videos (B, 3, T, H, W), float32 on the CPU, for one batch of prompts: prompt i's noise (initial and per
-    step) comes from its own generator seeded with seed + i."""
+    step) comes from its own generator seeded with seed + i. sp_group: the sequence-parallel group a model
+    built with enable_sequence_parallelism=True splits frames over (the scheduler's model calls get it)."""
     with torch.no_grad():
         condition = text_encoder.encode(prompts)
         y = condition["y"].to(dtype) if condition["y"].is_floating_point() else condition["y"]
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
-        latents = scheduler.sample(model, noise.to(device), y, model.y_embedder.null(len(prompts)), condition["mask"],
+        forward = model if sp_group is None else functools.partial(model, sp_group=sp_group)
+        latents = scheduler.sample(forward, noise.to(device), y, model.y_embedder.null(len(prompts)), condition["mask"],
                                    progress=progress, generator=generators)
         return vae.decode(latents.to(dtype)).float().cpu()
 
@@ -106,8 +116,7 @@ def run(cfg):
     if runtime.is_main:
         print(weights, flush=True)
     sp_size = cfg.sp_size
-    if sp_size > 1:
-        init_sequence_parallel(sp_size)
+    sp_group = init_sequence_parallel(sp_size) if sp_size > 1 else None
     model, vae, text_encoder, latent_size = build_components(cfg, runtime, sequence_parallel=sp_size > 1,
                                                              weights=cfg.weights)
     model.eval()
@@ -125,7 +134,7 @@ def run(cfg):
         batch_prompts = prompts[start:start + cfg.batch_size]
         # Seeded by the prompts' indices: a prompt's noise never depends on its batch.
         videos = sample_videos(model, vae, text_encoder, scheduler, batch_prompts, latent_size, cfg.seed + start,
-                               runtime.device, runtime.dtype, progress=runtime.is_main)
+                               runtime.device, runtime.dtype, progress=runtime.is_main, sp_group=sp_group)
         if writes:
             for i, video in enumerate(videos):
                 path = save_video(video, os.path.join(cfg.save_dir, f"sample_{start + i:04d}"), cfg.fps)

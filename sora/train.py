@@ -186,7 +186,7 @@ def optimizer_step(model, ema, optimizer, grad_clip, ema_decay):
 
 
 def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, text_encoder=None, latent_scale=1.0,
-               dtype=torch.float32, autocast_dtype=None, grad_clip=1.0, ema_decay=0.9999, forward=None):
+               dtype=torch.float32, autocast_dtype=None, grad_clip=1.0, ema_decay=0.9999, forward=None, sp_group=None):
     """One optimisation step: the latent and caption of each sample, IDDPM's loss, backward, gradient
     clipping (foreach), the optimizer's step, the EMA update. Returns (loss, grad norm, samples): the loss
     and norm as detached tensors (no host sync), samples the batch size.
@@ -197,7 +197,8 @@ def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, tex
     and scaled by `latent_scale`. Timesteps and noise also come from `generator` (a host generator: the same
     draws on any device). autocast_dtype: the compute dtype under torch.autocast (None: no autocast, as
     under FSDP2, whose policy casts). forward: what computes the model's output (default the model; e.g. a
-    compiled model).
+    compiled model). sp_group: the sequence-parallel group the model (built with
+    enable_sequence_parallelism=True) splits frames over; None without sequence parallelism.
     """
     from sora.models.vae import sample_posterior
 
@@ -211,9 +212,11 @@ def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, tex
             std = batch["std"].to(device) if "std" in batch else None
             x = sample_posterior(batch["mean"].to(device), std, latent_scale, generator).float()
             condition = {"y": batch["y"].to(device), "mask": batch["mask"].to(device) if "mask" in batch else None}
+    model_kwargs = dict(y=condition["y"], mask=condition["mask"])
+    if sp_group is not None:  # only sequence-parallel STDiT takes it
+        model_kwargs["sp_group"] = sp_group
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        losses = diffusion.training_losses(forward or model, x, dict(y=condition["y"], mask=condition["mask"]),
-                                           generator=generator)
+        losses = diffusion.training_losses(forward or model, x, model_kwargs, generator=generator)
     loss = losses["loss"].mean()
     loss.backward()
     grad_norm = optimizer_step(model, ema, optimizer, grad_clip, ema_decay)
@@ -290,9 +293,10 @@ class Meter:
         return values
 
 
-def save(exp_dir, model, ema, optimizer, sampler, seed, epoch, step, global_step, dp_size, sampler_unit):
-    """A checkpoint of the run at (epoch, step into it, global step); returns its folder."""
-    states = dict(epoch=epoch, step=step, global_step=global_step, seed=seed,
+def save(exp_dir, model, ema, optimizer, sampler, seed, epoch, step, global_step, dp_size, sampler_unit, ema_decay):
+    """A checkpoint of the run at (epoch, step into it, global step); returns its folder. ema_decay is kept so
+    that sampling can say how much of the EMA is still the weights training started from."""
+    states = dict(epoch=epoch, step=step, global_step=global_step, seed=seed, ema_decay=ema_decay,
                   data=dict(dp_size=dp_size, per_step=sampler_unit),
                   sampler=sampler.state_dict(index=step * sampler_unit))
     return save_checkpoint(exp_dir, model, ema, optimizer, states)
@@ -310,8 +314,10 @@ def run(cfg):
         raise ValueError(f"sp_size={cfg.sp_size} needs plugin='zero2-seq' (plugin='zero2' has no sequence parallelism)")
     runtime = setup(cfg)  # checks that sp_size divides the number of processes
     sp_size = cfg.sp_size
+    sp_group = None
     if runtime.world_size > 1:
-        init_sequence_parallel(sp_size)
+        group = init_sequence_parallel(sp_size)
+        sp_group = group if sp_size > 1 else None
     dp_rank, dp_size = runtime.rank // sp_size, runtime.world_size // sp_size
     load = find_checkpoint(cfg.load) if cfg.load else None
     check_writable(cfg.outputs)
@@ -373,7 +379,8 @@ def run(cfg):
                 loss, grad_norm, samples = train_step(
                     model, ema, optimizer, diffusion, batch, step_generator(cfg.seed, global_step, dp_rank), vae=vae,
                     text_encoder=text_encoder, latent_scale=latent_scale, dtype=runtime.dtype,
-                    autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+                    autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                    sp_group=sp_group)
                 step, global_step = step + 1, global_step + 1
                 meter.add(loss, samples * dp_size)
                 bar.update()
@@ -385,7 +392,7 @@ def run(cfg):
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{samples_per_s:.3g}", refresh=False)
                 if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or global_step == cfg.max_steps):
                     log.info("saved %s", save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step,
-                                              global_step, dp_size, sampler_unit))
+                                              global_step, dp_size, sampler_unit, cfg.ema_decay))
     finally:
         bar.close()
         logger.close()

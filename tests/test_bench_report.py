@@ -164,6 +164,23 @@ def test_report_renders_communication_pipeline_and_training_tables(summary, tmp_
     assert text.count(OPEN_SORA_COLUMN) == 2
 
 
+def test_report_renders_optimizer_step_rows(summary):
+    """bench/test_pipeline.py's optimizer_step rows: 52 bytes x 724M parameters in 20 ms is 1,882 GB/s, 63% of
+    the 3000 GB/s copy bandwidth, short of the 70% target; a skipped row keeps its reason."""
+    row = {"suite": "optimizer", "bench": "optimizer_step", "model": "STDiT-XL/2", "provider": "sora",
+           "shape": "parameters", "dtype": "fp32", "optimizer": "AdamW fused", "ms": 20.0, "skipped": None,
+           "params": 724_000_000, "bytes_per_param": 52, "gbps": 52 * 724e6 / 20e-3 / 1e9}
+    row["frac_copy_bw"] = row["gbps"] / 3000.0
+    skipped = {**row, "model": "STDiT (tiny)", "ms": None, "gbps": None, "frac_copy_bw": None,
+               "skipped": "sora.train not importable here (No module named 'av')"}
+    text = render_markdown({**summary, "rows": [row, skipped]})
+    assert "## Optimizer step (`optimizer_step`)" in text and "target: at least 70% of the copy bandwidth" in text
+    assert "| STDiT-XL/2 | AdamW fused | fp32 | 724 | 52 | 20.00 | 1,882 | 63% | not met |" in text
+    assert "| STDiT (tiny) | AdamW fused | fp32 | 724 | 52 | skipped: sora.train not importable here" in text
+    met = render_markdown({**summary, "rows": [{**row, "ms": 15.0, "gbps": 2509.9, "frac_copy_bw": 0.837}]})
+    assert "| 15.00 | 2,510 | 84% | met |" in met
+
+
 def test_report_cli_regenerates_from_summary_json(summary, tmp_path):
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))

@@ -100,7 +100,7 @@ def test_version_is_read_from_the_package(tmp_path):
     assert 'transformers>=4.56; extra == "sample"' in required
 
 
-@pytest.mark.parametrize("command, mode", [("sample", "sample"), ("train", "train")])
+@pytest.mark.parametrize("command, mode", [("sample", "sample"), ("train", "train"), ("preprocess", "preprocess")])
 def test_console_commands_are_the_module_entry_points(command, mode):
     scripts = pyproject()["project"]["scripts"]
     assert scripts[f"sora-{command}"] == f"sora.cli:{command}"

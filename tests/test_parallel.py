@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import sora.kernels as K
-from sora.parallel import get_sequence_parallel_group, init_sequence_parallel
+from sora.parallel import init_sequence_parallel
 from spawn import run
 
 # (shape, scatter_dim, gather_dim): odd sizes everywhere but the scattered dim.
@@ -70,12 +70,11 @@ def stdit_inputs(T=4):
 
 
 def stdit_worker(rank, world, out, kernel):
-    init_sequence_parallel(world)
+    group = init_sequence_parallel(world)
     model = tiny_stdit(True, kernel)
     x, t, y, mask = stdit_inputs()
-    output = model(x, t, y, mask)
+    output = model(x, t, y, mask, sp_group=group)
     output.square().mean().backward()
-    group = get_sequence_parallel_group()
     grads = {}
     for name, p in model.named_parameters():
         dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=group)  # what data-parallel reduction does
@@ -103,18 +102,22 @@ def bad_config_worker(rank, world, out):
         init_sequence_parallel(3)
     except ValueError as error:
         messages["sp_size"] = str(error)
-    init_sequence_parallel(world)
+    group = init_sequence_parallel(world)
     model = tiny_stdit(True, False)
     try:
-        model(*stdit_inputs(T=3))
+        model(*stdit_inputs(T=3), sp_group=group)
     except ValueError as error:
         messages["frames"] = str(error)
+    try:
+        tiny_stdit(False, False)(*stdit_inputs(), sp_group=group)
+    except ValueError as error:
+        messages["off"] = str(error)
     from sora.models import build_model
 
     heads = build_model(dict(type="STDiT", input_size=(4, 4, 4), hidden_size=24, depth=1, num_heads=3,
                              caption_channels=16, model_max_length=5, enable_sequence_parallelism=True))
     try:
-        heads(*stdit_inputs())
+        heads(*stdit_inputs(), sp_group=group)
     except ValueError as error:
         messages["heads"] = str(error)
     try:
@@ -130,9 +133,11 @@ def test_bad_sequence_parallel_configs(tmp_path):
     assert "sp_size=3 must be a positive int dividing the world size 2" in messages["sp_size"]
     assert "3 latent frames are not divisible by sp_size=2" in messages["frames"]
     assert "num_heads=3 is not divisible by sp_size=2" in messages["heads"]
+    assert "sp_group was given but this STDiT was built with enable_sequence_parallelism=False" in messages["off"]
     assert "dim 0 (size 3) is not divisible by the group size 2" in messages["all_to_all"]
 
 
-def test_sequence_parallel_needs_setup():
-    with pytest.raises(RuntimeError, match="init_sequence_parallel"):
+def test_sequence_parallel_needs_its_group():
+    """The group comes with each call: the model holds none (its EMA copy could not be deep-copied with one)."""
+    with pytest.raises(ValueError, match=r"needs sp_group: call it as model\(x, t, y, mask, sp_group=group\)"):
         tiny_stdit(True, False)(*stdit_inputs())

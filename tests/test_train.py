@@ -53,6 +53,7 @@ def test_tiny_run_writes_checkpoints_and_metrics(tmp_path, clips):
     assert sorted(os.listdir(ckpt)) == ["ema.pt", "model", "optimizer", "running_states.json"]
     states = json.loads((ckpt / "running_states.json").read_text())
     assert (states["epoch"], states["step"], states["global_step"], states["seed"]) == (1, 1, 4, 42)
+    assert states["ema_decay"] == 0.99  # configs/tiny/train.py's
     assert states["sampler"] == {"seed": 42, "epoch": 1, "index": 2}  # one batch of 2 samples into epoch 1
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(exp).values()) and len(losses(exp)) == 4
     ema = torch.load(ckpt / "ema.pt", weights_only=True)

@@ -31,7 +31,7 @@ from sora.models.layers import (
     basic_init,
     modulate,
 )
-from sora.parallel import gather_frames, get_sequence_parallel_group, split_frames
+from sora.parallel import gather_frames, split_frames
 
 
 class STDiTBlock(nn.Module):
@@ -193,10 +193,18 @@ class STDiT(VideoTransformer):
             if not torch.compiler.is_compiling() and not mask.bool().any(dim=1).all():
                 raise ValueError("mask marks no caption token at all for some sample; each caption needs at least one")
 
-    def forward(self, x, timestep, y, mask=None):
+    def forward(self, x, timestep, y, mask=None, sp_group=None):
+        """sp_group: this rank's sequence-parallel group (sora.parallel.init_sequence_parallel), which a model
+        built with enable_sequence_parallelism=True needs and any other model refuses. A forward argument,
+        not a module attribute: a ProcessGroup cannot be deep-copied, as the EMA copy of the model is."""
         self.check_inputs(x, timestep, y, mask)
-        dtype = self.x_embedder.proj.weight.dtype
         grid = self.token_grid(x.shape[2:])
+        if self.enable_sequence_parallelism:
+            self.check_sequence_parallel_group(sp_group, grid[0])
+        elif sp_group is not None:
+            raise ValueError(f"sp_group was given but this {type(self).__name__} was built with "
+                             "enable_sequence_parallelism=False")
+        dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(dtype))  # (B, N, C)
         x, tpe = self.add_pos_embed(x, grid)
 
@@ -209,26 +217,28 @@ class STDiT(VideoTransformer):
             if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
 
-        if self.enable_sequence_parallelism:
-            group = self.sequence_parallel_group(grid[0])
-            x = split_frames(x, grid[0], group)
-            local_tpe = None if tpe is None else split_frames(tpe, grid[0], group)
-            x = self.run_blocks(x, y, modulation, mask, grid[0] // dist.get_world_size(group), local_tpe, group)
-            x = gather_frames(x, group)
+        if sp_group is not None:
+            x = split_frames(x, grid[0], sp_group)
+            local_tpe = None if tpe is None else split_frames(tpe, grid[0], sp_group)
+            x = self.run_blocks(x, y, modulation, mask, grid[0] // dist.get_world_size(sp_group), local_tpe,
+                                sp_group)
+            x = gather_frames(x, sp_group)
         else:
             x = self.run_blocks(x, y, modulation, mask, grid[0], tpe)
         x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
         return self.unpatchify(x, grid).float()
 
-    def sequence_parallel_group(self, frames):
-        """This rank's sp group, once frames and heads are known to split evenly over it."""
-        group = get_sequence_parallel_group()
+    def check_sequence_parallel_group(self, group, frames):
+        """Frames and heads split evenly over the sp group."""
+        if group is None:
+            raise ValueError(f"{type(self).__name__} was built with enable_sequence_parallelism=True and needs "
+                             "sp_group: call it as model(x, t, y, mask, sp_group=group), the group from "
+                             "sora.parallel.init_sequence_parallel(sp_size)")
         sp = dist.get_world_size(group)
         if frames % sp != 0:
             raise ValueError(f"sequence parallelism splits frames: {frames} latent frames are not divisible by sp_size={sp}")
         if self.num_heads % sp != 0:
             raise ValueError(f"sequence parallelism splits heads: num_heads={self.num_heads} is not divisible by sp_size={sp}")
-        return group
 
     def run_blocks(self, x, y, modulation, mask, T, tpe, sp_group=None):
         for i, block in enumerate(self.blocks):
