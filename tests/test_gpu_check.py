@@ -17,6 +17,7 @@ if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not
     sys.path.insert(0, str(REPO))
 
 import sora.kernels as K  # noqa: E402
+from sora.kernels import layout  # noqa: E402
 from bench import gpu_check  # noqa: E402
 from bench.gpu_check import OpCase, Section  # noqa: E402
 
@@ -93,8 +94,9 @@ def test_sigterm_stops_the_run_and_the_output_is_still_written(tmp_path):
 
 
 def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
-    real = K.to_temporal
-    monkeypatch.setattr(K, "to_temporal", lambda x, T: real(x, T).flip(1))  # frames in reverse: wrong
+    # The layout kernel's launcher, shared by to_temporal, from_temporal and all_to_all's pack: channels reversed.
+    real = layout._launch
+    monkeypatch.setattr(layout, "_launch", lambda *args, **kwargs: real(*args, **kwargs).flip(-1))
     cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("gated_residual", torch.float32, 72, False)]
     monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
     monkeypatch.setattr(gpu_check, "kernels_on_off_check", lambda check: None)
@@ -103,7 +105,7 @@ def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
     status = summary_of(tmp_path)["gpu_check"]
     failed = {check["name"] for check in status["checks"] if not check["ok"]}
     assert {"to_temporal fp32 C=72 temporal: out", "to_temporal fp32 C=72 temporal: dx"} <= failed
-    assert any(name.startswith("all_to_all pack") for name in failed)  # the pack runs on the same kernel
+    assert any(name.startswith("all_to_all pack") for name in failed)  # the pack launches the same kernel
     assert not any(name.startswith("gated_residual") for name in failed)
     passed = [check for check in status["checks"] if check["name"].startswith("gated_residual")]
     assert len(passed) == 4 and all(check["err"] < 1e-6 for check in passed)  # out, dx, dy, dtable
