@@ -15,7 +15,7 @@ bench/test_models.py (Open-Sora v1's own setting); `eager+compile` is test_model
 - t5_encode: T5Encoder.encode (tokenize + encoder) of 32 prompts to 120 tokens, bf16.
 - vae_decode: VideoAutoencoderKL.decode of 64 frames at 256x256 and 512x512 per micro-batch size, fp16.
 - sample_e2e: one 16x256 video as sora/sample.py makes it: T5 encode, 100 IDDPM steps with CFG, VAE decode,
-  the video copied to the host (not written to a file).
+  the video copied to the host (not written to a file); providers sora, sora+compile (`--compile true`), eager.
 - train_step_full: sora.train.train_step, the step `python -m sora.train` runs, for STDiT-XL/2 and PixArt-XL/2
   ("DiT" in Open-Sora's table): with T5-XXL + VAE encoding raw videos and prompts on the fly, and on
   pre-encoded data (the posterior's mean and std, captions), as from `python -m sora.preprocess`. Open-Sora
@@ -278,9 +278,10 @@ def test_vae_decode(case, benchmark, bench_env, results, device):
     record(results, benchmark, row, measure)
 
 
-@pytest.mark.parametrize("provider", ["sora", "eager"])
+@pytest.mark.parametrize("provider", ["sora", "sora+compile", "eager"])
 def test_sample_e2e(provider, benchmark, bench_env, results, device):
-    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch), random weights."""
+    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch), random weights;
+    sora+compile is `python -m sora.sample --compile true` (the model call under torch.compile)."""
     video = GPU_SAMPLE_VIDEOS[0] if device.type == "cuda" else CPU_SAMPLE_VIDEOS[0]
     steps = SAMPLING_STEPS if device.type == "cuda" else 3
     dtype = sample_dtype(device)
@@ -290,11 +291,17 @@ def test_sample_e2e(provider, benchmark, bench_env, results, device):
            "vae_micro_batch_size": SAMPLE_VAE_MICRO_BATCH}
     importable(results, benchmark, row, "sora.models.vae", "VideoAutoencoderKL")
     sample_videos = importable(results, benchmark, row, "sora.sample", "sample_videos")
+    if provider.endswith("+compile"):
+        row["compile_mode"] = "model"  # sora.sample compiles the whole model call
+        if device.type != "cuda":
+            skip(results, benchmark, row, "CPU smoke set: torch.compile is measured on GPUs only")
 
     def measure(row):
         text_encoder = RESIDENT.text_encoder(device)
         vae = build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
         model = build_dit("STDiT-XL/2", video.latent, provider, device, dtype).eval()
+        if provider.endswith("+compile"):
+            model = torch.compile(model)  # as sora.sample.run does for --compile true
         scheduler = IDDPM(num_sampling_steps=steps, **CFG)
         texts = prompts(1)
 
