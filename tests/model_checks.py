@@ -45,3 +45,18 @@ def assert_checkpointing_keeps_gradients(model, checkpointed, inputs):
     reference = grads(model)
     for name, g in grads(checkpointed).items():
         torch.testing.assert_close(g, reference[name], rtol=1e-5, atol=1e-7)
+
+
+def spy_temporal_attention(monkeypatch):
+    """Record (qkv shape, T, num_heads) of every K.temporal_attention call, which still computes as before."""
+    import sora.kernels as K
+
+    seen = []
+    kernel = K.temporal_attention
+
+    def spy(qkv, T, num_heads, scale=None):
+        seen.append((tuple(qkv.shape), T, num_heads))
+        return kernel(qkv, T, num_heads, scale)
+
+    monkeypatch.setattr(K, "temporal_attention", spy)
+    return seen

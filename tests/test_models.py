@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, randomize, rel
+from model_checks import (
+    assert_checkpointing_keeps_gradients,
+    assert_same_function,
+    randomize,
+    rel,
+    spy_temporal_attention,
+)
 from sora.models import build_model
 from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
@@ -100,16 +106,7 @@ def test_kernels_on_equals_off(model_type):
 @pytest.mark.parametrize("model_type, calls", [("STDiT", 2), ("PixArt", 0)])
 def test_temporal_branch_runs_the_temporal_attention_kernel(monkeypatch, model_type, calls):
     """With the kernels on, each STDiT block's temporal branch is one K.temporal_attention on frame-major qkv."""
-    import sora.kernels as K
-
-    seen = []
-    kernel = K.temporal_attention
-
-    def spy(qkv, T, num_heads, scale=None):
-        seen.append((tuple(qkv.shape), T, num_heads))
-        return kernel(qkv, T, num_heads, scale)
-
-    monkeypatch.setattr(K, "temporal_attention", spy)
+    seen = spy_temporal_attention(monkeypatch)
     tiny(model_type, enable_layernorm_kernel=True)(*inputs())
     assert seen == [((2, 4 * 16, 3 * 64), 4, 4)] * calls
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from einops import rearrange, repeat
 
-from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, randomize
+from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, randomize, spy_temporal_attention
 from sora.models import build_model
 from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import LabelEmbedder
@@ -161,16 +161,7 @@ def test_kernels_on_equals_off(model_type, condition):
 
 def test_latte_temporal_blocks_run_the_temporal_attention_kernel(monkeypatch):
     """With the kernels on, Latte's odd blocks attend over frames with K.temporal_attention on frame-major qkv."""
-    import sora.kernels as K
-
-    seen = []
-    kernel = K.temporal_attention
-
-    def spy(qkv, T, num_heads, scale=None):
-        seen.append((tuple(qkv.shape), T, num_heads))
-        return kernel(qkv, T, num_heads, scale)
-
-    monkeypatch.setattr(K, "temporal_attention", spy)
+    seen = spy_temporal_attention(monkeypatch)
     tiny("Latte", enable_layernorm_kernel=True)(*inputs())
     assert seen == [((2, 4 * 16, 3 * 64), 4, 4)] * (DEPTH["Latte"] // 2)
 
