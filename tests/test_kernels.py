@@ -7,6 +7,7 @@ Every buffer a kernel writes is poisoned with NaN first (SORA_KERNEL_POISON), so
 
 import pytest
 import torch
+from kernel_checks import record_launches
 
 import sora.kernels as K
 from sora.kernels import _common, layout
@@ -242,21 +243,11 @@ def test_triton_kernels_ran(monkeypatch):
     def fallback(*args, **kwargs):
         raise AssertionError("the eager reference ran instead of the Triton kernel")
 
-    launched = []
-    for module, name in [(lnm_module, "_layernorm_modulate_fwd_kernel"), (lnm_module, "_layernorm_modulate_bwd_kernel"),
-                         (gr_module, "_gated_residual_fwd_kernel"), (gr_module, "_gated_residual_bwd_kernel"),
-                         (layout, "_temporal_copy_kernel")]:
-        kernel = getattr(module, name)
-
-        class Spy:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.kernel[grid]
-
-        monkeypatch.setattr(module, name, Spy(kernel, name))
+    launched = record_launches(monkeypatch, [
+        (lnm_module, "_layernorm_modulate_fwd_kernel"), (lnm_module, "_layernorm_modulate_bwd_kernel"),
+        (gr_module, "_gated_residual_fwd_kernel"), (gr_module, "_gated_residual_bwd_kernel"),
+        (layout, "_temporal_copy_kernel"),
+    ])
     monkeypatch.setattr(lnm_module, "layernorm_modulate_reference", fallback)
     monkeypatch.setattr(gr_module, "gated_residual_reference", fallback)
     monkeypatch.setattr(layout, "to_temporal_reference", fallback)

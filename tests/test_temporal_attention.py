@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from kernel_checks import record_launches
 
 import sora.kernels as K
 from sora.kernels import _common
@@ -91,19 +92,8 @@ def test_triton_kernels_ran(monkeypatch):
     def fallback(*args, **kwargs):
         raise AssertionError("the eager reference ran instead of the Triton kernel")
 
-    launched = []
-    for name in ("_temporal_attention_fwd_kernel", "_temporal_attention_bwd_kernel"):
-        kernel = getattr(attention_module, name)
-
-        class Spy:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.kernel[grid]
-
-        monkeypatch.setattr(attention_module, name, Spy(kernel, name))
+    launched = record_launches(monkeypatch, [(attention_module, "_temporal_attention_fwd_kernel"),
+                                             (attention_module, "_temporal_attention_bwd_kernel")])
     monkeypatch.setattr(attention_module, "temporal_attention_reference", fallback)
     qkv = torch.randn(1, 6, 24, requires_grad=True)
     K.temporal_attention(qkv, 3, 2).sum().backward()
