@@ -17,8 +17,9 @@ script runs in one process, the sections in order of importance, each checking t
 4. the model rows: the STDiT-XL/2 training step (sora.train.train_step: forward, backward, clipping, AdamW,
    EMA) at 16x256 batch 8, its temporal branch, and the 16x256 sampling step, sora vs eager; optimizer_step
    (clipping, AdamW, EMA) over STDiT-XL/2's parameters against the copy bandwidth;
-5. while time remains: 16x512 and 64x512 kernel rows (temporal_attention's too), fp32, C=4096, the 16x512
-   training step.
+5. while time remains: 16x512 and 64x512 kernel rows (temporal_attention's too), fp32, C=4096; train_step_full
+   (STDiT-XL/2 16x256, pre-encoded vs T5 + VAE on the fly) and sample_e2e (one 16x256 video, 100 IDDPM steps, T5
+   and the VAE decode), sora only; the 16x512 training step.
 
     python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
@@ -36,6 +37,7 @@ it, so the script cannot rot before a GPU comes.
 import argparse
 import copy
 import datetime
+import importlib
 import itertools
 import math
 import os
@@ -110,9 +112,15 @@ from bench.test_pipeline import (  # noqa: E402
     EMA_DECAY,
     GRAD_CLIP,
     LR,
+    RESIDENT,
     SD_SCALING_FACTOR,
+    TrainCase,
     measure_optimizer_step,
+    measure_sample_e2e,
+    measure_train,
     optimizer_row,
+    sample_e2e_row,
+    train_row,
 )
 from sora.models import build_model  # noqa: E402
 from sora.schedulers import IDDPM  # noqa: E402
@@ -249,7 +257,8 @@ class Check:
 
 
 def row_label(row: dict) -> str:
-    parts = (row.get("bench"), row.get("direction"), row.get("video") or row.get("shape"), row.get("dtype"),
+    encoders = f"with {row['encoders']}" if row.get("encoders") not in (None, "none") else None
+    parts = (row.get("bench"), row.get("direction"), row.get("video") or row.get("shape"), encoders, row.get("dtype"),
              row.get("provider"), f"batch {row['batch_size']}" if row.get("batch_size") else None)
     return " ".join(str(part) for part in parts if part)
 
@@ -742,9 +751,45 @@ def model_rows(check: Check) -> None:
     optimizer_step_row(check)
 
 
+PIPELINE_MODULES = ("sora.models.text_encoder", "sora.models.vae", "sora.sample")  # transformers, diffusers
+
+
+def pipeline_modules() -> None:
+    """A row that needs T5 and the VAE is skipped, not failed, where their packages are not installed."""
+    for module in PIPELINE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise Unavailable(f"{module} not importable here ({error}); carry the wheel, see bench/NOTES.md")
+
+
+TINY_TRAIN_VIDEO = Video("4x32x32", 4, 32, 32, batches=(2,))  # section 5's training rows with --tiny
+
+
+def pipeline_rows(check: Check) -> None:
+    """Issue 12's pipeline targets, sora only (bench/test_pipeline.py's rows): train_step_full for STDiT-XL/2 at
+    16x256 on pre-encoded data, then with T5 + VAE on the fly (pre-encoded >= 1.3x), each at the first batch that
+    fits; then sample_e2e, one 16x256 video in 100 IDDPM steps with T5 and the VAE decode (< 5 s)."""
+    device = check.device
+    video = TINY_TRAIN_VIDEO if check.tiny else GPU_VIDEOS[0]
+    try:
+        for encoders in (False, True):  # T5 is built for the second and kept for sample_e2e
+            case = TrainCase("train_step_full", "STDiT-XL/2", video, encoders, "sora")
+            for batch in video.batches:
+                check.tick()
+                if not measured_row(check, train_row(case, batch, device),
+                                    lambda: pipeline_modules() or measure_train(None, case, batch, device)):
+                    break
+        check.tick()
+        measured_row(check, sample_e2e_row("sora", device), lambda: pipeline_modules() or measure_sample_e2e(None, "sora", device))
+    finally:
+        RESIDENT.drop()
+
+
 def more_rows(check: Check) -> None:
     more_kernel_rows(check)
-    train_step_rows(check, Video("4x32x32", 4, 32, 32, batches=(2,)) if check.tiny else GPU_VIDEOS[1])
+    pipeline_rows(check)
+    train_step_rows(check, TINY_TRAIN_VIDEO if check.tiny else GPU_VIDEOS[1])
 
 
 SECTIONS = [

@@ -278,40 +278,51 @@ def test_vae_decode(case, benchmark, bench_env, results, device):
     record(results, benchmark, row, measure)
 
 
-@pytest.mark.parametrize("provider", ["sora", "sora+compile", "eager"])
-def test_sample_e2e(provider, benchmark, bench_env, results, device):
-    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch), random weights;
-    sora+compile is `python -m sora.sample --compile true` (the model call under torch.compile)."""
+def sample_e2e_row(provider: str, device) -> dict:
     video = GPU_SAMPLE_VIDEOS[0] if device.type == "cuda" else CPU_SAMPLE_VIDEOS[0]
-    steps = SAMPLING_STEPS if device.type == "cuda" else 3
     dtype = sample_dtype(device)
-    benchmark.group = f"sample_e2e {video.label}"
     row = {"suite": "pipeline", "bench": "sample_e2e", "model": model_name("STDiT-XL/2", device), "provider": provider,
-           "shape": video.label, "batch_size": 1, "dtype": DTYPE_NAMES[dtype], "steps": steps, **CFG,
+           "shape": video.label, "batch_size": 1, "dtype": DTYPE_NAMES[dtype],
+           "steps": SAMPLING_STEPS if device.type == "cuda" else 3, **CFG,
            "vae_micro_batch_size": SAMPLE_VAE_MICRO_BATCH}
-    importable(results, benchmark, row, "sora.models.vae", "VideoAutoencoderKL")
-    sample_videos = importable(results, benchmark, row, "sora.sample", "sample_videos")
     if provider.endswith("+compile"):
         row["compile_mode"] = "model"  # sora.sample compiles the whole model call
-        if device.type != "cuda":
-            skip(results, benchmark, row, "CPU smoke set: torch.compile is measured on GPUs only")
+    return row
 
-    def measure(row):
-        text_encoder = RESIDENT.text_encoder(device)
-        vae = build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
-        model = build_dit("STDiT-XL/2", video.latent, provider, device, dtype).eval()
-        if provider.endswith("+compile"):
-            model = torch.compile(model)  # as sora.sample.run does for --compile true
-        scheduler = IDDPM(num_sampling_steps=steps, **CFG)
-        texts = prompts(1)
 
-        def sample():
-            return sample_videos(model, vae, text_encoder, scheduler, texts, video.latent, 0, device, dtype)
+def measure_sample_e2e(benchmark, provider: str, device) -> dict:
+    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch), random weights: time and
+    s_per_video. bench/gpu_check.py runs it too (benchmark None)."""
+    from sora.sample import sample_videos
 
-        timing = time_steps(benchmark, sample, device, warmup=1)
-        row.update(timing, s_per_video=timing["ms"] / 1e3)
+    video = GPU_SAMPLE_VIDEOS[0] if device.type == "cuda" else CPU_SAMPLE_VIDEOS[0]
+    dtype = sample_dtype(device)
+    text_encoder = RESIDENT.text_encoder(device)
+    vae = build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
+    model = build_dit("STDiT-XL/2", video.latent, provider, device, dtype).eval()
+    if provider.endswith("+compile"):
+        model = torch.compile(model)  # as sora.sample.run does for --compile true
+    scheduler = IDDPM(num_sampling_steps=SAMPLING_STEPS if device.type == "cuda" else 3, **CFG)
+    texts = prompts(1)
 
-    record(results, benchmark, row, measure)
+    def sample():
+        return sample_videos(model, vae, text_encoder, scheduler, texts, video.latent, 0, device, dtype)
+
+    timing = time_steps(benchmark, sample, device, warmup=1)
+    return dict(timing, s_per_video=timing["ms"] / 1e3)
+
+
+@pytest.mark.parametrize("provider", ["sora", "sora+compile", "eager"])
+def test_sample_e2e(provider, benchmark, bench_env, results, device):
+    """sample_e2e per provider; sora+compile is `python -m sora.sample --compile true` (the model call under
+    torch.compile)."""
+    row = sample_e2e_row(provider, device)
+    benchmark.group = f"sample_e2e {row['shape']}"
+    importable(results, benchmark, row, "sora.models.vae", "VideoAutoencoderKL")
+    importable(results, benchmark, row, "sora.sample", "sample_videos")
+    if provider.endswith("+compile") and device.type != "cuda":
+        skip(results, benchmark, row, "CPU smoke set: torch.compile is measured on GPUs only")
+    record(results, benchmark, row, lambda row: row.update(measure_sample_e2e(benchmark, provider, device)))
 
 
 # ---- training ----------------------------------------------------------------------------------------------
@@ -378,46 +389,51 @@ def train_inputs(case: TrainCase, model, batch: int, device, generator) -> dict:
     return {**encoded, "y": y, "mask": mask}
 
 
+def measure_train(benchmark, case: TrainCase, batch: int, device) -> dict:
+    """sora.train.train_step for case at batch: time, samples/s and tokens/s. bench/gpu_check.py runs it too
+    (benchmark None)."""
+    from sora.train import build_optimizer, train_step
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    encoders = {}
+    if case.encoders:
+        encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH),
+                        text_encoder=RESIDENT.text_encoder(device))
+    model = build_dit(case.model, case.video.latent, case.provider, device, torch.float32,
+                      grad_checkpoint=case.video.grad_checkpoint, **LABEL_MODELS.get(case.model, {})).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    forward = compiled(model) if case.provider.endswith("+compile") else model  # the EMA is never compiled
+    optimizer = build_optimizer(model, LR)
+    diffusion = IDDPM()  # Open-Sora's training scheduler: 1000 steps, learned sigma, hybrid loss
+    batch_inputs = train_inputs(case, model, batch, device, torch.Generator(device=device).manual_seed(1))
+    seeds = itertools.count()
+
+    def step():
+        train_step(model, ema, optimizer, diffusion, batch_inputs, torch.Generator().manual_seed(next(seeds)),
+                   latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=torch.bfloat16 if cuda else None,
+                   grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, **encoders)
+
+    timing = time_steps(benchmark, step, device)
+    samples_per_s = batch / (timing["ms"] * 1e-3)
+    return dict(timing, samples_per_s=samples_per_s,
+                tokens_per_s=samples_per_s * tokens_per_sample(model, case.video))
+
+
 @pytest.mark.parametrize("case", train_cases(on_cuda()), ids=str)
 def test_train(case, benchmark, bench_env, results, device):
     benchmark.group = f"{case.bench} {case.model} {case.video.label}"
     first = train_row(case, case.video.batches[0], device)
     if case.provider.endswith("+compile") and device.type != "cuda":
         skip(results, benchmark, first, "CPU smoke set: torch.compile is measured on GPUs only")
-    train_step = importable(results, benchmark, first, "sora.train", "train_step")
-    build_optimizer = importable(results, benchmark, first, "sora.train", "build_optimizer")
+    importable(results, benchmark, first, "sora.train", "train_step")
     if case.encoders:
         importable(results, benchmark, first, "sora.models.vae", "VideoAutoencoderKL")
     else:
         RESIDENT.drop()
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-
-    def measure(row, batch):
-        encoders = {}
-        if case.encoders:
-            encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH),
-                            text_encoder=RESIDENT.text_encoder(device))
-        model = build_dit(case.model, case.video.latent, case.provider, device, torch.float32,
-                          grad_checkpoint=case.video.grad_checkpoint, **LABEL_MODELS.get(case.model, {})).train()
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        forward = compiled(model) if case.provider.endswith("+compile") else model  # the EMA is never compiled
-        optimizer = build_optimizer(model, LR)
-        diffusion = IDDPM()  # Open-Sora's training scheduler: 1000 steps, learned sigma, hybrid loss
-        batch_inputs = train_inputs(case, model, batch, device, torch.Generator(device=device).manual_seed(1))
-        seeds = itertools.count()
-
-        def step():
-            train_step(model, ema, optimizer, diffusion, batch_inputs, torch.Generator().manual_seed(next(seeds)),
-                       latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=torch.bfloat16 if cuda else None,
-                       grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, **encoders)
-
-        timing = time_steps(benchmark, step, device)
-        samples_per_s = batch / (timing["ms"] * 1e-3)
-        row.update(timing, samples_per_s=samples_per_s,
-                   tokens_per_s=samples_per_s * tokens_per_sample(model, case.video))
-
-    record_largest_batch(results, benchmark, lambda batch: train_row(case, batch, device), measure, case.video.batches)
+    record_largest_batch(results, benchmark, lambda batch: train_row(case, batch, device),
+                         lambda row, batch: row.update(measure_train(benchmark, case, batch, device)),
+                         case.video.batches)
 
 
 OPTIMIZER_BYTES_PER_PARAM = 52  # sora.train.optimizer_step's docstring: clipping 12, AdamW 28, EMA 12 (fp32)

@@ -192,3 +192,18 @@ def test_without_cuda_only_tiny_runs(tmp_path, capsys):
     assert gpu_check.run(gpu_check.parse_args(["--out", str(tmp_path)])) == 2
     assert "no CUDA device here" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_the_gpu_plan_times_the_pipeline_targets(monkeypatch):
+    """Section 5 runs issue 12's pipeline rows as bench/test_pipeline.py records them: train_step_full for
+    STDiT-XL/2 at 16x256 pre-encoded, then with T5 + VAE, then sample_e2e at 16x256 with 100 IDDPM steps."""
+    rows = []
+    monkeypatch.setattr(gpu_check, "measured_row", lambda check, row, measure: rows.append(row) or False)
+    check = type("GpuCheck", (), {"tiny": False, "device": torch.device("cuda"), "tick": lambda self: None})()
+    gpu_check.pipeline_rows(check)
+    planned = [(row["suite"], row["bench"], row["model"], row["shape"], row.get("encoders"), row["provider"],
+                row["batch_size"]) for row in rows]
+    assert planned == [("train", "train_step_full", "STDiT-XL/2", "16x256x256", "none", "sora", 8),
+                       ("train", "train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
+                       ("pipeline", "sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1)]
+    assert rows[-1]["steps"] == 100 and rows[-1]["dtype"] == "fp16"
