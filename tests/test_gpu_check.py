@@ -207,3 +207,10 @@ def test_the_gpu_plan_times_the_pipeline_targets(monkeypatch):
                        ("train", "train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
                        ("pipeline", "sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1)]
     assert rows[-1]["steps"] == 100 and rows[-1]["dtype"] == "fp16"
+
+
+def test_a_missing_pipeline_package_skips_the_row(monkeypatch):
+    """Without diffusers or transformers on the device the T5 + VAE rows are skipped with the reason, not failed."""
+    monkeypatch.setattr(gpu_check, "PIPELINE_MODULES", ("sora.no_such_module",))
+    with pytest.raises(gpu_check.Unavailable, match="sora.no_such_module not importable here"):
+        gpu_check.pipeline_modules()
