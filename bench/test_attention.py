@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import DTYPE_NAMES, Rotation, measured_once, on_cuda, record, skip, synchronize, time_ms
-from bench.test_kernels import Unavailable, relative_error
+from bench.bench_utils import DTYPE_NAMES, Rotation, on_cuda, synchronize, time_ms
+from bench.test_kernels import Unavailable, record_once, relative_error
 from sora.kernels.attention import temporal_attention_reference
 
 
@@ -150,12 +150,5 @@ def measure_attention(case: Case, device, copy_bandwidth_gbps: float) -> dict:
 def test_temporal_attention(case, benchmark, bench_env, results, device):
     row = base_row(case)
     benchmark.group = f"temporal_attention {case.direction} {case.shape.video} {row['dtype']}"
-    try:
-        forward_fn(case, device)
-    except Unavailable as reason:
-        skip(results, benchmark, row, str(reason))
-
-    def measure(row):
-        row.update(measured_once(benchmark, lambda: measure_attention(case, device, bench_env["copy_bandwidth_gbps"])))
-
-    record(results, benchmark, row, measure)
+    record_once(results, benchmark, row, lambda: forward_fn(case, device),
+                lambda: measure_attention(case, device, bench_env["copy_bandwidth_gbps"]))

@@ -260,17 +260,20 @@ def measure_kernel(case: Case, device, copy_bandwidth_gbps: float) -> dict:
     return row
 
 
+def record_once(results, benchmark, row, forward, measure):
+    """A row skipped with the reason when its provider cannot run here (forward() raises Unavailable), else
+    measured once: measure() returns the row's numbers. test_attention's rows are recorded the same way."""
+    try:
+        forward()
+    except Unavailable as reason:
+        skip(results, benchmark, row, str(reason))
+    record(results, benchmark, row, lambda row: row.update(measured_once(benchmark, measure)))
+
+
 @pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
 def test_kernel(case, benchmark, bench_env, results, device):
     s = case.shape
     row = base_row(case)
     benchmark.group = f"{case.bench} {case.direction} {s.video} C={s.C} {row['dtype']}"
-    try:
-        forward_fn(case, device)
-    except Unavailable as reason:
-        skip(results, benchmark, row, str(reason))
-
-    def measure(row):
-        row.update(measured_once(benchmark, lambda: measure_kernel(case, device, bench_env["copy_bandwidth_gbps"])))
-
-    record(results, benchmark, row, measure)
+    record_once(results, benchmark, row, lambda: forward_fn(case, device),
+                lambda: measure_kernel(case, device, bench_env["copy_bandwidth_gbps"]))
