@@ -1,0 +1,110 @@
+"""STDiT2 (Open-Sora v1.1): names and shapes of their checkpoints, equality to their forward (a float64
+reference written out from their code, tests/stdit2_reference.py), kernels on == off, sequence parallelism,
+loading."""
+
+import pytest
+import torch
+
+from model_checks import assert_same_function, grads, rel
+from sora.models import build_model
+from stdit2_reference import stdit2_forward
+
+ARCH = dict(hidden_size=48, num_heads=4, patch_size=(1, 2, 2), input_sq_size=64, qk_norm=True, qk_norm_legacy=True)
+TINY = dict(depth=2, caption_channels=16, model_max_length=5, class_dropout_prob=0.0, **ARCH)
+
+
+def tiny(**kwargs):
+    return build_model(dict(type="STDiT2", **{**TINY, **kwargs}))
+
+
+def randomized(model, std=0.2):
+    """Every trained weight random and non-zero (the zero-initialised projections would hide whole branches);
+    rope.freqs keeps its constants."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return model
+
+
+def inputs(B=2, T=3, H=5, W=7, dtype=torch.float32, x_mask=False, seed=0):
+    """Odd latent sizes; sample 0's caption padded; x_mask: a condition frame in each sample (the last of sample
+    0, the first of sample 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, T, H, W, generator=g, dtype=dtype)
+    t = torch.tensor([3, 700][:B])
+    y = torch.randn(B, 1, 5, 16, generator=g, dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:B])
+    frames = None
+    if x_mask:
+        frames = torch.ones(B, T, dtype=torch.bool)
+        frames[0, -1] = frames[-1, 0] = False
+    sizes = dict(num_frames=torch.full((B,), float(T)), height=torch.full((B,), 8.0 * H),
+                 width=torch.full((B,), 8.0 * W), ar=torch.full((B,), H / W), fps=torch.tensor([24.0, 120.0][:B]))
+    return (x, t, y, mask, frames, *(sizes[k].to(dtype) for k in ("num_frames", "height", "width", "ar", "fps")))
+
+
+# ---- names and shapes: Open-Sora v1.1's STDiT2-XL/2 with 200 caption tokens, the table of their d599fd7 code
+# (timm Mlp: fc1/fc2; LayerNorms without affine have no parameters; rope.freqs is a parameter).
+def open_sora_v11_names(depth=28, C=1152):
+    expected = {
+        "x_embedder.proj.weight": (C, 4, 1, 2, 2), "x_embedder.proj.bias": (C,),
+        "y_embedder.y_embedding": (200, 4096), "rope.freqs": (C // 16 // 2,),
+        "final_layer.scale_shift_table": (2, C),
+    }
+    linears = {"t_embedder.mlp.0": (C, 256), "t_embedder.mlp.2": (C, C), "t_block.1": (6 * C, C),
+               "t_block_temp.1": (3 * C, C), "y_embedder.y_proj.fc1": (C, 4096), "y_embedder.y_proj.fc2": (C, C),
+               "final_layer.linear": (32, C), "csize_embedder.mlp.0": (C // 3, 256),
+               "csize_embedder.mlp.2": (C // 3, C // 3), "ar_embedder.mlp.0": (C // 3, 256),
+               "ar_embedder.mlp.2": (C // 3, C // 3), "fl_embedder.mlp.0": (C, 256), "fl_embedder.mlp.2": (C, C),
+               "fps_embedder.mlp.0": (C, 256), "fps_embedder.mlp.2": (C, C)}
+    for i in range(depth):
+        expected[f"blocks.{i}.scale_shift_table"] = (6, C)
+        expected[f"blocks.{i}.scale_shift_table_temporal"] = (3, C)
+        for attn in ("attn", "attn_temp"):
+            expected[f"blocks.{i}.{attn}.q_norm.weight"] = (C // 16,)
+            expected[f"blocks.{i}.{attn}.k_norm.weight"] = (C // 16,)
+            linears.update({f"blocks.{i}.{attn}.qkv": (3 * C, C), f"blocks.{i}.{attn}.proj": (C, C)})
+        linears.update({f"blocks.{i}.cross_attn.q_linear": (C, C), f"blocks.{i}.cross_attn.kv_linear": (2 * C, C),
+                        f"blocks.{i}.cross_attn.proj": (C, C), f"blocks.{i}.mlp.fc1": (4 * C, C),
+                        f"blocks.{i}.mlp.fc2": (C, 4 * C)})
+    for name, shape in linears.items():
+        expected[f"{name}.weight"] = shape
+        expected[f"{name}.bias"] = (shape[0],)
+    return expected
+
+
+def test_xl2_state_dict_matches_open_sora_v11():
+    with torch.device("meta"):
+        model = build_model(dict(type="STDiT2-XL/2"))
+    got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert got == open_sora_v11_names()
+    assert len(got) == 707
+    assert sum(p.numel() for p in model.parameters()) == 767_452_100
+    assert not model.rope.freqs.requires_grad
+    # The zero-initialised layers of Open-Sora v1.1: output, cross-attention and temporal projections.
+    small = tiny()
+    for name in ("final_layer.linear", "blocks.1.cross_attn.proj", "blocks.0.attn_temp.proj"):
+        assert small.get_submodule(name).weight.abs().sum() == 0
+    torch.testing.assert_close(small.rope.freqs, 1.0 / 10000 ** (torch.arange(0, 12, 2).float() / 12))
+
+
+def run_reference(model, args, fp32_casts=False, **arch):
+    """Open-Sora's forward with the model's weights; arch: the ARCH keys the model was built with otherwise."""
+    return stdit2_forward(model.state_dict(), {**ARCH, **arch}, *args, fp32_casts=fp32_casts)
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (1, 6, 9), (4, 3, 4)])
+@pytest.mark.parametrize("x_mask", [False, True])
+@pytest.mark.parametrize("order", [dict(), dict(qk_norm_legacy=False), dict(qk_norm=False)])
+def test_equals_open_sora_v11_in_float64(size, x_mask, order):
+    """Odd sizes (padded to the patch and cropped back), one frame, with and without x_mask, both qk-norm orders
+    and no qk-norm, a padded caption: the float32 output equals their forward's to float64 rounding (1e-7), and
+    to 1e-6 against their forward with its fp32 roundings (softmax, RMSNorm)."""
+    model = randomized(tiny(**order)).double()
+    args = inputs(*(2, *size), dtype=torch.float64, x_mask=x_mask)
+    with torch.no_grad():
+        out = model(*args)
+        assert out.dtype == torch.float32 and out.shape == (2, 8, *size)
+        assert rel(out, run_reference(model, args, **order)) < 1e-7
+        assert rel(out, run_reference(model, args, fp32_casts=True, **order)) < 1e-6
