@@ -108,3 +108,37 @@ def test_equals_open_sora_v11_in_float64(size, x_mask, order):
         assert out.dtype == torch.float32 and out.shape == (2, 8, *size)
         assert rel(out, run_reference(model, args, **order)) < 1e-7
         assert rel(out, run_reference(model, args, fp32_casts=True, **order)) < 1e-6
+
+
+def test_gradients_equal_open_sora_v11_in_float64():
+    """Backward through sora's STDiT2 and through their forward (autograd of the reference), with x_mask."""
+    model = randomized(tiny()).double()
+    args = inputs(T=2, H=3, W=5, dtype=torch.float64, x_mask=True)
+    weights = {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in model.named_parameters()}
+    state = {**model.state_dict(), **weights}
+    out, expected = model(*args), stdit2_forward(state, ARCH, *args)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    expected.backward(dout)
+    for name, g in grads(model).items():
+        assert rel(g, weights[name].grad) < 1e-7, name
+
+
+@pytest.mark.parametrize("x_mask", [False, True])
+def test_kernels_on_equals_off(x_mask):
+    """enable_layernorm_kernel=True (sora.kernels under the Triton interpreter: LayerNorm + modulation and gated
+    residuals, per frame with x_mask) against the plain path, fp32, forward and every gradient."""
+    assert_same_function(randomized(tiny(), std=0.05), tiny(enable_layernorm_kernel=True),
+                         inputs(T=2, H=3, W=4, x_mask=x_mask))
+
+
+def test_all_true_x_mask_is_no_mask():
+    """Open-Sora's invariant: marking every frame as generated is the same as passing no x_mask."""
+    model = randomized(tiny()).double()
+    x, t, y, mask, _, *sizes = inputs(dtype=torch.float64)
+    with torch.no_grad():
+        none = model(x, t, y, mask, None, *sizes)
+        torch.testing.assert_close(model(x, t, y, mask, torch.ones(2, 3, dtype=torch.bool), *sizes), none,
+                                   rtol=0, atol=0)
+        # The mask is not ignored: a condition frame changes the output.
+        assert rel(model(*inputs(dtype=torch.float64, x_mask=True)), none) > 1e-3
