@@ -2,10 +2,12 @@
 reference written out from their code, tests/stdit2_reference.py), kernels on == off, sequence parallelism,
 loading."""
 
+import json
+
 import pytest
 import torch
 
-from model_checks import assert_same_function, grads, rel
+from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, grads, rel
 from sora.models import build_model
 from stdit2_reference import stdit2_forward
 
@@ -177,3 +179,156 @@ def test_sequence_parallel_equals_one_process(tmp_path):
         torch.testing.assert_close(result["output"], output.detach(), rtol=1e-5, atol=1e-6)
         for name, g in expected.items():
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    assert_checkpointing_keeps_gradients(randomized(tiny(), std=0.05), tiny(grad_checkpoint=True),
+                                         inputs(T=2, H=3, W=4, x_mask=True))
+
+
+# ---- loading
+
+
+def open_sora_hf_folder(path, model):
+    """What Open-Sora v1.1 released on the hub (hpcai-tech/OpenSora-STDiT-v2-stage3): config.json with their
+    STDiT2Config fields (as the stage3 file, with this model's sizes) and model.safetensors."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    config = dict(
+        architectures=["STDiT2"], auto_map={"AutoConfig": "configuration_stdit2.STDiT2Config",
+                                            "AutoModel": "modeling_stdit2.STDiT2"},
+        model_type="stdit2", torch_dtype="float32", transformers_version="4.40.1", input_size=[32, 60, 106],
+        in_channels=4, caption_channels=16, model_max_length=5, class_dropout_prob=0.1, pred_sigma=True,
+        drop_path=0.0, no_temporal_pos_emb=False, freeze=None, enable_flash_attn=False,
+        enable_layernorm_kernel=False, enable_sequence_parallelism=False,
+        **{key: list(value) if isinstance(value, tuple) else value for key, value in ARCH.items()
+           if key != "qk_norm_legacy"},
+        depth=2,
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_hugging_face_folder_builds_from_its_config(tmp_path, caplog):
+    """The folder's config.json builds the model (depth, width, input_sq_size, ...: nothing else given), the
+    arguments given are kept (here the kernels, which Open-Sora's hub path drops: their #409), and every
+    weight loads (strictly: nothing missing, nothing unused)."""
+    source = randomized(tiny())
+    folder = open_sora_hf_folder(tmp_path / "OpenSora-STDiT-v2-stage3", source)
+    with caplog.at_level("INFO"):
+        model = build_model(dict(type="STDiT2", from_pretrained=str(folder), enable_layernorm_kernel=True))
+    assert (len(model.blocks), model.hidden_size, model.input_sq_size) == (2, 48, 64)
+    assert model.enable_layernorm_kernel and model.blocks[0].enable_layernorm_kernel
+    assert "left as initialised" not in caplog.text and "not used" not in caplog.text
+    expected = source.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match=r"contradict the config.json of .*: depth=3 \(config.json: 2\)"):
+        build_model(dict(type="STDiT2", from_pretrained=str(folder), depth=3))
+
+
+def test_hugging_face_repo_is_fetched_as_a_folder(tmp_path, monkeypatch):
+    """hf://ORG/REPO: config.json and model.safetensors through huggingface_hub (here a stand-in)."""
+    import huggingface_hub
+
+    source = randomized(tiny())
+    folder = open_sora_hf_folder(tmp_path / "snapshot", source)
+    fetched = []
+
+    def download(repo, filename, revision=None):
+        fetched.append((repo, filename, revision))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = build_model(dict(type="STDiT2", from_pretrained="hf://hpcai-tech/OpenSora-STDiT-v2-stage3"))
+    assert ("hpcai-tech/OpenSora-STDiT-v2-stage3", "model.safetensors", None) in fetched
+    torch.testing.assert_close(model.blocks[1].attn_temp.q_norm.weight, source.blocks[1].attn_temp.q_norm.weight)
+
+
+@pytest.mark.parametrize("layout", ["open_sora_pth", "sora_training_folder"])
+def test_checkpoint_files_round_trip(tmp_path, layout):
+    """Open-Sora's .pth (a plain state dict) and a sora training checkpoint folder (its ema.pt)."""
+    source = randomized(tiny()).eval()
+    if layout == "open_sora_pth":
+        path = tmp_path / "model.pth"
+    else:
+        (tmp_path / "epoch0-global_step10").mkdir()
+        path = tmp_path / "epoch0-global_step10" / "ema.pt"
+    torch.save(source.state_dict(), path)
+    loaded = tiny(from_pretrained=str(path if layout == "open_sora_pth" else path.parent)).eval()
+    args = inputs(x_mask=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*args), source(*args), rtol=0, atol=0)
+
+
+NEW_IN_V11 = ("t_block_temp", "rope.freqs", "csize_embedder", "ar_embedder", "fl_embedder", "fps_embedder",
+              "scale_shift_table_temporal", "q_norm", "k_norm")
+
+
+@pytest.mark.parametrize("model_type", ["PixArt", "STDiT"])
+def test_starts_from_pixart_alpha_or_stdit_weights(tmp_path, caplog, model_type):
+    """Open-Sora v1.1 trained from PixArt-alpha (2-D patch embed, under "state_dict") and STDiT v1 weights:
+    what they have loads, their 3-token null caption is extended by repeating its last row to 5 tokens, the
+    new modules keep their initialisation, and one line says which were not in the file."""
+    from sora.models.checkpoint import load_checkpoint
+
+    old = randomized(build_model(dict(type=model_type, input_size=(1, 8, 8), hidden_size=48, num_heads=4, depth=2,
+                                      caption_channels=16, model_max_length=3)))
+    state = old.state_dict()
+    if model_type == "PixArt":
+        state = {"state_dict": {**state, "x_embedder.proj.weight": state["x_embedder.proj.weight"][:, :, 0]}}
+    torch.save(state, tmp_path / "old.pth")
+    model = tiny()
+    initial = {name: t.clone() for name, t in model.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        missing, unexpected = load_checkpoint(model, str(tmp_path / "old.pth"))
+    new = NEW_IN_V11 + (("attn_temp",) if model_type == "PixArt" else ())
+    assert sorted(missing) == sorted(name for name in initial if any(part in name for part in new))
+    assert unexpected == []
+    assert len([r for r in caplog.records if "left as initialised" in r.getMessage()]) == 1
+    for name in missing:
+        torch.testing.assert_close(model.state_dict()[name], initial[name], rtol=0, atol=0)
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, old.blocks[1].mlp.fc2.weight)
+    null = old.y_embedder.y_embedding
+    torch.testing.assert_close(model.y_embedder.y_embedding, torch.cat([null, null[-1:], null[-1:]]))
+
+
+# ---- errors
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(height=None, fps=None), "STDiT2 needs height, fps: pass num_frames"),
+    (dict(x_mask=torch.ones(2, 2, dtype=torch.bool)), r"x_mask must be a \(B, T\) = \(2, 3\) tensor"),
+    (dict(ar=torch.ones(3)), "ar must be a number or hold B=2 values"),
+    (dict(mask=torch.ones(2, 4)), r"mask must have shape \(2, 5\)"),
+    (dict(y=torch.randn(2, 1, 5, 15)), "caption_channels=16"),
+    (dict(x=torch.randn(2, 3, 3, 5, 7)), r"x must be \(B, 4, T, H, W\)"),
+])
+def test_bad_inputs(change, message):
+    x, t, y, mask, x_mask, num_frames, height, width, ar, fps = inputs()
+    args = dict(x=x, timestep=t, y=y, mask=mask, x_mask=x_mask, num_frames=num_frames, height=height, width=width,
+                ar=ar, fps=fps)
+    with pytest.raises(ValueError, match=message):
+        tiny()(**{**args, **change})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(type="STDiT2", hidden_size=40, num_heads=4), "must be divisible by num_heads=4 and by 12"),
+    (dict(type="STDiT2", freeze="all"), "freeze must be None, 'not_temporal' or 'text', got 'all'"),
+    (dict(type="STDiT2", no_temporal_pos_emb=True), "no_temporal_pos_emb=True is not supported"),
+    (dict(type="STDiT2-XL/2", depth=3), r"unknown argument\(s\) depth for model 'STDiT2-XL/2'"),
+    (dict(type="STDiT2", enable_flash=True), "valid: input_size, input_sq_size"),
+])
+def test_build_errors(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+def test_freeze():
+    trained = {name for name, p in tiny(freeze="not_temporal").named_parameters() if p.requires_grad}
+    assert trained and all(".attn_temp." in name for name in trained)
+    frozen = {name for name, p in tiny(freeze="text").named_parameters() if not p.requires_grad}
+    assert frozen == {name for name, _ in tiny().named_parameters() if "cross_attn" in name} | {"rope.freqs"}
