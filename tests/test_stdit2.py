@@ -134,6 +134,26 @@ def test_kernels_on_equals_off(x_mask):
                          inputs(T=2, H=3, W=4, x_mask=x_mask))
 
 
+def test_kernels_run_per_frame_under_x_mask(monkeypatch):
+    """With the kernels on, each block's three modulations and three gated residuals are sora.kernels calls on
+    the residual stream viewed per frame (B*T groups of S tokens); the final layer's two modulations too."""
+    import sora.kernels as K
+
+    seen = []
+    for name in ("layernorm_modulate", "gated_residual"):
+        kernel = getattr(K, name)
+
+        def spy(x, *args, kernel=kernel, name=name, **kwargs):
+            seen.append((name, tuple(x.shape)))
+            return kernel(x, *args, **kwargs)
+
+        monkeypatch.setattr(K, name, spy)
+    tiny(enable_layernorm_kernel=True)(*inputs(T=2, H=3, W=4, x_mask=True))
+    per_frame = (2 * 2, 2 * 2, 48)  # (B*T, S, C): a 3x4 latent is 2x2 patches
+    block = [("layernorm_modulate", per_frame), ("gated_residual", per_frame)] * 3
+    assert seen == block * 2 + [("layernorm_modulate", (2, 2 * 4, 48))] * 2
+
+
 def test_all_true_x_mask_is_no_mask():
     """Open-Sora's invariant: marking every frame as generated is the same as passing no x_mask."""
     model = randomized(tiny()).double()
