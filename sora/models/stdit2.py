@@ -30,7 +30,6 @@ strictly; `forward` is theirs: forward(x, timestep, y, mask, x_mask, num_frames,
 
 import dataclasses
 import inspect
-import logging
 
 import numpy as np
 import torch
@@ -60,8 +59,6 @@ from sora.models.layers import (
     rotate,
 )
 from sora.parallel import gather_frames, split_frames
-
-log = logging.getLogger(__name__)
 
 
 class STDiT2Attention(Attention):
