@@ -234,6 +234,8 @@ class STDiT2(VideoTransformer):
     enable_flash_attn (or its old name enable_flashattn, which Open-Sora v1.1 silently ignored): flash
     attention for the spatial self-attention. input_size is accepted and unused (any size runs).
     freeze: None, "not_temporal" (only temporal attention trains) or "text" (cross-attention frozen).
+    The timestep is embedded as given, as STDiT's (Open-Sora first casts it to the model dtype, which in bf16
+    rounds 999 to 1000).
     """
 
     def __init__(
