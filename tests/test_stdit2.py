@@ -250,6 +250,13 @@ def test_hugging_face_folder_builds_from_its_config(tmp_path, caplog):
         build_model(dict(type="STDiT2", from_pretrained=str(folder), depth=3))
 
 
+def test_unreadable_config_json_is_one_line(tmp_path):
+    folder = open_sora_hf_folder(tmp_path / "broken", randomized(tiny()))
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"cannot read .*config.json: Expecting"):
+        build_model(dict(type="STDiT2", from_pretrained=str(folder)))
+
+
 def test_hugging_face_repo_is_fetched_as_a_folder(tmp_path, monkeypatch):
     """hf://ORG/REPO: config.json and model.safetensors through huggingface_hub (here a stand-in)."""
     import huggingface_hub
