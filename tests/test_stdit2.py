@@ -82,6 +82,8 @@ def test_xl2_state_dict_matches_open_sora_v11():
     got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assert got == open_sora_v11_names()
     assert len(got) == 707
+    with torch.device("meta"):  # their state dict loads strictly
+        model.load_state_dict({name: torch.empty(shape) for name, shape in open_sora_v11_names().items()}, assign=True)
     assert sum(p.numel() for p in model.parameters()) == 767_452_100
     assert not model.rope.freqs.requires_grad
     # The zero-initialised layers of Open-Sora v1.1: output, cross-attention and temporal projections.
