@@ -136,6 +136,17 @@ def test_kernels_on_equals_off(x_mask):
                          inputs(T=2, H=3, W=4, x_mask=x_mask))
 
 
+def test_fused_path_is_the_same_function_in_float64():
+    """float64 runs the kernels' exact references: the per-frame views of the fused path must then equal the
+    plain path to rounding."""
+    plain = randomized(tiny()).double()
+    fused = tiny(enable_layernorm_kernel=True).double()
+    fused.load_state_dict(plain.state_dict())
+    args = inputs(dtype=torch.float64, x_mask=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*args), plain(*args), rtol=1e-12, atol=1e-12)
+
+
 def test_kernels_run_per_frame_under_x_mask(monkeypatch):
     """With the kernels on, each block's three modulations and three gated residuals are sora.kernels calls on
     the residual stream viewed per frame (B*T groups of S tokens); the final layer's two modulations too."""
