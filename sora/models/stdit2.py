@@ -347,10 +347,8 @@ class STDiT2(VideoTransformer):
         dtype = self.x_embedder.proj.weight.dtype
         size = tuple(x.shape[2:])
         grid = tuple(-(-n // p) for n, p in zip(size, self.patch_size))
-        padding = [0, 0, 0, 0, 0, 0]
-        for i, (n, p) in enumerate(zip(size, self.patch_size)):
-            padding[4 - 2 * i + 1] = -n % p  # F.pad counts from the last dim: (W left, W right, H ..., T ...)
-        x = self.x_embedder(F.pad(x.to(dtype), padding))  # (B, N, C)
+        (Tx, Hx, Wx), (pt, ph, pw) = size, self.patch_size
+        x = self.x_embedder(F.pad(x.to(dtype), (0, -Wx % pw, 0, -Hx % ph, 0, -Tx % pt)))  # right-padded; (B, N, C)
         T, S = grid[0], grid[1] * grid[2]
         # Open-Sora scales the grid by the pixel size of sample 0: a batch is one size.
         scale = (sizes["height"][0].item() * sizes["width"][0].item()) ** 0.5 / self.input_sq_size
