@@ -212,7 +212,9 @@ def modulation_rows(name: str, t: torch.Tensor | None, x: torch.Tensor, frames: 
         ok = t.dim() == 3 and shape[0] in (1, B) and shape[1] == frames and shape[2] == C
         expected = f"({B}, {frames}, {C}) or (1, {frames}, {C}) for frames={frames}"
     if not ok:
-        raise ValueError(f"{name} of shape {shape} does not broadcast over x of shape {tuple(x.shape)}: expected {expected}")
+        raise ValueError(
+            f"{name} of shape {shape} does not broadcast over x of shape {tuple(x.shape)}: expected {expected}"
+        )
     rows = t if t.dim() == 3 else t.reshape(-1, 1, C)
     return rows if rows.stride(2) == 1 else rows.contiguous()
 

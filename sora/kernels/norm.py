@@ -340,7 +340,8 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
     wave = one_wave(_layernorm_modulate_bwd_kernel, x, num_warps, *arguments(partial_sums(1), 1), **flags)
     programs, rows_per_program = reduction_split(N // F, B * F, block_m, wave)
     partials = partial_sums(B * F * programs)
-    _layernorm_modulate_bwd_kernel[(B * F, programs)](*arguments(partials, rows_per_program), **flags, num_warps=num_warps)
+    _layernorm_modulate_bwd_kernel[(B * F, programs)](*arguments(partials, rows_per_program), **flags,
+                                                      num_warps=num_warps)
     # Second reduction stage; an absent argument gets an empty tensor (custom ops cannot return None).
     return dx, *(x.new_empty(0) if partial is None else reduce_partials(partial, B, like)
                  for partial, like in zip(partials, (shift, scale, weight, bias)))
