@@ -441,7 +441,7 @@ def test_kernel_modules_are_not_shadowed_by_their_functions():
     import importlib
     import types
 
-    for module in ("norm", "residual", "layout", "comm", "modules"):
+    for module in ("norm", "residual", "layout", "comm", "modules", "diffusers_patch"):
         assert isinstance(importlib.import_module(f"sora.kernels.{module}"), types.ModuleType)
     for op in K.__all__:
         assert not isinstance(getattr(K, op), types.ModuleType), op
