@@ -87,9 +87,9 @@ FAMILIES = {
     "wan2.1": (wan, wan_inputs, 3, {"_layernorm_modulate_fwd_kernel": 7, "_gated_residual_fwd_kernel": 4}),
     "wan2.2-ti2v": (wan, lambda: wan_inputs(per_token=True), 3,
                     {"_layernorm_modulate_fwd_kernel": 7, "_gated_residual_fwd_kernel": 4}),
-    "pixart": (pixart, pixart_inputs, 2, {"_layernorm_modulate_fwd_kernel": 4, "_gated_residual_fwd_kernel": 4}),
-    "latte": (latte, latte_inputs, 2, {"_layernorm_modulate_fwd_kernel": 4, "_gated_residual_fwd_kernel": 4}),
-    "dit": (dit, dit_inputs, 2, {"_layernorm_modulate_fwd_kernel": 4, "_gated_residual_fwd_kernel": 4}),
+    "pixart": (pixart, pixart_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
+    "latte": (latte, latte_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
+    "dit": (dit, dit_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
 }
 
 

@@ -35,6 +35,9 @@ FORWARD_SOURCES = {
     "WanTransformerBlock": "e3f915b69532cdf6c4f7fe80fd633c50f32c19ab64cc6ed34be86d682d94cbf8",
     "WanTransformer3DModel": "63d2ad3896ba5f5bd78c94b6884ee5b11c7943dc4ebd5ec147320069259cd901",
     "BasicTransformerBlock": "9cfc6111a7fd5580b486d4eb15efad26221828493813ba9d7b8d338e0a621fd9",
+    "DiTTransformer2DModel": "96d6d8b7d2a01bd8b813bf72445ae4a9afc3bda38f5c8db3c64dc7cdee1538ac",
+    "PixArtTransformer2DModel": "6cb3582b3bc60811783222bdd51648147e3eb12106ff8cdc000ac8716b38c6f8",
+    "LatteTransformer3DModel": "7d3f262aee1682f586dc0e31ca8ebc370551a1ce8606e07aa538351e557dfc81",
 }
 
 
@@ -130,6 +133,175 @@ def _wan_model_forward(self, hidden_states, timestep, encoder_hidden_states, enc
     hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
     output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
+    if not return_dict:
+        return (output,)
+    return Transformer2DModelOutput(sample=output)
+
+
+def _final_layer(norm, hidden_states, shift, scale):
+    """`norm(hidden_states) * (1 + scale) + shift` of PixArt, Latte and DiT; eager where it would promote the
+    tokens to a wider modulation dtype."""
+    if shift.dtype != hidden_states.dtype or scale.dtype != hidden_states.dtype:
+        return norm(hidden_states) * (1 + scale) + shift
+    return layernorm_modulate(hidden_states, shift, scale, *_affine(norm), eps=norm.eps)
+
+
+def _unpatchify(self, hidden_states, height, width, patch_size):
+    hidden_states = hidden_states.reshape(shape=(-1, height, width, patch_size, patch_size, self.out_channels))
+    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+    return hidden_states.reshape(shape=(-1, self.out_channels, height * patch_size, width * patch_size))
+
+
+def _dit_model_forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None,
+                       return_dict=True):
+    """diffusers' DiTTransformer2DModel.forward with the final norm + modulation on the kernel."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+    hidden_states = self.pos_embed(hidden_states)
+    for block in self.transformer_blocks:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, None, None, None, timestep, cross_attention_kwargs, class_labels
+            )
+        else:
+            hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=None,
+                                  encoder_attention_mask=None, timestep=timestep,
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+
+    conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    shift, scale = self.proj_out_1(torch.nn.functional.silu(conditioning)).chunk(2, dim=1)
+    hidden_states = _final_layer(self.norm_out, hidden_states, shift[:, None], scale[:, None])
+    hidden_states = self.proj_out_2(hidden_states)
+
+    height = width = int(hidden_states.shape[1] ** 0.5)
+    output = _unpatchify(self, hidden_states, height, width, self.patch_size)
+    if not return_dict:
+        return (output,)
+    return Transformer2DModelOutput(sample=output)
+
+
+def _pixart_model_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, added_cond_kwargs=None,
+                          cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None,
+                          return_dict=True):
+    """diffusers' PixArtTransformer2DModel.forward with the final norm + modulation on the kernel."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    if self.use_additional_conditions and added_cond_kwargs is None:
+        raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
+    if attention_mask is not None and attention_mask.ndim == 2:
+        attention_mask = (1 - attention_mask.to(hidden_states.dtype)) * -10000.0
+        attention_mask = attention_mask.unsqueeze(1)
+    if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:
+        encoder_attention_mask = (1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0
+        encoder_attention_mask = encoder_attention_mask.unsqueeze(1)
+
+    batch_size = hidden_states.shape[0]
+    height, width = (
+        hidden_states.shape[-2] // self.config.patch_size,
+        hidden_states.shape[-1] // self.config.patch_size,
+    )
+    hidden_states = self.pos_embed(hidden_states)
+    timestep, embedded_timestep = self.adaln_single(
+        timestep, added_cond_kwargs, batch_size=batch_size, hidden_dtype=hidden_states.dtype
+    )
+    if self.caption_projection is not None:
+        encoder_hidden_states = self.caption_projection(encoder_hidden_states)
+        encoder_hidden_states = encoder_hidden_states.view(batch_size, -1, hidden_states.shape[-1])
+
+    for block in self.transformer_blocks:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+                cross_attention_kwargs, None,
+            )
+        else:
+            hidden_states = block(hidden_states, attention_mask=attention_mask,
+                                  encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=None)
+
+    shift, scale = (
+        self.scale_shift_table[None] + embedded_timestep[:, None].to(self.scale_shift_table.device)
+    ).chunk(2, dim=1)
+    hidden_states = _final_layer(self.norm_out, hidden_states, shift.to(hidden_states.device),
+                                 scale.to(hidden_states.device))
+    hidden_states = self.proj_out(hidden_states)
+    hidden_states = hidden_states.squeeze(1)
+
+    output = _unpatchify(self, hidden_states, height, width, self.config.patch_size)
+    if not return_dict:
+        return (output,)
+    return Transformer2DModelOutput(sample=output)
+
+
+def _latte_model_forward(self, hidden_states, timestep=None, encoder_hidden_states=None,
+                         encoder_attention_mask=None, enable_temporal_attentions=True, return_dict=True):
+    """diffusers' LatteTransformer3DModel.forward with the final norm + modulation on the kernel."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    batch_size, channels, num_frame, height, width = hidden_states.shape
+    hidden_states = hidden_states.permute(0, 2, 1, 3, 4).reshape(-1, channels, height, width)
+    height, width = (
+        hidden_states.shape[-2] // self.config.patch_size,
+        hidden_states.shape[-1] // self.config.patch_size,
+    )
+    num_patches = height * width
+    hidden_states = self.pos_embed(hidden_states)
+
+    added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
+    timestep, embedded_timestep = self.adaln_single(
+        timestep, added_cond_kwargs=added_cond_kwargs, batch_size=batch_size, hidden_dtype=hidden_states.dtype
+    )
+    encoder_hidden_states = self.caption_projection(encoder_hidden_states)
+    encoder_hidden_states_spatial = encoder_hidden_states.repeat_interleave(
+        num_frame, dim=0, output_size=encoder_hidden_states.shape[0] * num_frame
+    ).view(-1, encoder_hidden_states.shape[-2], encoder_hidden_states.shape[-1])
+    timestep_spatial = timestep.repeat_interleave(
+        num_frame, dim=0, output_size=timestep.shape[0] * num_frame
+    ).view(-1, timestep.shape[-1])
+    timestep_temp = timestep.repeat_interleave(
+        num_patches, dim=0, output_size=timestep.shape[0] * num_patches
+    ).view(-1, timestep.shape[-1])
+
+    for i, (spatial_block, temp_block) in enumerate(zip(self.transformer_blocks, self.temporal_transformer_blocks)):
+        spatial_args = (hidden_states, None, encoder_hidden_states_spatial, encoder_attention_mask,
+                        timestep_spatial, None, None)
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            hidden_states = self._gradient_checkpointing_func(spatial_block, *spatial_args)
+        else:
+            hidden_states = spatial_block(*spatial_args)
+
+        if enable_temporal_attentions:
+            hidden_states = hidden_states.reshape(
+                batch_size, -1, hidden_states.shape[-2], hidden_states.shape[-1]
+            ).permute(0, 2, 1, 3)
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-2], hidden_states.shape[-1])
+            if i == 0 and num_frame > 1:
+                hidden_states = hidden_states + self.temp_pos_embed.to(hidden_states.dtype)
+            temporal_args = (hidden_states, None, None, None, timestep_temp, None, None)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(temp_block, *temporal_args)
+            else:
+                hidden_states = temp_block(*temporal_args)
+            hidden_states = hidden_states.reshape(
+                batch_size, -1, hidden_states.shape[-2], hidden_states.shape[-1]
+            ).permute(0, 2, 1, 3)
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-2], hidden_states.shape[-1])
+
+    embedded_timestep = embedded_timestep.repeat_interleave(
+        num_frame, dim=0, output_size=embedded_timestep.shape[0] * num_frame
+    ).view(-1, embedded_timestep.shape[-1])
+    shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+    hidden_states = _final_layer(self.norm_out, hidden_states, shift, scale)
+    hidden_states = self.proj_out(hidden_states)
+
+    if self.adaln_single is None:
+        height = width = int(hidden_states.shape[1] ** 0.5)
+    output = _unpatchify(self, hidden_states, height, width, self.config.patch_size)
+    output = output.reshape(batch_size, -1, output.shape[-3], output.shape[-2], output.shape[-1]).permute(
+        0, 2, 1, 3, 4
+    )
     if not return_dict:
         return (output,)
     return Transformer2DModelOutput(sample=output)
@@ -268,7 +440,8 @@ def patch(model) -> int:
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
         from diffusers.utils import apply_lora_scale
     except ImportError as error:
-        raise ImportError(f"sora.kernels.patch needs diffusers (pip install 'sora[diffusers]'): {error}") from error
+        raise ImportError(f"sora.kernels.patch needs diffusers (pip install 'sora-kernels[sample]'): {error}") \
+            from error
 
     cls = type(model).__mro__[1] if type(model) in _PATCHED.values() else type(model)
     if cls is WanTransformer3DModel:
@@ -284,5 +457,8 @@ def patch(model) -> int:
                   for i, block in enumerate(getattr(model, "temporal_transformer_blocks", []))]
         for name, block in named:
             _check_basic_block(block, name, norm_type)
-        return sum(_swap(block, _basic_block_forward, name) for name, block in named)
+        model_forward = {DiTTransformer2DModel: _dit_model_forward, PixArtTransformer2DModel: _pixart_model_forward,
+                         LatteTransformer3DModel: _latte_model_forward}[cls]
+        changed = sum(_swap(block, _basic_block_forward, name) for name, block in named)
+        return changed + _swap(model, model_forward, "the model")
     raise ValueError(f"sora.kernels.patch got a {type(model).__name__}; it supports {SUPPORTED}")

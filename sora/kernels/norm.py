@@ -58,12 +58,15 @@ def _channel_row(ptr, cols, C, MASKED: tl.constexpr):
 def modulation_piece(ptr, frame_offsets, cols, C, MASKED: tl.constexpr, FRAMES: tl.constexpr):
     """A block's modulation (shift, scale or gate) over one piece of channels, fp32, broadcastable to
     (BLOCK_M, piece): the sample's one row, or with FRAMES each row's frame row at frame_offsets."""
-    if FRAMES:
+    if FRAMES:  # one return statement: compiled Triton wants one return type across all of them
         offsets = ptr + frame_offsets[:, None] + cols[None, :]
         if MASKED:
-            return tl.load(offsets, mask=(cols < C)[None, :], other=0.0).to(tl.float32)
-        return tl.load(offsets).to(tl.float32)
-    return _channel_row(ptr, cols, C, MASKED)[None, :]
+            rows = tl.load(offsets, mask=(cols < C)[None, :], other=0.0).to(tl.float32)
+        else:
+            rows = tl.load(offsets).to(tl.float32)
+    else:
+        rows = _channel_row(ptr, cols, C, MASKED)[None, :]
+    return rows
 
 
 @triton.jit

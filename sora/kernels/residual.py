@@ -64,12 +64,41 @@ def _gated_residual_fwd_kernel(
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gated_residual_per_token_bwd(dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_ptr, N, C, T, S, gate_stride,
+                                  gate_frame_stride, TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """The backward for a (B or 1, N, C) gate: grid (row blocks of a sample, B, channel blocks)."""
+    sample = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    local = first + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (local < N)[:, None] & (cols < C)[None, :]
+    rows = sample.to(tl.int64) * N + local
+    if TEMPORAL:
+        y_rows = sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)
+    else:
+        y_rows = rows
+    offsets = rows[:, None] * C + cols[None, :]
+    y_offsets = y_rows[:, None] * C + cols[None, :]
+    gate_offsets = sample * gate_stride + local.to(tl.int64)[:, None] * gate_frame_stride + cols[None, :]
+    dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + gate_offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dy_ptr + y_offsets, (dout * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + offsets, dout * y, mask=mask)
+
+
 @triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see one_wave)
 def _gated_residual_bwd_kernel(
     dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_ptr,
     N, C, T, S, gate_stride, F, SF, gate_frame_stride, rows_per_program,
-    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TEMPORAL: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    if PER_TOKEN:  # a gate row per token: dgate = dout * y needs no reduction; the forward's grid and tiles
+        _gated_residual_per_token_bwd(dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_ptr, N, C, T, S, gate_stride,
+                                      gate_frame_stride, TEMPORAL, BLOCK_M, BLOCK_C)
+        return
     # Grid (B*F, P, channel blocks): program (b*F + f, p, .) owns rows [p * rows_per_program, ...) of frame f of
     # sample b (F frames of SF rows; F=1 per sample), so one gate row, and its partial dgate mixes no frames.
     segment = tl.program_id(0)
@@ -123,13 +152,21 @@ def _launch_backward(dout, y, gate, T):
     B, N, C = dout.shape
     dy = new_buffer(y.shape, y.dtype, y.device)
     F = gate.shape[1]
-    block_m, block_c, num_warps = col_tile(C, rows_within=min(N // T, N // F))
-    flags = dict(TEMPORAL=T > 1, BLOCK_M=block_m, BLOCK_C=block_c)
 
     def arguments(dgate, rows_per_program):
         return (dout, y, gate, dy, dgate, N, C, T, N // T, batch_stride(gate), F, N // F, frame_stride(gate),
                 rows_per_program)
 
+    if F == N > 1:  # per token: elementwise, tiled as the forward
+        block_m, block_c, num_warps = col_tile(C, rows_within=N // T)
+        dgate = new_buffer((B * N, C), torch.float32, dout.device)
+        _gated_residual_bwd_kernel[(triton.cdiv(N, block_m), B, triton.cdiv(C, block_c))](
+            *arguments(dgate, 0), TEMPORAL=T > 1, PER_TOKEN=True, BLOCK_M=block_m, BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+        return dy, reduce_partials(dgate, B, gate)
+    block_m, block_c, num_warps = col_tile(C, rows_within=min(N // T, N // F))
+    flags = dict(TEMPORAL=T > 1, PER_TOKEN=False, BLOCK_M=block_m, BLOCK_C=block_c)
     sizing = new_buffer((1, C), torch.float32, dout.device)
     wave = one_wave(_gated_residual_bwd_kernel, dout, num_warps, *arguments(sizing, 1), **flags)
     channel_blocks = triton.cdiv(C, block_c)
