@@ -69,7 +69,8 @@ def test_reduction_grids_fit_one_wave(launches):
     that many must be resident, or the grid runs a second, part-empty wave (an H100's 132 SMs)."""
     found, _ = launches
     for launch in found:
-        if launch["loop_trips"]:
+        # One program per sample or frame (grid (B*F, 1, ...)) is the fewest: per-token modulation's B*N.
+        if launch["loop_trips"] and launch["grid"][1] > 1:
             assert launch["waves"] <= 1.0, launch
 
 

@@ -221,8 +221,16 @@ def check_per_frame(op, shape, frames, form, dtype, mod_dtype, temporal=None, pa
 @pytest.mark.parametrize("frames, form, temporal", [(3, "B", None), (3, "1", 5), (15, "table", None)],
                          ids=["per-frame", "shared-temporal", "per-token-table"])
 def test_per_frame_modulation(op, dtype, frames, form, temporal):
-    """T=3 frames of S=5 tokens (a backward block crosses no frame), and per token (S=1)."""
+    """T=3 frames of S=5 tokens (forward blocks of 8 rows cross frames: rows gather their frame's row; a
+    backward program's rows stay in one frame), and per token (S=1)."""
     check_per_frame(op, (2, 15, 70), frames, form, dtype, dtype, temporal)
+
+
+@pytest.mark.parametrize("op", ["ln", "gr"])
+def test_per_frame_blocks_within_frames(op):
+    """2 frames of 32 tokens: every forward block (16 rows for LayerNorm, 32 for the residual) lies in one
+    frame, which reads one modulation row per block instead of one per row."""
+    check_per_frame(op, (2, 64, 70), 2, "B", torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("op", ["ln", "gr"])

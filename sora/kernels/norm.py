@@ -94,7 +94,8 @@ def _layernorm_modulate_fwd_kernel(
     TEMPORAL: tl.constexpr, FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     # Grid (row blocks of a sample, B): one sample per program, so its shift and scale are one (C,) row each;
-    # with FRAMES each row reads the row of its frame (SF rows per frame), gathered per row.
+    # per frame (SF rows each) the rows of the block's first frame, and with FRAMES (a block may cross a frame
+    # boundary) each row's own frame row, gathered per row.
     # The row's C channels are two power-of-two pieces, HEAD <= C and TAIL (0 when C is a power of two):
     # 1152 = 1024 + 128 issues no masked lane, where one next_power_of_2 block would mask 44% of them.
     sample = tl.program_id(1)
@@ -107,11 +108,13 @@ def _layernorm_modulate_fwd_kernel(
         y_rows = y_ptr + (sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)) * C
     else:
         y_rows = y_ptr + rows * C
+    block_frame = first // SF
     if HAS_SHIFT:
-        shift_ptr += sample * shift_stride
+        shift_ptr += sample * shift_stride + block_frame * shift_frame_stride
     if HAS_SCALE:
-        scale_ptr += sample * scale_stride
-    frame = (tl.minimum(local, N - 1) // SF).to(tl.int64)  # read only with FRAMES; clamped rows stay in bounds
+        scale_ptr += sample * scale_stride + block_frame * scale_frame_stride
+    # Read only with FRAMES: each row's frame after the block's first (clamped rows stay in bounds).
+    frame = (tl.minimum(local, N - 1) // SF - block_frame).to(tl.int64)
     shift_rows = frame * shift_frame_stride
     scale_rows = frame * scale_frame_stride
 
@@ -316,7 +319,8 @@ def _launch_forward(x, shift, scale, weight, bias, eps, T):
         N, C, T, N // T, batch_stride(shift), batch_stride(scale), N // F, frame_stride(shift), frame_stride(scale),
         eps, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        TEMPORAL=T > 1, FRAMES=F > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps,
+        TEMPORAL=T > 1, FRAMES=F > 1 and (N // F) % block_m != 0, BLOCK_M=block_m, HEAD=head, TAIL=tail,
+        num_warps=num_warps,
     )
     return y, mean, rstd
 
