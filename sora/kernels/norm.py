@@ -54,11 +54,26 @@ def _channel_row(ptr, cols, C, MASKED: tl.constexpr):
     return tl.load(ptr + cols).to(tl.float32)
 
 
+# The FRAMES constexpr of the forward kernels: one modulation row per sample; per frame, a block's rows all in one
+# frame (one row per block, its frame found with one scalar division); per frame, blocks crossing frames (a row
+# per row, gathered).
+SAMPLE_FRAMES, BLOCK_FRAMES, ROW_FRAMES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def frames_mode(F: int, N: int, block_m: int) -> int:
+    """The forward kernels' FRAMES for F modulation rows per sample over N rows, BLOCK_M rows a block."""
+    if F == 1:
+        mode = SAMPLE_FRAMES
+    else:
+        mode = BLOCK_FRAMES if (N // F) % block_m == 0 else ROW_FRAMES
+    return getattr(mode, "value", mode)  # the int inside the constexpr (a plain int where Triton is missing)
+
+
 @triton.jit
 def modulation_piece(ptr, frame_offsets, cols, C, MASKED: tl.constexpr, FRAMES: tl.constexpr):
     """A block's modulation (shift, scale or gate) over one piece of channels, fp32, broadcastable to
-    (BLOCK_M, piece): the sample's one row, or with FRAMES each row's frame row at frame_offsets."""
-    if FRAMES:  # one return statement: compiled Triton wants one return type across all of them
+    (BLOCK_M, piece): one row at ptr, or with FRAMES == ROW_FRAMES each row's frame row at frame_offsets."""
+    if FRAMES == ROW_FRAMES:  # one return statement: compiled Triton wants one return type across all of them
         offsets = ptr + frame_offsets[:, None] + cols[None, :]
         if MASKED:
             rows = tl.load(offsets, mask=(cols < C)[None, :], other=0.0).to(tl.float32)
@@ -94,8 +109,8 @@ def _layernorm_modulate_fwd_kernel(
     TEMPORAL: tl.constexpr, FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     # Grid (row blocks of a sample, B): one sample per program, so its shift and scale are one (C,) row each;
-    # per frame (SF rows each) the rows of the block's first frame, and with FRAMES (a block may cross a frame
-    # boundary) each row's own frame row, gathered per row.
+    # per frame (SF rows each, FRAMES > SAMPLE_FRAMES) the rows of the block's first frame, and with ROW_FRAMES (a
+    # block may cross a frame boundary) each row's own frame row, gathered per row.
     # The row's C channels are two power-of-two pieces, HEAD <= C and TAIL (0 when C is a power of two):
     # 1152 = 1024 + 128 issues no masked lane, where one next_power_of_2 block would mask 44% of them.
     sample = tl.program_id(1)
@@ -108,12 +123,14 @@ def _layernorm_modulate_fwd_kernel(
         y_rows = y_ptr + (sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)) * C
     else:
         y_rows = y_ptr + rows * C
-    block_frame = first // SF
+    block_frame = 0
+    if FRAMES != SAMPLE_FRAMES:
+        block_frame = first // SF
     if HAS_SHIFT:
         shift_ptr += sample * shift_stride + block_frame * shift_frame_stride
     if HAS_SCALE:
         scale_ptr += sample * scale_stride + block_frame * scale_frame_stride
-    # Read only with FRAMES: each row's frame after the block's first (clamped rows stay in bounds).
+    # Read only with ROW_FRAMES: each row's frame after the block's first (clamped rows stay in bounds).
     frame = (tl.minimum(local, N - 1) // SF - block_frame).to(tl.int64)
     shift_rows = frame * shift_frame_stride
     scale_rows = frame * scale_frame_stride
@@ -319,7 +336,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, T):
         N, C, T, N // T, batch_stride(shift), batch_stride(scale), N // F, frame_stride(shift), frame_stride(scale),
         eps, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        TEMPORAL=T > 1, FRAMES=F > 1 and (N // F) % block_m != 0, BLOCK_M=block_m, HEAD=head, TAIL=tail,
+        TEMPORAL=T > 1, FRAMES=frames_mode(F, N, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
         num_warps=num_warps,
     )
     return y, mean, rstd

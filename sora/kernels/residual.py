@@ -34,7 +34,7 @@ from sora.kernels._common import (
 )
 from sora.kernels._triton import tl, triton
 from sora.kernels.layout import from_temporal_reference
-from sora.kernels.norm import modulation_piece
+from sora.kernels.norm import SAMPLE_FRAMES, frames_mode, modulation_piece
 
 
 @triton.jit
@@ -44,8 +44,7 @@ def _gated_residual_fwd_kernel(
     TEMPORAL: tl.constexpr, FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Grid (row blocks of a sample, B, channel blocks): one sample per program, so its gate is one row;
-    # per frame (SF rows each) the row of the block's first frame, and with FRAMES (a block may cross a frame
-    # boundary) each row's own frame row, gathered per row.
+    # per frame the row of the block's first frame, and with ROW_FRAMES each row's own (see frames_mode).
     sample = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_M
     local = first + tl.arange(0, BLOCK_M)
@@ -59,8 +58,10 @@ def _gated_residual_fwd_kernel(
         y_rows = rows
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + y_rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    block_frame = first // SF
-    frame_offsets = (tl.minimum(local, N - 1) // SF - block_frame).to(tl.int64) * gate_frame_stride  # FRAMES only
+    block_frame = 0
+    if FRAMES != SAMPLE_FRAMES:
+        block_frame = first // SF
+    frame_offsets = (tl.minimum(local, N - 1) // SF - block_frame).to(tl.int64) * gate_frame_stride  # ROW_FRAMES
     gate_row = gate_ptr + sample * gate_stride + block_frame * gate_frame_stride
     gate = modulation_piece(gate_row, frame_offsets, cols, C, True, FRAMES)
     out = x + gate * y
@@ -144,7 +145,7 @@ def _launch_forward(x, y, gate, T):
     grid = (triton.cdiv(N, block_m), B, triton.cdiv(C, block_c))
     _gated_residual_fwd_kernel[grid](
         x, y, gate, out, N, C, T, N // T, batch_stride(gate), N // F, frame_stride(gate),
-        TEMPORAL=T > 1, FRAMES=F > 1 and (N // F) % block_m != 0, BLOCK_M=block_m, BLOCK_C=block_c,
+        TEMPORAL=T > 1, FRAMES=frames_mode(F, N, block_m), BLOCK_M=block_m, BLOCK_C=block_c,
         num_warps=num_warps,
     )
     return out
