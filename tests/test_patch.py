@@ -175,6 +175,21 @@ def test_patched_wan_compiles_fullgraph(monkeypatch):
     check_equal("wan2.2-ti2v", torch.float32, monkeypatch, compiled=True)
 
 
+def test_wider_modulation_runs_the_eager_block():
+    """PixArt's eager block promotes bf16 tokens to an fp32 modulation's dtype (an fp32 model fed bf16 tokens);
+    the patched block then runs diffusers' own forward, so it returns what the eager block returns."""
+    model = pixart()
+    block = model.transformer_blocks[0]
+    eager = copy.deepcopy(block)
+    K.patch(model)
+    hidden, context = torch.randn(2, 16, 16, dtype=torch.bfloat16), torch.randn(2, 5, 16)
+    timestep = torch.randn(2, 6 * 16)  # fp32
+    got = block(hidden, encoder_hidden_states=context, timestep=timestep)
+    want = eager(hidden, encoder_hidden_states=context, timestep=timestep)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
 def test_patched_model_keeps_its_class_name_and_config(tmp_path):
     model = dit()
     K.patch(model)
