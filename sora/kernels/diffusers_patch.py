@@ -404,13 +404,16 @@ def _check_forward(module, name: str) -> None:
                          f"the model, so it is refused")
 
 
-def _swap(module, forward, name: str) -> int:
-    """Give module its patched class; 1 if it changed, 0 if it already had it."""
-    if type(module) in _PATCHED.values():
-        return 0
-    _check_forward(module, name)
-    module.__class__ = _patched_class(type(module), forward)
-    return 1
+def _swap_all(modules) -> int:
+    """modules: (module, patched forward, name). Check them all, then give each unpatched one its patched class;
+    returns how many changed. A refused one leaves the whole model as it was."""
+    todo = [(module, forward) for module, forward, name in modules if type(module) not in _PATCHED.values()]
+    for module, _, name in modules:
+        if type(module) not in _PATCHED.values():
+            _check_forward(module, name)
+    for module, forward in todo:
+        module.__class__ = _patched_class(type(module), forward)
+    return len(todo)
 
 
 def _check_basic_block(block, name: str, norm_type: str) -> None:
@@ -448,8 +451,8 @@ def patch(model) -> int:
         for i, block in enumerate(model.blocks):
             if type(block) not in (WanTransformerBlock, _PATCHED.get(WanTransformerBlock)):
                 raise ValueError(f"blocks.{i} is a {type(block).__name__}; sora.kernels.patch supports {SUPPORTED}")
-        changed = sum(_swap(block, _wan_block_forward, f"blocks.{i}") for i, block in enumerate(model.blocks))
-        return changed + _swap(model, apply_lora_scale("attention_kwargs")(_wan_model_forward), "the model")
+        modules = [(block, _wan_block_forward, f"blocks.{i}") for i, block in enumerate(model.blocks)]
+        return _swap_all(modules + [(model, apply_lora_scale("attention_kwargs")(_wan_model_forward), "the model")])
     if cls in (PixArtTransformer2DModel, LatteTransformer3DModel, DiTTransformer2DModel):
         norm_type = "ada_norm_zero" if cls is DiTTransformer2DModel else "ada_norm_single"
         named = [(f"transformer_blocks.{i}", block) for i, block in enumerate(model.transformer_blocks)]
@@ -459,6 +462,6 @@ def patch(model) -> int:
             _check_basic_block(block, name, norm_type)
         model_forward = {DiTTransformer2DModel: _dit_model_forward, PixArtTransformer2DModel: _pixart_model_forward,
                          LatteTransformer3DModel: _latte_model_forward}[cls]
-        changed = sum(_swap(block, _basic_block_forward, name) for name, block in named)
-        return changed + _swap(model, model_forward, "the model")
+        modules = [(block, _basic_block_forward, name) for name, block in named]
+        return _swap_all(modules + [(model, model_forward, "the model")])
     raise ValueError(f"sora.kernels.patch got a {type(model).__name__}; it supports {SUPPORTED}")
