@@ -140,11 +140,12 @@ class Launch:
 
 
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
-    """Loop iterations of a kernel that walks `rows_per_program` of each sample's N rows, BLOCK_M at a time
-    (grid (B, programs per sample, ...)); 0 for any other kernel."""
+    """Loop iterations of a kernel that walks `rows_per_program` of each sample's N rows (each frame's SF rows,
+    for per-frame modulation), BLOCK_M at a time (grid (B or B*F, programs per sample or frame, ...)); 0 for
+    any other kernel."""
     if "rows_per_program" not in bound:
         return 0
-    per_program, N, block_m = bound["rows_per_program"], bound["N"], bound["BLOCK_M"]
+    per_program, N, block_m = bound["rows_per_program"], bound.get("SF", bound["N"]), bound["BLOCK_M"]
     per_sample = sum(triton.cdiv(min(per_program, N - p * per_program), block_m) for p in range(grid[1]))
     return per_sample * grid[0] * math.prod(grid[2:])
 
@@ -329,6 +330,22 @@ def gated_residual_case(C, dtype, temporal, batch=B):
     return run
 
 
+def per_frame_case(op, C, dtype, modulation_dtype, frames, batch=B):
+    """layernorm_modulate or gated_residual with one modulation row per frame (frames=T: STDiT2's x_mask
+    select) or per token (frames=T*S: Wan 2.2 TI2V), as chunks of a (B, frames, 6, C) table of
+    modulation_dtype (Wan's fp32 table on bf16 tokens)."""
+    def run():
+        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
+        table = torch.randn(batch, frames, 6, C, dtype=modulation_dtype, requires_grad=True)
+        shift, scale, gate = (t.squeeze(2) for t in table.chunk(6, dim=2)[:3])
+        if op == "layernorm_modulate":
+            out = K.layernorm_modulate(x, shift, scale, frames=frames)
+        else:
+            out = K.gated_residual(x, torch.randn_like(x, requires_grad=True), gate, frames=frames)
+        out.sum().backward()
+    return run
+
+
 def layout_case(C, dtype):
     def run():
         x = torch.randn(B, T * S, C, dtype=dtype, requires_grad=True)
@@ -372,6 +389,11 @@ def _cases():
                 cases.append((f"layernorm_modulate C={C} {d} {kind}", layernorm_modulate_case(C, dtype, temporal, batch)))
                 cases.append((f"gated_residual C={C} {d} {kind}", gated_residual_case(C, dtype, temporal, batch)))
         cases.append((f"to_temporal C={C} {DTYPE_NAMES[dtypes[0]]}", layout_case(C, dtypes[0])))
+    # Per-frame (T rows per sample) and per-token (Wan 2.2 TI2V: fp32 rows on bf16 tokens) modulation.
+    for op in ("layernorm_modulate", "gated_residual"):
+        cases.append((f"{op} C=1152 bf16 per-frame", per_frame_case(op, 1152, torch.bfloat16, torch.bfloat16, T)))
+        cases.append((f"{op} C=1152 bf16 fp32-per-token", per_frame_case(op, 1152, torch.bfloat16, torch.float32,
+                                                                         T * S, batch=1)))
     for world in (2, 4):
         cases.append((f"all_to_all world={world} bf16", all_to_all_case(world)))
     # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 # The model's shapes (C=1152 in each dtype, C=4096), the odd widths, the largest C that must not spill, and
 # the all-to-all packs, temporal attention at T=16 and T=64 (head dim 72); the rest of bench/kernel_report.py's cases differ only in dtype or size.
+# "C=1152" also selects the per-frame and per-token modulation cases.
 CASES = ["C=1152", "C=4096 bf16", "C=72 ", "C=8192 bf16", "all_to_all", "temporal_attention"]
 KERNELS = {"_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
            "_gated_residual_bwd_kernel", "_temporal_copy_kernel", "_temporal_attention_fwd_kernel",
@@ -68,5 +69,17 @@ def test_reduction_grids_fit_one_wave(launches):
     that many must be resident, or the grid runs a second, part-empty wave (an H100's 132 SMs)."""
     found, _ = launches
     for launch in found:
-        if launch["loop_trips"]:
+        # One program per sample or frame (grid (B*F, 1, ...)) is the fewest: per-token modulation's B*N.
+        if launch["loop_trips"] and launch["grid"][1] > 1:
             assert launch["waves"] <= 1.0, launch
+
+
+def test_per_frame_modulation_issues_as_per_sample(launches):
+    """LayerNorm-modulate with a shift/scale row per frame (frames=T, STDiT2's x_mask select) issues within 10%
+    of the per-sample kernel's warp instructions per byte, forward and backward (C=1152 bf16, T=16)."""
+    found, _ = launches
+    per_byte = {(launch["case"], launch["kernel"]): launch["per_byte"] for launch in found}
+    for kernel in ("_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel"):
+        per_sample = per_byte[("layernorm_modulate C=1152 bf16 plain", kernel)]
+        per_frame = per_byte[("layernorm_modulate C=1152 bf16 per-frame", kernel)]
+        assert per_frame <= 1.1 * per_sample, f"{kernel}: {per_frame:.3f} vs {per_sample:.3f} per sample"

@@ -174,6 +174,86 @@ def test_gated_residual_mixed_dtypes():
     check_gated_residual((2, 12, 40), torch.float32, "B1C", temporal=3, y_dtype=torch.bfloat16)
 
 
+def frame_modulation(form, B, F, C, dtype):
+    """Per-frame shift/scale/gate (B or 1, F, C), random and requiring grad; "table" is a chunk of a
+    (B, F, 6, C) table, as Wan 2.2 TI2V's per-token temb makes them (frame stride 6C, not C)."""
+    if form == "table":
+        table = torch.randn(B, F, 6, C, dtype=dtype, requires_grad=True)
+        return table, table.chunk(6, dim=2)[1].squeeze(2)
+    leaf = torch.randn((B if form == "B" else 1, F, C), dtype=dtype, requires_grad=True)
+    return leaf, leaf
+
+
+def check_per_frame(op, shape, frames, form, dtype, mod_dtype, temporal=None, pass_frames=True):
+    """layernorm_modulate (op="ln", with affine) or gated_residual (op="gr") with per-frame modulation of
+    mod_dtype, forward and every gradient against float64; each gradient in its input's dtype and shape."""
+    B, N, C = shape
+    T = temporal or 1
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    mods = [frame_modulation(form, B, frames, C, mod_dtype) for _ in range(2 if op == "ln" else 1)]
+    leaves = [x] + [leaf for leaf, _ in mods]
+    views = [view for _, view in mods]
+    chunk = (lambda t: t.chunk(6, dim=2)[1].squeeze(2)) if form == "table" else (lambda t: t)
+    kwargs = dict(frames=frames) if pass_frames else {}
+    if op == "ln":
+        weight, bias = torch.randn(C, dtype=dtype, requires_grad=True), torch.randn(C, dtype=dtype, requires_grad=True)
+        leaves += [weight, bias]
+        out = K.layernorm_modulate(x, *views, weight, bias, temporal=temporal, **kwargs)
+        x64, shift64, scale64, weight64, bias64 = leaves64(leaves)
+        ref = layernorm_modulate_reference(x64, chunk(shift64), chunk(scale64), weight64, bias64,
+                                           temporal=temporal, frames=frames)
+        refs = [x64, shift64, scale64, weight64, bias64]
+    else:
+        y = torch.randn((B * N // T, T, C) if temporal else shape, dtype=dtype, requires_grad=True)
+        leaves.insert(1, y)
+        out = K.gated_residual(x, y, *views, temporal=temporal, **kwargs)
+        refs = leaves64(leaves)
+        ref = gated_residual_reference(refs[0], refs[1], chunk(refs[2]), temporal=temporal, frames=frames)
+    dout = torch.randn_like(out)
+    assert_matches(out, ref, dtype, "out")
+    for i, (g, w, leaf) in enumerate(zip(grads(out, leaves, dout), grads(ref, refs, dout.double()), leaves)):
+        assert g.shape == leaf.shape, f"grad {i}: shape {tuple(g.shape)} != {tuple(leaf.shape)}"
+        assert_matches(g, w, leaf.dtype, f"grad {i}")
+
+
+@pytest.mark.parametrize("op", ["ln", "gr"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("frames, form, temporal", [(3, "B", None), (3, "1", 5), (15, "table", None)],
+                         ids=["per-frame", "shared-temporal", "per-token-table"])
+def test_per_frame_modulation(op, dtype, frames, form, temporal):
+    """T=3 frames of S=5 tokens (forward blocks of 8 rows cross frames: rows gather their frame's row; a
+    backward program's rows stay in one frame), and per token (S=1)."""
+    check_per_frame(op, (2, 15, 70), frames, form, dtype, dtype, temporal)
+
+
+@pytest.mark.parametrize("op", ["ln", "gr"])
+def test_per_frame_blocks_within_frames(op):
+    """2 frames of 32 tokens: every forward block (16 rows for LayerNorm, 32 for the residual) lies in one
+    frame, which reads one modulation row per block instead of one per row."""
+    check_per_frame(op, (2, 64, 70), 2, "B", torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("op", ["ln", "gr"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("frames, pass_frames", [(1, False), (3, True), (9, False)], ids=["sample", "frame", "token"])
+def test_fp32_modulation_on_half_activations(op, dtype, frames, pass_frames):
+    """Wan's rule: fp32 shift/scale/gate on bf16 x, computed in fp32, rounded once to x.dtype; the modulation
+    gradients come back in fp32. Per token (9 of 9) needs no frames= (the shape says it)."""
+    check_per_frame(op, (2, 9, 40), frames, "B", dtype, torch.float32, pass_frames=pass_frames)
+
+
+def test_per_frame_backward_is_deterministic():
+    x = torch.randn(2, 24, 48, requires_grad=True)
+    mod = torch.randn(2, 4, 3, 48, requires_grad=True)
+    results = []
+    for _ in range(2):
+        shift, scale, gate = mod.unbind(2)
+        out = K.gated_residual(x, K.layernorm_modulate(x, shift, scale, frames=4), gate, frames=4)
+        results.append(torch.autograd.grad(out.square().sum(), [x, mod]))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, T", [((2, 75, 70), 5), ((3, 12, 16), 4), ((1, 6, 1152), 6), ((2, 7, 33), 1)])
 def test_layout_round_trip(dtype, shape, T):
@@ -258,7 +338,10 @@ def test_triton_kernels_ran(monkeypatch):
     h = K.layernorm_modulate(x, mod[:, :1], mod[:, 1:2])
     t = K.from_temporal(K.to_temporal(h, 3), 2)
     out = K.gated_residual(x, K.to_temporal(t, 3), mod[:, 2:], temporal=3)
+    per_frame = torch.randn(2, 3, 32, requires_grad=True)  # 3 frames of 2 tokens
+    out = K.gated_residual(out, K.layernorm_modulate(out, per_frame, per_frame, frames=3), per_frame, frames=3)
     out.sum().backward()
+    assert per_frame.grad is not None
     assert set(launched) == {
         "_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
         "_gated_residual_bwd_kernel", "_temporal_copy_kernel",
@@ -279,7 +362,10 @@ def every_op(x, table, weight, bias):
     h = K.layernorm_modulate(x, shift, scale, weight, bias)
     t = torch.tanh(K.to_temporal(h, 3))
     h = K.layernorm_modulate(K.from_temporal(t, x.shape[0]), shift, scale, temporal=3)
-    return K.LayerNorm(x.shape[-1], elementwise_affine=False)(K.gated_residual(x, h, gate, temporal=3))
+    out = K.gated_residual(x, h, gate, temporal=3)
+    per_frame = table.repeat(1, 2, 1)  # (B, 6, C): 6 frames of 2 tokens
+    out = K.gated_residual(out, K.layernorm_modulate(out, per_frame, per_frame, frames=6), per_frame, frames=6)
+    return K.LayerNorm(x.shape[-1], elementwise_affine=False)(out)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -310,6 +396,12 @@ def test_compile_fullgraph(backend):
         (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), temporal=4), "temporal=4 does not divide"),
         (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), temporal=0), "temporal must be a positive int"),
         (lambda: K.to_temporal(torch.randn(2, 6, 4), None), "T must be a positive int"),
+        (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), torch.randn(2, 4, 4), frames=4),
+         "frames=4 does not divide"),
+        (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), torch.randn(2, 2, 4), frames=3), "expected \\(2, 3, 4\\)"),
+        (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 3, 4)), "per token"),
+        (lambda: K.layernorm_modulate(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 4)),
+         "share one layout"),
         (lambda: K.layernorm_modulate(torch.randn(2, 3, 4), shift=torch.randn(2, 1, 4, device="meta")), "is on meta"),
         (lambda: K.layernorm_modulate(torch.randn(1, 1, 20000)), "C <= 8192"),
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(3, 4)), "gate of shape"),
@@ -357,7 +449,7 @@ def test_kernel_modules_are_not_shadowed_by_their_functions():
     import importlib
     import types
 
-    for module in ("norm", "residual", "layout", "comm", "modules"):
+    for module in ("norm", "residual", "layout", "comm", "modules", "diffusers_patch"):
         assert isinstance(importlib.import_module(f"sora.kernels.{module}"), types.ModuleType)
     for op in K.__all__:
         assert not isinstance(getattr(K, op), types.ModuleType), op

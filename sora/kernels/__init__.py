@@ -12,6 +12,7 @@ from sora.kernels.residual import gated_residual
 from sora.kernels.norm import layernorm_modulate
 from sora.kernels.layout import from_temporal, to_temporal
 from sora.kernels.modules import LayerNorm
+from sora.kernels.diffusers_patch import patch
 
 __all__ = ["layernorm_modulate", "gated_residual", "to_temporal", "from_temporal", "temporal_attention", "all_to_all",
-           "LayerNorm"]
+           "LayerNorm", "patch"]

@@ -188,29 +188,52 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def per_sample_rows(name: str, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """View a per-channel modulation vector (shift, scale, gate) as (1, C) or (B, C).
+def modulation_rows(name: str, t: torch.Tensor | None, x: torch.Tensor, frames: int | None) -> torch.Tensor | None:
+    """View a modulation tensor (shift, scale, gate) as (1 or B, F, C): one (C,) row per sample and frame.
 
-    Accepted shapes: (B, 1, C), (1, 1, C), (B, C), (1, C), (C,). The view keeps the caller's strides
-    along B (e.g. a chunk of a (B, 6, C) table), so no copy is made; channels must be contiguous.
+    frames=None: per sample, (B, 1, C), (1, 1, C), (B, C), (1, C) or (C,), read as F=1; or per token,
+    (B, N, C) or (1, N, C), read as F=N (Wan 2.2 TI2V's per-token timesteps). frames=F: per frame,
+    (B, F, C) or (1, F, C), F dividing N; row n of x reads frame n // (N / F). The view keeps the caller's
+    strides along B and F (e.g. a chunk of a (B, 6, C) table), so no copy is made; channels must be contiguous.
     """
     if t is None:
         return None
     check_same(name, t, "x", x)
-    B, _, C = x.shape
+    B, N, C = x.shape
     shape = tuple(t.shape)
-    ok = (
-        (t.dim() == 3 and shape[1] == 1 and shape[0] in (1, B) and shape[2] == C)
-        or (t.dim() == 2 and shape[0] in (1, B) and shape[1] == C)
-        or (t.dim() == 1 and shape[0] == C)
-    )
+    if frames is None:
+        ok = (
+            (t.dim() == 3 and shape[0] in (1, B) and shape[1] in (1, N) and shape[2] == C)
+            or (t.dim() == 2 and shape[0] in (1, B) and shape[1] == C)
+            or (t.dim() == 1 and shape[0] == C)
+        )
+        expected = f"({B}, 1, {C}), (1, 1, {C}), ({B}, {C}), (1, {C}), ({C},) or per token ({B}, {N}, {C})"
+    else:
+        ok = t.dim() == 3 and shape[0] in (1, B) and shape[1] == frames and shape[2] == C
+        expected = f"({B}, {frames}, {C}) or (1, {frames}, {C}) for frames={frames}"
     if not ok:
         raise ValueError(
-            f"{name} of shape {shape} does not broadcast over x of shape {tuple(x.shape)}: "
-            f"expected ({B}, 1, {C}), (1, 1, {C}), ({B}, {C}), (1, {C}) or ({C},)"
+            f"{name} of shape {shape} does not broadcast over x of shape {tuple(x.shape)}: expected {expected}"
         )
-    rows = t.reshape(-1, C)
-    return rows if rows.stride(1) == 1 else rows.contiguous()
+    rows = t if t.dim() == 3 else t.reshape(-1, 1, C)
+    return rows if rows.stride(2) == 1 else rows.contiguous()
+
+
+def modulation_frames(x: torch.Tensor, *rows: torch.Tensor | None) -> int:
+    """F, the modulation rows per sample, shared by every modulation view of one call."""
+    counts = {t.shape[1] for t in rows if t is not None}
+    if len(counts) > 1:
+        raise ValueError(f"the modulation tensors of one call must share one layout, got {sorted(counts)} rows "
+                         f"per sample for x of shape {tuple(x.shape)}")
+    return counts.pop() if counts else 1
+
+
+def modulation_per_token(name: str, t: torch.Tensor | None, x: torch.Tensor, frames: int | None, acc: torch.dtype):
+    """The references' reading of a modulation tensor: (1 or B, N, C) in dtype acc, one row per token of x."""
+    rows = modulation_rows(name, t, x, frames)
+    if rows is None:
+        return None
+    return rows.to(acc).repeat_interleave(x.shape[1] // rows.shape[1], dim=1)
 
 
 def per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -250,17 +273,27 @@ def layout_shape(shape, temporal) -> tuple[int, int, int]:
 
 
 def batch_stride(rows: torch.Tensor | None) -> int:
-    """Stride between samples of a (1 or B, C) modulation view; 0 broadcasts one row over the batch."""
+    """Stride between samples of a (1 or B, F, C) modulation view; 0 broadcasts one sample's rows over the batch."""
     if rows is None or rows.shape[0] == 1:
         return 0
     return rows.stride(0)
 
 
-def reduce_partials(partial: torch.Tensor, B: int, like: torch.Tensor) -> torch.Tensor:
-    """Second stage of a per-sample reduction: (B*P, C) fp32 partial sums -> the shape of `like`: (B, C) per
-    sample, or summed over samples for (1, C) and (C,)."""
-    per_sample = partial.view(B, -1, partial.shape[-1]).sum(1)
-    if like.dim() == 1 or like.shape[0] == 1:
-        per_sample = per_sample.sum(0, keepdim=like.dim() == 2)
-    return per_sample.to(like.dtype)
+def frame_stride(rows: torch.Tensor | None) -> int:
+    """Stride between the frames of a (1 or B, F, C) modulation view (0 for F=1, which has one row)."""
+    if rows is None or rows.shape[1] == 1:
+        return 0
+    return rows.stride(1)
 
+
+def reduce_partials(partial: torch.Tensor, B: int, like: torch.Tensor) -> torch.Tensor:
+    """Second stage of a per-sample, per-frame reduction: (B*F*P, C) fp32 partial sums, P per (sample, frame),
+    -> the shape and dtype of `like`: a (B, F, C) modulation view, or summed over samples for (1, F, C), or
+    over everything for a (C,) affine weight."""
+    C = partial.shape[-1]
+    if like.dim() == 1:
+        return partial.sum(0).to(like.dtype)
+    per_frame = partial.view(B, like.shape[1], -1, C).sum(2)
+    if like.shape[0] == 1:
+        per_frame = per_frame.sum(0, keepdim=True)
+    return per_frame.to(like.dtype)

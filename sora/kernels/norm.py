@@ -1,7 +1,8 @@
 """LayerNorm + adaLN modulation in one pass: y = LN(x) * (1 + scale) + shift.
 
 x is (B, N, C) with N = T*S tokens frame-major; LN is over C (optional affine weight/bias), with fp32
-statistics. shift/scale are per-sample (B, C) or shared (1, C) rows. With temporal=T the output row of
+statistics. shift/scale are per-sample (B, C) or shared (1, C) rows, or with frames=F one row per frame
+(B, F, C) (F=N: per token, Wan 2.2 TI2V), each row of x reading its frame's. With temporal=T the output row of
 token (b, t, s) is written straight to its place in the temporal-attention layout "(B S) T C", so the
 rearrange that would follow costs nothing.
 
@@ -9,7 +10,8 @@ Forward reads x once and writes y once (plus 8 bytes of statistics per row).
 Backward: dx needs a row reduction (done in registers, a whole row per lane block); dshift, dscale,
 dweight, dbias are reductions over tokens. Those are accumulated by each program over a contiguous range
 of one sample's rows into fp32 registers and written as one partial row per program; a second small
-reduction over the (B * programs, C) partials finishes them. No atomics: many programs adding into one
+reduction over the (B * programs, C) partials finishes them. Per frame, programs own rows of one frame, and
+the partials are (B * F * programs, C). No atomics: many programs adding into one
 (C,) row would serialise on it.
 """
 
@@ -19,10 +21,14 @@ from sora.kernels._common import (
     batch_stride,
     check_tokens,
     compute_dtype,
+    check_frames,
     frame_count,
+    frame_stride,
+    modulation_frames,
+    modulation_per_token,
+    modulation_rows,
     new_buffer,
     per_channel,
-    per_sample_rows,
     reduce_partials,
     one_wave,
     reduction_split,
@@ -48,10 +54,40 @@ def _channel_row(ptr, cols, C, MASKED: tl.constexpr):
     return tl.load(ptr + cols).to(tl.float32)
 
 
+# The FRAMES constexpr of the forward kernels: one modulation row per sample; per frame, a block's rows all in one
+# frame (one row per block, its frame found with one scalar division); per frame, blocks crossing frames (a row
+# per row, gathered).
+SAMPLE_FRAMES, BLOCK_FRAMES, ROW_FRAMES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def frames_mode(F: int, N: int, block_m: int) -> int:
+    """The forward kernels' FRAMES for F modulation rows per sample over N rows, BLOCK_M rows a block."""
+    if F == 1:
+        mode = SAMPLE_FRAMES
+    else:
+        mode = BLOCK_FRAMES if (N // F) % block_m == 0 else ROW_FRAMES
+    return getattr(mode, "value", mode)  # the int inside the constexpr (a plain int where Triton is missing)
+
+
 @triton.jit
-def _normalize_piece(x, mean, rstd, cols, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
+def modulation_piece(ptr, frame_offsets, cols, C, MASKED: tl.constexpr, FRAMES: tl.constexpr):
+    """A block's modulation (shift, scale or gate) over one piece of channels, fp32, broadcastable to
+    (BLOCK_M, piece): one row at ptr, or with FRAMES == ROW_FRAMES each row's frame row at frame_offsets."""
+    if FRAMES == ROW_FRAMES:  # one return statement: compiled Triton wants one return type across all of them
+        offsets = ptr + frame_offsets[:, None] + cols[None, :]
+        if MASKED:
+            rows = tl.load(offsets, mask=(cols < C)[None, :], other=0.0).to(tl.float32)
+        else:
+            rows = tl.load(offsets).to(tl.float32)
+    else:
+        rows = _channel_row(ptr, cols, C, MASKED)[None, :]
+    return rows
+
+
+@triton.jit
+def _normalize_piece(x, mean, rstd, cols, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr, scale_rows, shift_rows,
                      HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, MASKED: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, FRAMES: tl.constexpr):
     """(x - mean) * rstd, affine, modulated: one power-of-two piece of a block of rows."""
     y = (x - mean[:, None]) * rstd[:, None]
     if HAS_WEIGHT:
@@ -59,20 +95,22 @@ def _normalize_piece(x, mean, rstd, cols, C, scale_ptr, shift_ptr, weight_ptr, b
     if HAS_BIAS:
         y = y + _channel_row(bias_ptr, cols, C, MASKED)[None, :]
     if HAS_SCALE:
-        y = y * (1.0 + _channel_row(scale_ptr, cols, C, MASKED))[None, :]
+        y = y * (1.0 + modulation_piece(scale_ptr, scale_rows, cols, C, MASKED, FRAMES))
     if HAS_SHIFT:
-        y = y + _channel_row(shift_ptr, cols, C, MASKED)[None, :]
+        y = y + modulation_piece(shift_ptr, shift_rows, cols, C, MASKED, FRAMES)
     return y
 
 
 @triton.jit
 def _layernorm_modulate_fwd_kernel(
     x_ptr, y_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
-    N, C, T, S, shift_stride, scale_stride, eps,
+    N, C, T, S, shift_stride, scale_stride, SF, shift_frame_stride, scale_frame_stride, eps,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+    TEMPORAL: tl.constexpr, FRAMES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
-    # Grid (row blocks of a sample, B): one sample per program, so its shift and scale are one (C,) row each.
+    # Grid (row blocks of a sample, B): one sample per program, so its shift and scale are one (C,) row each;
+    # per frame (SF rows each, FRAMES > SAMPLE_FRAMES) the rows of the block's first frame, and with ROW_FRAMES (a
+    # block may cross a frame boundary) each row's own frame row, gathered per row.
     # The row's C channels are two power-of-two pieces, HEAD <= C and TAIL (0 when C is a power of two):
     # 1152 = 1024 + 128 issues no masked lane, where one next_power_of_2 block would mask 44% of them.
     sample = tl.program_id(1)
@@ -85,10 +123,17 @@ def _layernorm_modulate_fwd_kernel(
         y_rows = y_ptr + (sample.to(tl.int64) * N + temporal_rows(first, T, S, BLOCK_M)) * C
     else:
         y_rows = y_ptr + rows * C
+    block_frame = 0
+    if FRAMES != SAMPLE_FRAMES:
+        block_frame = first // SF
     if HAS_SHIFT:
-        shift_ptr += sample * shift_stride
+        shift_ptr += sample * shift_stride + block_frame * shift_frame_stride
     if HAS_SCALE:
-        scale_ptr += sample * scale_stride
+        scale_ptr += sample * scale_stride + block_frame * scale_frame_stride
+    # Read only with ROW_FRAMES: each row's frame after the block's first (clamped rows stay in bounds).
+    frame = (tl.minimum(local, N - 1) // SF - block_frame).to(tl.int64)
+    shift_rows = frame * shift_frame_stride
+    scale_rows = frame * scale_frame_stride
 
     head = tl.arange(0, HEAD)
     x = tl.load(x_rows[:, None] + head[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -107,12 +152,12 @@ def _layernorm_modulate_fwd_kernel(
         squares += tl.sum(xc_tail * xc_tail, axis=1)
     rstd = tl.rsqrt(squares / C + eps)
 
-    y = _normalize_piece(x, mean, rstd, head, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
-                         HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=False)
+    y = _normalize_piece(x, mean, rstd, head, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr, scale_rows, shift_rows,
+                         HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=False, FRAMES=FRAMES)
     tl.store(y_rows[:, None] + head[None, :], y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
     if TAIL > 0:
-        y = _normalize_piece(x_tail, mean, rstd, tail, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
-                             HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=True)
+        y = _normalize_piece(x_tail, mean, rstd, tail, C, scale_ptr, shift_ptr, weight_ptr, bias_ptr, scale_rows,
+                             shift_rows, HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS, MASKED=True, FRAMES=FRAMES)
         tl.store(y_rows[:, None] + tail[None, :], y.to(y_ptr.dtype.element_ty), mask=tail_mask)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -203,19 +248,22 @@ def _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr, acc_shift, a
 def _layernorm_modulate_bwd_kernel(
     dy_ptr, x_ptr, scale_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, dx_ptr,
     dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr,
-    N, C, T, S, scale_stride, rows_per_program,
+    N, C, T, S, scale_stride, F, SF, scale_frame_stride, rows_per_program,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
-    # Grid (B, P): program (b, p) owns rows [p * rows_per_program, ...) of sample b, so its per-sample
-    # partial sums (dshift, dscale) need no mixing of samples. Channels in two pieces as in the forward.
-    sample = tl.program_id(0)
+    # Grid (B*F, P): program (b*F + f, p) owns rows [p * rows_per_program, ...) of frame f of sample b (F frames
+    # of SF rows; F=1 per sample), so its partial sums (dshift, dscale) mix no samples and no frames.
+    # Channels in two pieces as in the forward.
+    segment = tl.program_id(0)
+    sample = segment // F
+    frame = segment - sample * F
     program = tl.program_id(1)
-    first = program * rows_per_program
-    last = tl.minimum(first + rows_per_program, N)
+    first = frame * SF + program * rows_per_program
+    last = tl.minimum(first + rows_per_program, (frame + 1) * SF)
     head = tl.arange(0, HEAD)
     if HAS_SCALE:
-        scale_ptr += sample * scale_stride
+        scale_ptr += sample * scale_stride + frame * scale_frame_stride
     one_plus_scale, weight, bias = _piece_channels(scale_ptr, weight_ptr, bias_ptr, head, C, False,
                                                    HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
     zeros = tl.zeros([HEAD], dtype=tl.float32)
@@ -265,7 +313,7 @@ def _layernorm_modulate_bwd_kernel(
             tl.store(dx_rows[:, None] + tail[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tail_mask)
         x, dy, x_tail, dy_tail, mean, rstd = next_x, next_dy, next_x_tail, next_dy_tail, next_mean, next_rstd
 
-    partial = sample * tl.num_programs(1) + program
+    partial = segment * tl.num_programs(1) + program
     _store_partials(dshift_ptr, dscale_ptr, dweight_ptr, dbias_ptr,
                     acc_shift, acc_scale, acc_weight, acc_bias, partial, head, C, False,
                     HAS_SHIFT, HAS_SCALE, HAS_WEIGHT, HAS_BIAS)
@@ -281,13 +329,15 @@ def _launch_forward(x, shift, scale, weight, bias, eps, T):
     y = new_buffer(layout_shape(x.shape, T), x.dtype, x.device)
     mean = new_buffer((B * N,), torch.float32, x.device)
     rstd = new_buffer((B * N,), torch.float32, x.device)
+    F = modulation_frames(x, shift, scale)
     block_m, head, tail, num_warps = row_pieces(C, rows_within=N // T)
     _layernorm_modulate_fwd_kernel[(triton.cdiv(N, block_m), B)](
         x, y, shift, scale, weight, bias, mean, rstd,
-        N, C, T, N // T, batch_stride(shift), batch_stride(scale), eps,
-        HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
+        N, C, T, N // T, batch_stride(shift), batch_stride(scale), N // F, frame_stride(shift), frame_stride(scale),
+        eps, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        TEMPORAL=T > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps,
+        TEMPORAL=T > 1, FRAMES=frames_mode(F, N, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
+        num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -297,7 +347,8 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
     x = x.contiguous()
     B, N, C = x.shape
     dx = new_buffer(x.shape, x.dtype, x.device)
-    block_m, head, tail, num_warps = backward_pieces(C, rows_within=N // T)
+    F = modulation_frames(x, shift, scale)
+    block_m, head, tail, num_warps = backward_pieces(C, rows_within=min(N // T, N // F))
     flags = dict(
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, TEMPORAL=T > 1, BLOCK_M=block_m, HEAD=head, TAIL=tail,
@@ -305,15 +356,16 @@ def _launch_backward(dy, x, shift, scale, weight, bias, mean, rstd, T):
 
     def arguments(partials, rows_per_program):
         return (dy, x, scale, weight, bias, mean, rstd, dx, *partials,
-                N, C, T, N // T, batch_stride(scale), rows_per_program)
+                N, C, T, N // T, batch_stride(scale), F, N // F, frame_stride(scale), rows_per_program)
 
     def partial_sums(rows):
         return [None if t is None else new_buffer((rows, C), torch.float32, x.device) for t in (shift, scale, weight, bias)]
 
     wave = one_wave(_layernorm_modulate_bwd_kernel, x, num_warps, *arguments(partial_sums(1), 1), **flags)
-    programs, rows_per_program = reduction_split(N, B, block_m, wave)
-    partials = partial_sums(B * programs)
-    _layernorm_modulate_bwd_kernel[(B, programs)](*arguments(partials, rows_per_program), **flags, num_warps=num_warps)
+    programs, rows_per_program = reduction_split(N // F, B * F, block_m, wave)
+    partials = partial_sums(B * F * programs)
+    _layernorm_modulate_bwd_kernel[(B * F, programs)](*arguments(partials, rows_per_program), **flags,
+                                                      num_warps=num_warps)
     # Second reduction stage; an absent argument gets an empty tensor (custom ops cannot return None).
     return dx, *(x.new_empty(0) if partial is None else reduce_partials(partial, B, like)
                  for partial, like in zip(partials, (shift, scale, weight, bias)))
@@ -385,41 +437,51 @@ def _backward(ctx, dy, _dmean, _drstd):
 _layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layernorm_modulate_reference(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6, temporal=None):
+def layernorm_modulate_reference(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6, temporal=None,
+                                 frames=None):
     """Eager PyTorch: the definition the kernel is tested against, and the fallback off-GPU."""
     B, N, C = x.shape
     acc = compute_dtype(x)
+    shift = modulation_per_token("shift", shift, x, frames, acc)
+    scale = modulation_per_token("scale", scale, x, frames, acc)
     y = torch.nn.functional.layer_norm(x.to(acc), (C,), None, None, eps)
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
     if scale is not None:
-        y = y * (1 + scale.to(acc).reshape(-1, 1, C))
+        y = y * (1 + scale)
     if shift is not None:
-        y = y + shift.to(acc).reshape(-1, 1, C)
+        y = y + shift
     y = y.to(x.dtype)
     if temporal is not None:
         y = to_temporal_reference(y, temporal)
     return y
 
 
-def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6, temporal=None):
+def layernorm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6, temporal=None, frames=None):
     """LN(x) * (1 + scale) + shift over the channels of x (B, N, C).
 
-    shift/scale: (B, 1, C), (1, 1, C), (B, C), (1, C) or (C,). weight/bias: (C,) LayerNorm affine.
+    shift/scale: per sample (B, 1, C), (1, 1, C), (B, C), (1, C) or (C,), or per token (B, N, C) / (1, N, C);
+    with frames=F per frame, (B, F, C) or (1, F, C): token n of x (F frames of N/F tokens, frame-major) reads
+    frame n // (N/F). weight/bias: (C,) LayerNorm affine.
     temporal=T: return the result in temporal-attention layout (B*S, T, C) instead of (B, N, C).
-    Differentiable in x, shift, scale, weight and bias; output dtype is x.dtype, statistics fp32.
+    Dtypes may differ (fp32 shift/scale on bf16 x, as Wan's `(norm(x.float()) * (1 + scale) + shift).type_as(x)`):
+    everything is computed in fp32 (statistics included) and rounded once to x.dtype, the output dtype.
+    Differentiable in x, shift, scale, weight and bias; each gradient has its input's dtype and shape.
     """
     check_tokens("x", x)
     if x.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"layernorm_modulate supports C <= {MAX_CHANNELS}, got x of shape {tuple(x.shape)}")
     T = frame_count(temporal, x)
-    shift_rows = per_sample_rows("shift", shift, x)
-    scale_rows = per_sample_rows("scale", scale, x)
+    if frames is not None:
+        check_frames(frames, x, "frames")
+    shift_rows = modulation_rows("shift", shift, x, frames)
+    scale_rows = modulation_rows("scale", scale, x, frames)
+    F = modulation_frames(x, shift_rows, scale_rows)
     weight = per_channel("weight", weight, x)
     bias = per_channel("bias", bias, x)
     if not use_triton(x):
-        return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, temporal)
+        return layernorm_modulate_reference(x, shift_rows, scale_rows, weight, bias, eps, temporal, F)
     y, _, _ = _layernorm_modulate_op(x, shift_rows, scale_rows, weight, bias, float(eps), T)
     return y.view(layout_shape(x.shape, temporal))  # the op writes the (B*S, T, C) layout, T=1 included
