@@ -24,11 +24,13 @@ softmax. Both run in the kernels' prologue, on the q and k tiles already in regi
 over memory; the backward recomputes them from qkv. Their dtype behaviour follows Open-Sora v1.1 (their
 d599fd7 blocks.py LlamaRMSNorm and rotary-embedding-torch 0.5.3's rotate_queries_or_keys):
 - RoPE: channel pairs (2i, 2i+1) of q and k rotate by (frame_offset + t) * freqs[i], t the frame index. The
-  angle, its cos and sin and the rotation are fp32 (theirs are in the model dtype: a bf16 angle at frame 100
-  is off by up to 0.25 rad), and the result is rounded to qkv's dtype, where their rotation returns.
+  angle (one fp32 product), its cos and sin and the rotation are fp32; theirs are in the model dtype, a bf16
+  angle at frame 100 off by up to 0.25 rad, and each of their products is rounded. The rotated tile stays
+  fp32 into the norm's statistics (a rounding fewer than theirs); rotated last, it is rounded to qkv's dtype
+  for the products, where their rotation returns.
 - RMSNorm per head: fp32 statistics, x * rsqrt(mean(x^2) + eps) rounded to qkv's dtype (their `.to(dtype)`),
-  times the weight, rounded again (their product in the model dtype; a float32 weight on bf16 activations
-  would give them float32 q and k, here they stay in qkv's dtype).
+  times the weight in qkv's dtype, one rounding: exactly their product when the weight has the model dtype
+  (a float32 weight is rounded to qkv's dtype first, where theirs would promote q and k to float32).
 - rope_first=True is the order the v1.1 checkpoints were trained with (RoPE, then the norm); False is the
   order their dev branch corrected it to (norm, then RoPE; 7fcf0c6).
 - The softmax scale multiplies the fp32 scores, as without the prologue, not q in the model dtype: the
@@ -39,6 +41,7 @@ the kernel: no atomics, so they are the same from run to run.
 
 import torch
 
+from sora.kernels import _common
 from sora.kernels._common import check_tokens, compute_dtype, new_buffer, use_triton
 from sora.kernels._triton import tl, triton
 from sora.kernels.qknorm import rms_norm_reference
@@ -111,26 +114,23 @@ def _rope(x, cos, sin, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _rounded(x, dtype):
-    """x rounded to dtype, kept in fp32: where Open-Sora's eager code returns to the model dtype."""
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _prologue(x, weight, cos, sin, eps, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
-              ROPE_FIRST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """RoPE and RMSNorm of a q or k tile in Open-Sora v1.1's roundings (module notes). Returns the tile in x's
-    dtype and, for the backward, the normalized tile before the weight (in x's dtype) and its rstd."""
+              ROPE_FIRST: tl.constexpr, UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RoPE and RMSNorm of a q or k tile, rounded as the module notes say. Returns the tile in x's dtype and, for
+    the backward, the normalized tile before the weight (in x's dtype) and its rstd."""
     dtype = x.dtype
     y = x.to(tl.float32)
     if ROPE and ROPE_FIRST:
-        y = _rounded(_rope(y, cos, sin, BLOCK_S, BLOCK_T, BLOCK_D), dtype)
+        y = _rope(y, cos, sin, BLOCK_S, BLOCK_T, BLOCK_D)
     normalized, rstd = x, tl.full((BLOCK_S, BLOCK_T), 1.0, tl.float32)
     if NORM:
         # Padded channels are 0 and count nothing; the mean is over the HEAD_DIM real ones.
         rstd = tl.rsqrt(tl.sum(y * y, axis=2) / HEAD_DIM + eps)
         normalized = (y * rstd[:, :, None]).to(dtype)
-        y = _rounded(normalized.to(tl.float32) * weight[None, None, :], dtype)
+        if UPCAST:  # the interpreter multiplies bf16 as raw integers (see _dot); the same product, rounded once
+            y = (normalized.to(tl.float32) * weight.to(tl.float32)[None, None, :]).to(dtype).to(tl.float32)
+        else:
+            y = (normalized * weight[None, None, :]).to(tl.float32)
     if ROPE and not ROPE_FIRST:
         y = _rope(y, cos, sin, BLOCK_S, BLOCK_T, BLOCK_D)
     return y.to(dtype), normalized, rstd
@@ -156,14 +156,15 @@ def _prologue_grad(dy, normalized, rstd, weight, cos, sin, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T, HEAD_DIM: tl.constexpr,
+def _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T, dtype, HEAD_DIM: tl.constexpr,
                      ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The q and k norm weights (fp32, (BLOCK_D,), 0 past HEAD_DIM) and the RoPE cos and sin, where used."""
+    """The q and k norm weights (in qkv's dtype, (BLOCK_D,), 0 past HEAD_DIM) and the RoPE cos and sin, where
+    used."""
     d = tl.arange(0, BLOCK_D)
     q_weight, k_weight, cos, sin = 0.0, 0.0, 0.0, 0.0
     if NORM:
-        q_weight = tl.load(q_weight_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
-        k_weight = tl.load(k_weight_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        q_weight = tl.load(q_weight_ptr + d, mask=d < HEAD_DIM, other=0.0).to(dtype)
+        k_weight = tl.load(k_weight_ptr + d, mask=d < HEAD_DIM, other=0.0).to(dtype)
     if ROPE:
         cos, sin = _angles(rotation_ptr, T, HEAD_DIM, BLOCK_T, BLOCK_D)
     return q_weight, k_weight, cos, sin
@@ -181,10 +182,12 @@ def _temporal_attention_fwd_kernel(
     k = tl.load(qkv_ptr + offsets + C, mask=mask, other=0.0)
     v = tl.load(qkv_ptr + offsets + 2 * C, mask=mask, other=0.0)
     if ROPE or NORM:
-        q_weight, k_weight, cos, sin = _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T,
+        q_weight, k_weight, cos, sin = _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T, q.dtype,
                                                         HEAD_DIM, ROPE, NORM, BLOCK_T, BLOCK_D)
-        q, _, _ = _prologue(q, q_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST, BLOCK_S, BLOCK_T, BLOCK_D)
-        k, _, _ = _prologue(k, k_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST, BLOCK_S, BLOCK_T, BLOCK_D)
+        q, _, _ = _prologue(q, q_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST, UPCAST, BLOCK_S, BLOCK_T,
+                            BLOCK_D)
+        k, _, _ = _prologue(k, k_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST, UPCAST, BLOCK_S, BLOCK_T,
+                            BLOCK_D)
     p = _softmax_rows(q, k, T, scale_log2, PRECISION, UPCAST, BLOCK_T)
     out = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
     tl.store(out_ptr + tokens * C + head, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -207,12 +210,12 @@ def _temporal_attention_bwd_kernel(
     v = tl.load(qkv_ptr + offsets + 2 * C, mask=mask, other=0.0)
     dout = tl.load(dout_ptr + tokens * C + head, mask=mask, other=0.0)
     if ROPE or NORM:
-        q_weight, k_weight, cos, sin = _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T,
+        q_weight, k_weight, cos, sin = _prologue_inputs(q_weight_ptr, k_weight_ptr, rotation_ptr, T, q.dtype,
                                                         HEAD_DIM, ROPE, NORM, BLOCK_T, BLOCK_D)
         q, q_normalized, q_rstd = _prologue(q, q_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST,
-                                            BLOCK_S, BLOCK_T, BLOCK_D)
+                                            UPCAST, BLOCK_S, BLOCK_T, BLOCK_D)
         k, k_normalized, k_rstd = _prologue(k, k_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST,
-                                            BLOCK_S, BLOCK_T, BLOCK_D)
+                                            UPCAST, BLOCK_S, BLOCK_T, BLOCK_D)
     p = _softmax_rows(q, k, T, scale_log2, PRECISION, UPCAST, BLOCK_T)
     dv = _dot(tl.trans(p.to(v.dtype), 0, 2, 1), dout, PRECISION, UPCAST)
     dp = _dot(dout, tl.trans(v, 0, 2, 1), PRECISION, UPCAST)
@@ -236,14 +239,18 @@ def _temporal_attention_bwd_kernel(
     tl.store(dqkv_ptr + grad_offsets + 2 * C, dv.to(dtype), mask=mask)
 
 
-def _tile_sizes(T, D, budget, element_size):
+def _tile_sizes(T, D, budget, element_size, prologue):
     """(BLOCK_T, BLOCK_S, BLOCK_D, num_warps): as many spatial positions per program as fit the budget (bytes
     of one operand tile). tl.dot needs every tile side >= 16, so short videos and narrow heads are padded in
-    registers."""
+    registers. With the prologue, 16-bit tiles of up to 16 frames take half the warps: twice the elements per
+    thread amortise the per-row work (bf16, T=16, D=72 on sm_90: forward 0.222 -> 0.192 warp-instructions per
+    byte at 141 registers, backward 0.370 -> 0.292 at 254, no spills); at T=64 or in fp32 they would spill."""
     block_t, block_d = max(triton.next_power_of_2(T), 16), max(triton.next_power_of_2(D), 16)
     block_s = max(1, min(64, budget // (block_t * block_d * element_size)))
     tile_bytes = block_t * block_s * block_d * element_size
     num_warps = 16 if tile_bytes >= 32768 else 8 if tile_bytes >= 8192 else 4
+    if prologue and element_size == 2 and block_t <= 16:
+        num_warps = max(4, num_warps // 2)
     return block_t, block_s, block_d, num_warps
 
 
@@ -263,25 +270,28 @@ def _launch(qkv, dout, T, num_heads, scale, q_weight, k_weight, rope_freqs, rope
     B, N, C3 = qkv.shape
     C, S = C3 // 3, N // T
     D = C // num_heads
+    prologue = q_weight is not None or rope_freqs is not None
     block_t, block_s, block_d, num_warps = _tile_sizes(T, D, FORWARD_TILE if dout is None else BACKWARD_TILE,
-                                                          qkv.element_size())
+                                                          qkv.element_size(), prologue)
     grid = (B * triton.cdiv(S, block_s), num_heads)
     # fp32 inputs keep fp32 products (TF32 would miss the fp32 tolerance); bf16/fp16 run on tensor cores.
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-    upcast = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"  # the interpreter: see _dot
+    # The interpreter: see _dot. Asked of _common.on_gpu, not of the device: bench/kernel_report.py compiles
+    # CPU tensors' launches for sm_90 and must see the GPU's bf16 tensor-core dots, not the interpreter's upcast.
+    upcast = qkv.dtype == torch.bfloat16 and not _common.on_gpu(qkv)
     norm = q_weight is not None
     sizes = dict(HEAD_DIM=D, PRECISION=precision, UPCAST=upcast, ROPE=rope_freqs is not None, NORM=norm,
                  ROPE_FIRST=rope_first, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
     scale_log2 = scale * 1.4426950408889634  # log2(e)
-    prologue = (q_weight, k_weight, None if rope_freqs is None else _rotation(rope_freqs, T, frame_offset))
+    inputs = (q_weight, k_weight, None if rope_freqs is None else _rotation(rope_freqs, T, frame_offset))
     if dout is None:
         out = new_buffer((B, N, C), qkv.dtype, qkv.device)
-        _temporal_attention_fwd_kernel[grid](qkv, out, *prologue, T, S, C, qkv.stride(0), qkv.stride(1), scale_log2,
+        _temporal_attention_fwd_kernel[grid](qkv, out, *inputs, T, S, C, qkv.stride(0), qkv.stride(1), scale_log2,
                                              eps, **sizes)
         return out
     dqkv = new_buffer((B, N, C3), qkv.dtype, qkv.device)
     partials = [new_buffer((*grid, D), torch.float32, qkv.device) if norm else None for _ in range(2)]
-    _temporal_attention_bwd_kernel[grid](qkv, dout.contiguous(), dqkv, *prologue, *partials, T, S, C,
+    _temporal_attention_bwd_kernel[grid](qkv, dout.contiguous(), dqkv, *inputs, *partials, T, S, C,
                                          qkv.stride(0), qkv.stride(1), scale, scale_log2, eps, **sizes)
     if not norm:
         return dqkv, qkv.new_empty(0), qkv.new_empty(0)
@@ -356,11 +366,12 @@ def temporal_attention_reference(qkv, T, num_heads, scale=None, q_norm=None, k_n
     # (B, T*S, 3*H*D) -> 3 x (B, S, H, T, D)
     q, k, v = qkv.to(acc).view(B, T, N // T, 3, num_heads, D).permute(3, 0, 2, 4, 1, 5).unbind(0)
     if rope_freqs is not None and rope_first:
-        q, k = (rope_reference(x, rope_freqs, frame_offset).to(qkv.dtype).to(acc) for x in (q, k))
+        q, k = rope_reference(q, rope_freqs, frame_offset), rope_reference(k, rope_freqs, frame_offset)
     if q_norm is not None:
         q, k = rms_norm_reference(q, q_norm, eps, qkv.dtype), rms_norm_reference(k, k_norm, eps, qkv.dtype)
     if rope_freqs is not None and not rope_first:
-        q, k = (rope_reference(x, rope_freqs, frame_offset).to(qkv.dtype).to(acc) for x in (q, k))
+        q, k = rope_reference(q, rope_freqs, frame_offset), rope_reference(k, rope_freqs, frame_offset)
+    q, k = q.to(qkv.dtype).to(acc), k.to(qkv.dtype).to(acc)  # the products' operands, in qkv's dtype
     p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
     out = (p @ v).permute(0, 3, 1, 2, 4)  # (B, S, H, T, D) -> (B, T, S, H, D)
     return out.reshape(B, N, C3 // 3).to(qkv.dtype)

@@ -10,8 +10,9 @@ without a copy (D contiguous, heads then tokens). v needs no work: it is a (B, H
 Each program owns BLOCK_M tokens of one head of one sample. A head's D channels are two power-of-two pieces
 (HEAD <= D, TAIL >= D - HEAD), 64 + 8 at D=72, so no lane is masked and every access is 128 bits.
 Rounding as Open-Sora's LlamaRMSNorm (their blocks.py:41-46): fp32 statistics, x * rsqrt(mean(x^2) + eps)
-cast to qkv's dtype, times the weight, cast again (their product in the model dtype; a float32 weight on
-bf16 activations would give them float32 q and k, here they stay in qkv's dtype).
+cast to qkv's dtype, times the weight in qkv's dtype, cast again: exactly their product when the weight has
+the model dtype (a float32 weight is rounded to qkv's dtype first, where theirs would promote q and k to
+float32).
 
 Backward: per program, d(x) of its rows and a partial sum of d(weight) over them, one row per program,
 summed after the kernel (no atomics, so the same from run to run). d(qkv) is one (B, N, 3C) buffer; its v
@@ -50,8 +51,9 @@ def _piece(ptr, cols, row_ok, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _weight(weight_ptr, cols, HEAD_DIM: tl.constexpr):
-    return tl.load(weight_ptr + cols, mask=cols < HEAD_DIM, other=0.0).to(tl.float32)
+def _weight(weight_ptr, cols, dtype, HEAD_DIM: tl.constexpr):
+    """A piece of the weight, rounded to qkv's dtype (module notes), in fp32."""
+    return tl.load(weight_ptr + cols, mask=cols < HEAD_DIM, other=0.0).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -70,10 +72,10 @@ def _qk_norm_fwd_kernel(
         x_tail = _piece(src, tail, row_ok, HEAD_DIM, True)
         sum_sq += tl.sum(x_tail * x_tail, axis=1)
     rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]
-    y = (x * rstd).to(dtype).to(tl.float32) * _weight(weight_ptr, cols, HEAD_DIM)[None, :]
+    y = (x * rstd).to(dtype).to(tl.float32) * _weight(weight_ptr, cols, dtype, HEAD_DIM)[None, :]
     tl.store(out_ptr + dst + cols[None, :], y.to(dtype), mask=row_ok[:, None])
     if TAIL > 0:
-        y = (x_tail * rstd).to(dtype).to(tl.float32) * _weight(weight_ptr, tail, HEAD_DIM)[None, :]
+        y = (x_tail * rstd).to(dtype).to(tl.float32) * _weight(weight_ptr, tail, dtype, HEAD_DIM)[None, :]
         tl.store(out_ptr + dst + tail[None, :], y.to(dtype), mask=row_ok[:, None] & (tail < HEAD_DIM)[None, :])
 
 
@@ -99,11 +101,11 @@ def _qk_norm_bwd_kernel(
         sum_sq += tl.sum(x_tail * x_tail, axis=1)
     rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]
     n = (x * rstd).to(dtype).to(tl.float32)
-    dn = dy * _weight(weight_ptr, cols, HEAD_DIM)[None, :]
+    dn = dy * _weight(weight_ptr, cols, dtype, HEAD_DIM)[None, :]
     dot = tl.sum(dn * n, axis=1)
     if TAIL > 0:
         n_tail = (x_tail * rstd).to(dtype).to(tl.float32)
-        dn_tail = dy_tail * _weight(weight_ptr, tail, HEAD_DIM)[None, :]
+        dn_tail = dy_tail * _weight(weight_ptr, tail, dtype, HEAD_DIM)[None, :]
         dot += tl.sum(dn_tail * n_tail, axis=1)
     mean = (dot / HEAD_DIM)[:, None]
     # This program's d(weight) partial sum: row (row block, sample, head) of a (programs, HEAD_DIM) buffer.
@@ -204,9 +206,9 @@ _qk_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def rms_norm_reference(x, weight, eps, dtype):
     """Open-Sora v1.1's LlamaRMSNorm over the last axis of x (fp32 or float64): normalize, round to dtype, times
-    the weight, round again (the model dtype's product)."""
+    the weight in dtype, round again (the model dtype's product)."""
     normalized = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype).to(x.dtype)
-    return (normalized * weight.to(x.dtype)).to(dtype).to(x.dtype)
+    return (normalized * weight.to(dtype).to(x.dtype)).to(dtype).to(x.dtype)
 
 
 def _heads(t, num_heads):
