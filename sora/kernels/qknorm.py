@@ -21,25 +21,23 @@ part is zero here, and v's gradient reaches it through the view.
 
 import torch
 
-from sora.kernels._common import check_tokens, compute_dtype, new_buffer, use_triton
+from sora.kernels._common import check_tokens, compute_dtype, new_buffer, one_wave, reduction_split, use_triton
 from sora.kernels._triton import tl, triton
 
 # A whole head lives in registers; DiT/STDiT heads are 72 wide, sora's widest model heads 128.
 MAX_HEAD_DIM = 256
 # Elements of one program's (BLOCK_M, HEAD) piece: 4096 over 4 warps, 32 per thread in 128-bit accesses.
 ELEMENTS_PER_PROGRAM = 4096
+BACKWARD_WARPS = 4
 
 
 @triton.jit
-def _rows(x_ptr, N, stride_b, stride_n, C_OUT, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's rows: pointers to their head in the input and offsets of it in a (B, N, C_OUT) output,
-    and which rows exist."""
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2)
-    n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _rows(x_ptr, b, h, n, N, stride_b, stride_n, C_OUT, HEAD_DIM: tl.constexpr):
+    """Rows n of head h of sample b: pointers to them in the input and their offsets in a (B, N, C_OUT) output."""
+    b = b.to(tl.int64)
     src = x_ptr + b * stride_b + n.to(tl.int64) * stride_n + h * HEAD_DIM
     dst = (b * N + n) * C_OUT + h * HEAD_DIM
-    return src[:, None], dst[:, None], n < N
+    return src[:, None], dst[:, None]
 
 
 @triton.jit
@@ -62,7 +60,9 @@ def _qk_norm_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     # Grid (row blocks, B, H). x is q's or k's C channels of qkv, out a contiguous (B, N, H, D) buffer.
-    src, dst, row_ok = _rows(x_ptr, N, stride_b, stride_n, C, HEAD_DIM, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = n < N
+    src, dst = _rows(x_ptr, tl.program_id(1), tl.program_id(2), n, N, stride_b, stride_n, C, HEAD_DIM)
     dtype = out_ptr.dtype.element_ty
     cols = tl.arange(0, HEAD)
     x = _piece(src, cols, row_ok, HEAD_DIM, False)
@@ -79,45 +79,61 @@ def _qk_norm_fwd_kernel(
         tl.store(out_ptr + dst + tail[None, :], y.to(dtype), mask=row_ok[:, None] & (tail < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see one_wave)
 def _qk_norm_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, weight_ptr, dweight_ptr, N, C, stride_b, stride_n, eps,
+    x_ptr, dy_ptr, dx_ptr, weight_ptr, dweight_ptr, N, C, stride_b, stride_n, eps, rows_per_program,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     # With n = x * rstd (rounded as in the forward; the gradient passes the roundings straight through) and
     # dn = dy * weight: dx = rstd * (dn - n * mean(dn * n)); d(weight) = sum over rows of dy * n.
     # dy is a contiguous (B, N, H, D) gradient, dx q's or k's C channels of a contiguous (B, N, 3C) buffer.
-    src, dst, row_ok = _rows(x_ptr, N, stride_b, stride_n, C, HEAD_DIM, BLOCK_M)
-    _, dx_dst, _ = _rows(x_ptr, N, stride_b, stride_n, 3 * C, HEAD_DIM, BLOCK_M)
+    # Grid (B, P, H): program (b, p, h) walks rows [p * rows_per_program, ...) of head h of sample b, adding
+    # dy * n into a register tile and reducing it over rows once at the end (that reduction, once per block of
+    # rows, was 45% of the instructions: bf16 C=1152 on sm_90).
+    b, h = tl.program_id(0), tl.program_id(2)
+    first = tl.program_id(1) * rows_per_program
+    last = tl.minimum(first + rows_per_program, N)
     dtype = dx_ptr.dtype.element_ty
     cols = tl.arange(0, HEAD)
-    x = _piece(src, cols, row_ok, HEAD_DIM, False)
-    dy = _piece(dy_ptr + dst, cols, row_ok, HEAD_DIM, False)
-    sum_sq = tl.sum(x * x, axis=1)
+    weight = _weight(weight_ptr, cols, dtype, HEAD_DIM)
+    acc = tl.zeros((BLOCK_M, HEAD), tl.float32)
     if TAIL > 0:
         tail = HEAD + tl.arange(0, TAIL)
-        x_tail = _piece(src, tail, row_ok, HEAD_DIM, True)
-        dy_tail = _piece(dy_ptr + dst, tail, row_ok, HEAD_DIM, True)
-        sum_sq += tl.sum(x_tail * x_tail, axis=1)
-    rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]
-    n = (x * rstd).to(dtype).to(tl.float32)
-    dn = dy * _weight(weight_ptr, cols, dtype, HEAD_DIM)[None, :]
-    dot = tl.sum(dn * n, axis=1)
-    if TAIL > 0:
-        n_tail = (x_tail * rstd).to(dtype).to(tl.float32)
-        dn_tail = dy_tail * _weight(weight_ptr, tail, dtype, HEAD_DIM)[None, :]
-        dot += tl.sum(dn_tail * n_tail, axis=1)
-    mean = (dot / HEAD_DIM)[:, None]
-    # This program's d(weight) partial sum: row (row block, sample, head) of a (programs, HEAD_DIM) buffer.
-    partial = dweight_ptr + ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
-                             + tl.program_id(2)) * HEAD_DIM
-    tl.store(dx_ptr + dx_dst + cols[None, :], ((dn - n * mean) * rstd).to(dtype), mask=row_ok[:, None])
-    tl.store(partial + cols, tl.sum(dy * n, axis=0))
-    if TAIL > 0:
         tail_ok = tail < HEAD_DIM
-        tl.store(dx_ptr + dx_dst + tail[None, :], ((dn_tail - n_tail * mean) * rstd).to(dtype),
-                 mask=row_ok[:, None] & tail_ok[None, :])
-        tl.store(partial + tail, tl.sum(dy_tail * n_tail, axis=0), mask=tail_ok)
+        weight_tail = _weight(weight_ptr, tail, dtype, HEAD_DIM)
+        acc_tail = tl.zeros((BLOCK_M, TAIL), tl.float32)
+    for start in range(first, last, BLOCK_M):
+        n = start + tl.arange(0, BLOCK_M)
+        row_ok = n < last
+        src, dst = _rows(x_ptr, b, h, n, N, stride_b, stride_n, C, HEAD_DIM)
+        _, dx_dst = _rows(x_ptr, b, h, n, N, stride_b, stride_n, 3 * C, HEAD_DIM)
+        x = _piece(src, cols, row_ok, HEAD_DIM, False)
+        dy = _piece(dy_ptr + dst, cols, row_ok, HEAD_DIM, False)
+        sum_sq = tl.sum(x * x, axis=1)
+        if TAIL > 0:
+            x_tail = _piece(src, tail, row_ok, HEAD_DIM, True)
+            dy_tail = _piece(dy_ptr + dst, tail, row_ok, HEAD_DIM, True)
+            sum_sq += tl.sum(x_tail * x_tail, axis=1)
+        rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]
+        normalized = (x * rstd).to(dtype).to(tl.float32)
+        dn = dy * weight[None, :]
+        dot = tl.sum(dn * normalized, axis=1)
+        acc += dy * normalized  # rows past `last` loaded dy = 0
+        if TAIL > 0:
+            normalized_tail = (x_tail * rstd).to(dtype).to(tl.float32)
+            dn_tail = dy_tail * weight_tail[None, :]
+            dot += tl.sum(dn_tail * normalized_tail, axis=1)
+            acc_tail += dy_tail * normalized_tail
+        mean = (dot / HEAD_DIM)[:, None]
+        tl.store(dx_ptr + dx_dst + cols[None, :], ((dn - normalized * mean) * rstd).to(dtype), mask=row_ok[:, None])
+        if TAIL > 0:
+            tl.store(dx_ptr + dx_dst + tail[None, :], ((dn_tail - normalized_tail * mean) * rstd).to(dtype),
+                     mask=row_ok[:, None] & tail_ok[None, :])
+    # This program's d(weight) partial sum: row (b, p, h) of a (B, P, H, HEAD_DIM) buffer.
+    partial = dweight_ptr + ((b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + h) * HEAD_DIM
+    tl.store(partial + cols, tl.sum(acc, axis=0))
+    if TAIL > 0:
+        tl.store(partial + tail, tl.sum(acc_tail, axis=0), mask=tail_ok)
 
 
 def _pieces(D):
@@ -147,16 +163,24 @@ def _launch_backward(dq, dk, qkv, num_heads, q_weight, k_weight, eps):
     C = C3 // 3
     D = C // num_heads
     block_m, head, tail = _pieces(D)
-    grid = (triton.cdiv(N, block_m), B, num_heads)
+    sizes = dict(HEAD_DIM=D, BLOCK_M=block_m, HEAD=head, TAIL=tail)
     dqkv = new_buffer((B, N, C3), qkv.dtype, qkv.device)
     dqkv[:, :, 2 * C:].zero_()  # v's gradient is added through the view
     dweights = []
     for part, (dy, weight) in enumerate(((dq, q_weight), (dk, k_weight))):
-        partial = new_buffer((*grid, D), torch.float32, qkv.device)
         channels = slice(part * C, (part + 1) * C)
-        _qk_norm_bwd_kernel[grid](qkv[:, :, channels], dy.contiguous(), dqkv[:, :, channels], weight, partial,
-                                  N, C, qkv.stride(0), qkv.stride(1), eps,
-                                  HEAD_DIM=D, BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=4)
+
+        def arguments(partial, rows_per_program):
+            return (qkv[:, :, channels], dy, dqkv[:, :, channels], weight, partial, N, C, qkv.stride(0),
+                    qkv.stride(1), eps, rows_per_program)
+
+        dy = dy.contiguous()
+        partial = new_buffer((1, D), torch.float32, qkv.device)
+        wave = one_wave(_qk_norm_bwd_kernel, qkv, BACKWARD_WARPS, *arguments(partial, 1), **sizes)
+        programs, rows_per_program = reduction_split(N, B * num_heads, block_m, wave)
+        partial = new_buffer((B, programs, num_heads, D), torch.float32, qkv.device)
+        _qk_norm_bwd_kernel[(B, programs, num_heads)](*arguments(partial, rows_per_program), **sizes,
+                                                      num_warps=BACKWARD_WARPS)
         dweights.append(partial.sum((0, 1, 2)).to(weight.dtype))
     return dqkv, *dweights
 
