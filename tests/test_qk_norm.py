@@ -47,7 +47,8 @@ def check(qkv, H, dtype):
     inputs64 = [t.detach().double().requires_grad_() for t in (qkv, q_weight, k_weight)]
     refs = qk_norm_reference(inputs64[0], H, inputs64[1], inputs64[2])
     grads64 = torch.autograd.grad(refs, inputs64, [d.double() for d in douts])
-    for what, got, want in zip(("q", "k", "v", "dqkv", "dq_weight", "dk_weight"), (*outputs, *grads), (*refs, *grads64)):
+    names = ("q", "k", "v", "dqkv", "dq_weight", "dk_weight")
+    for what, got, want in zip(names, (*outputs, *grads), (*refs, *grads64)):
         assert got.dtype == dtype, f"{what}: dtype {got.dtype}"
         assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
         assert not got.isnan().any(), f"{what}: NaN (an element was not written)"
@@ -153,16 +154,20 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: K.qk_norm(torch.ones(1, 6, 24, dtype=torch.int32), 2, torch.ones(4), torch.ones(4)), "qkv must be float32"),
+        (lambda: K.qk_norm(torch.ones(1, 6, 24, dtype=torch.int32), 2, torch.ones(4), torch.ones(4)),
+         "qkv must be float32"),
         (lambda: K.qk_norm(torch.randn(6, 24), 2, torch.ones(4), torch.ones(4)), r"qkv must have rank 3 \(B, N, C\)"),
         (lambda: K.qk_norm(torch.randn(1, 6, 24), 0, torch.ones(4), torch.ones(4)), "num_heads must be a positive int"),
         (lambda: K.qk_norm(torch.randn(1, 6, 24), 5, torch.ones(4), torch.ones(4)),
          r"qkv of shape \(1, 6, 24\).*divisible by 3 \* num_heads = 15"),
-        (lambda: K.qk_norm(torch.randn(1, 6, 3 * 512), 1, torch.ones(512), torch.ones(512)), "head dim D <= 256, got D=512"),
+        (lambda: K.qk_norm(torch.randn(1, 6, 3 * 512), 1, torch.ones(512), torch.ones(512)),
+         "head dim D <= 256, got D=512"),
         (lambda: K.qk_norm(torch.randn(1, 6, 24), 2, torch.ones(5), torch.ones(4)),
          r"q_weight must have shape \(4,\) \(the head dim\), got \(5,\)"),
-        (lambda: K.qk_norm(torch.randn(1, 6, 24), 2, torch.ones(4), None), "k_weight must be a floating-point torch.Tensor"),
-        (lambda: K.qk_norm(torch.randn(1, 6, 24), 2, torch.ones(4), torch.ones(4), eps=-1), "eps must be a positive number"),
+        (lambda: K.qk_norm(torch.randn(1, 6, 24), 2, torch.ones(4), None),
+         "k_weight must be a floating-point torch.Tensor"),
+        (lambda: K.qk_norm(torch.randn(1, 6, 24), 2, torch.ones(4), torch.ones(4), eps=-1),
+         "eps must be a positive number"),
     ],
 )
 def test_bad_input_names_the_argument(call, message):

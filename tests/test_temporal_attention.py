@@ -201,7 +201,7 @@ def test_compile_fullgraph(backend, prologue):
     torch._dynamo.reset()
     qkv = torch.randn(2, 12, 48, requires_grad=True)
     proj = torch.nn.Linear(16, 16)
-    extra = [(1 + torch.rand(8)).requires_grad_(), (1 + torch.rand(8)).requires_grad_(), freqs(8).float()] if prologue else []
+    extra = [(1 + torch.rand(8)).requires_grad_() for _ in range(2)] + [freqs(8).float()] if prologue else []
     inputs = [qkv, *extra[:2]]
     eager = attend(qkv, proj, *extra)
     eager_grad = torch.autograd.grad(eager.square().sum(), inputs)
@@ -224,15 +224,19 @@ def test_compile_fullgraph(backend, prologue):
         (lambda: K.temporal_attention(torch.randn(1, 129, 24), 129, 2), r"T <= 128 frames, got T=129 for qkv of shape \(1, 129, 24\)"),
         (lambda: K.temporal_attention(torch.randn(1, 2, 3 * 136), 2, 1), "head dim D <= 128, got D=136"),
         (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, scale="x"), "scale must be a number"),
-        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, q_norm=torch.ones(4)), "q_norm and k_norm must be given together"),
+        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, q_norm=torch.ones(4)),
+         "q_norm and k_norm must be given together"),
         (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, q_norm=torch.ones(4), k_norm=torch.ones(5)),
          r"k_norm must have shape \(4,\) \(the head dim\), got \(5,\)"),
         (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, rope_freqs=torch.ones(4)),
          r"rope_freqs must have shape \(2,\) \(one frequency per channel pair of a head\), got \(4,\)"),
-        (lambda: K.temporal_attention(torch.randn(1, 6, 18), 3, 2, rope_freqs=torch.ones(1)), "head dim must be even, got D=3"),
-        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, rope_freqs=torch.ones(2), rope_first=1), "rope_first must be True or False"),
+        (lambda: K.temporal_attention(torch.randn(1, 6, 18), 3, 2, rope_freqs=torch.ones(1)),
+         "head dim must be even, got D=3"),
+        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, rope_freqs=torch.ones(2), rope_first=1),
+         "rope_first must be True or False"),
         (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, eps=0.0), "eps must be a positive number, got 0.0"),
-        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, frame_offset=-1), "frame_offset must be an int >= 0"),
+        (lambda: K.temporal_attention(torch.randn(1, 6, 24), 3, 2, frame_offset=-1),
+         "frame_offset must be an int >= 0"),
     ],
 )
 def test_bad_input_names_the_argument(call, message):

@@ -12,8 +12,9 @@ softmax needs no online rescaling. Every load and store is a run of D contiguous
 frame) (128-bit accesses at D=72); D is padded to a power of two only in registers, under a mask. The
 products are batched tl.dot over the positions (tensor cores for bf16/fp16, fp32 accumulation): an earlier
 version with fp32 FMAs, one query frame at a time, compiled for sm_90 to ~1 warp-instruction per byte at
-T=16, about 3x over what an H100 can issue at its copy bandwidth; the dots take that to 0.14 (forward) and
-0.23 (backward) at T=16 and ~0.3 at T=64, with no spills at D=72 (bf16, bench/kernel_report.py's count).
+T=16, about 3x over what an H100 can issue at its copy bandwidth; the bf16 dots take that to 0.094 (forward)
+and 0.128 (backward) at T=16 and 0.136 / 0.129 at T=64, with no spills at D=72 (bench/kernel_report.py's
+count; RoPE and qk-norm in the prologue: 0.192 / 0.292 at T=16, bench/NOTES.md).
 
 Backward recomputes the softmax instead of saving the log-sum-exp: the whole row of T scores is on chip, so
 its max and sum cost one reduction over T, and neither row statistics nor the forward output are written
@@ -115,7 +116,8 @@ def _rope(x, cos, sin, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl
 
 @triton.jit
 def _prologue(x, weight, cos, sin, eps, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
-              ROPE_FIRST: tl.constexpr, UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+              ROPE_FIRST: tl.constexpr, UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     """RoPE and RMSNorm of a q or k tile, rounded as the module notes say. Returns the tile in x's dtype and, for
     the backward, the normalized tile before the weight (in x's dtype) and its rstd."""
     dtype = x.dtype
@@ -440,7 +442,8 @@ def temporal_attention(qkv, T, num_heads, scale=None, q_norm=None, k_norm=None, 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
-        raise ValueError(f"frame_offset must be an int >= 0 (the global index of the first frame), got {frame_offset!r}")
+        raise ValueError(f"frame_offset must be an int >= 0 (the global index of the first frame), "
+                         f"got {frame_offset!r}")
     scale = D**-0.5 if scale is None else float(scale)
     if not use_triton(qkv):
         return temporal_attention_reference(qkv, T, num_heads, scale, q_norm, k_norm, rope_freqs, rope_first, eps,

@@ -152,7 +152,8 @@ def _launch_forward(qkv, num_heads, q_weight, k_weight, eps):
     outputs = []
     for part, weight in enumerate((q_weight, k_weight)):
         out = new_buffer((B, N, num_heads, D), qkv.dtype, qkv.device)
-        _qk_norm_fwd_kernel[grid](qkv[:, :, part * C:(part + 1) * C], out, weight, N, C, qkv.stride(0), qkv.stride(1), eps,
+        _qk_norm_fwd_kernel[grid](qkv[:, :, part * C:(part + 1) * C], out, weight, N, C, qkv.stride(0), qkv.stride(1),
+                                  eps,
                                   HEAD_DIM=D, BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=4)
         outputs.append(out)
     return tuple(outputs)
@@ -244,8 +245,8 @@ def qk_norm_reference(qkv, num_heads, q_weight, k_weight, eps=1e-6):
     """Eager PyTorch: the definition the kernel is tested against, and the fallback off-GPU."""
     q, k, v = _heads(qkv, 3 * num_heads).chunk(3, dim=1)
     acc = compute_dtype(qkv)
-    return (*(rms_norm_reference(x.to(acc), w, eps, qkv.dtype).to(qkv.dtype) for x, w in ((q, q_weight), (k, k_weight))),
-            v)
+    q, k = (rms_norm_reference(x.to(acc), w, eps, qkv.dtype).to(qkv.dtype) for x, w in ((q, q_weight), (k, k_weight)))
+    return q, k, v
 
 
 def qk_norm(qkv, num_heads, q_weight, k_weight, eps=1e-6):
