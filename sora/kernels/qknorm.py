@@ -7,16 +7,18 @@ reads its C channels of each token of qkv (B, N, 3C) once and writes the normali
 once; returned as a (B, H, N, D) transpose, the layout SDPA's flash and memory-efficient kernels read
 without a copy (D contiguous, heads then tokens). v needs no work: it is a (B, H, N, D) view of qkv.
 
-Each program owns BLOCK_M tokens of one head of one sample. A head's D channels are two power-of-two pieces
-(HEAD <= D, TAIL >= D - HEAD), 64 + 8 at D=72, so no lane is masked and every access is 128 bits.
+Each forward program owns BLOCK_M tokens of one head of one sample. A head's D channels are two power-of-two
+pieces (HEAD <= D, TAIL >= D - HEAD), 64 + 8 at D=72, so no lane is masked; the head piece moves in 128-bit
+accesses (the 8-channel tail in 64-bit ones in bf16).
 Rounding as Open-Sora's LlamaRMSNorm (their blocks.py:41-46): fp32 statistics, x * rsqrt(mean(x^2) + eps)
 cast to qkv's dtype, times the weight in qkv's dtype, cast again: exactly their product when the weight has
 the model dtype (a float32 weight is rounded to qkv's dtype first, where theirs would promote q and k to
 float32).
 
-Backward: per program, d(x) of its rows and a partial sum of d(weight) over them, one row per program,
-summed after the kernel (no atomics, so the same from run to run). d(qkv) is one (B, N, 3C) buffer; its v
-part is zero here, and v's gradient reaches it through the view.
+Backward: each program walks a one-wave share of one head's rows of one sample (`reduction_split`), writes
+their d(x) and one partial row of d(weight), summed after the kernel (no atomics, so the same from run to
+run). d(qkv) is one (B, N, 3C) buffer; its v part is zeroed here, and autograd adds v's gradient through the
+view (an add over d(qkv) that a v copy in the forward would avoid, at the price of a copy SDPA does not need).
 """
 
 import torch
@@ -24,10 +26,11 @@ import torch
 from sora.kernels._common import check_tokens, compute_dtype, new_buffer, one_wave, reduction_split, use_triton
 from sora.kernels._triton import tl, triton
 
-# A whole head lives in registers; DiT/STDiT heads are 72 wide, sora's widest model heads 128.
+# A whole head's row lives in registers; DiT/STDiT heads are 72 wide.
 MAX_HEAD_DIM = 256
 # Elements of one program's (BLOCK_M, HEAD) piece: 4096 over 4 warps, 32 per thread in 128-bit accesses.
 ELEMENTS_PER_PROGRAM = 4096
+# The backward's loop holds x, dy and the d(weight) tile: 226 registers at bf16 D=72 over 4 warps, no spills.
 BACKWARD_WARPS = 4
 
 
