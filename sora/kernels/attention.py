@@ -13,8 +13,8 @@ frame) (128-bit accesses at D=72); D is padded to a power of two only in registe
 products are batched tl.dot over the positions (tensor cores for bf16/fp16, fp32 accumulation): an earlier
 version with fp32 FMAs, one query frame at a time, compiled for sm_90 to ~1 warp-instruction per byte at
 T=16, about 3x over what an H100 can issue at its copy bandwidth; the bf16 dots take that to 0.094 (forward)
-and 0.128 (backward) at T=16 and 0.136 / 0.129 at T=64, with no spills at D=72 (bench/kernel_report.py's
-count; RoPE and qk-norm in the prologue: 0.192 / 0.292 at T=16, bench/NOTES.md).
+and 0.126 (backward) at T=16 and 0.136 / 0.127 at T=64, with no spills at D=72 (bench/kernel_report.py's
+count; RoPE and qk-norm in the prologue: 0.192 / 0.296 at T=16, bench/NOTES.md).
 
 Backward recomputes the softmax instead of saving the log-sum-exp: the whole row of T scores is on chip, so
 its max and sum cost one reduction over T, and neither row statistics nor the forward output are written
@@ -220,7 +220,10 @@ def _temporal_attention_bwd_kernel(
         k, k_normalized, k_rstd = _prologue(k, k_weight, cos, sin, eps, HEAD_DIM, ROPE, NORM, ROPE_FIRST,
                                             UPCAST, BLOCK_S, BLOCK_T, BLOCK_D)
     p = _softmax_rows(q, k, T, scale_log2, PRECISION, UPCAST, BLOCK_T)
+    grad_offsets = tokens * (3 * C) + head  # d(qkv) is a new contiguous (B, N, 3C) buffer
+    dtype = dqkv_ptr.dtype.element_ty
     dv = _dot(tl.trans(p.to(v.dtype), 0, 2, 1), dout, PRECISION, UPCAST)
+    tl.store(dqkv_ptr + grad_offsets + 2 * C, dv.to(dtype), mask=mask)  # at once: its fp32 tile is not held on
     dp = _dot(dout, tl.trans(v, 0, 2, 1), PRECISION, UPCAST)
     ds = (p * (dp - tl.sum(p * dp, axis=2)[:, :, None]) * scale).to(q.dtype)
     dq = _dot(ds, k, PRECISION, UPCAST)
@@ -235,11 +238,8 @@ def _temporal_attention_bwd_kernel(
             partial = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * HEAD_DIM + d
             tl.store(dq_weight_ptr + partial, dq_weight, mask=d < HEAD_DIM)
             tl.store(dk_weight_ptr + partial, dk_weight, mask=d < HEAD_DIM)
-    grad_offsets = tokens * (3 * C) + head  # d(qkv) is a new contiguous (B, N, 3C) buffer
-    dtype = dqkv_ptr.dtype.element_ty
     tl.store(dqkv_ptr + grad_offsets, dq.to(dtype), mask=mask)
     tl.store(dqkv_ptr + grad_offsets + C, dk.to(dtype), mask=mask)
-    tl.store(dqkv_ptr + grad_offsets + 2 * C, dv.to(dtype), mask=mask)
 
 
 def _tile_sizes(T, D, budget, element_size, prologue):
