@@ -302,7 +302,7 @@ def test_unknown_key_names_closest(sample_path, tmp_path):
         ("dtype", "fp64", "config key 'dtype' must be one of fp16, bf16, fp32, got 'fp64'"),
         ("model", dict(space_scale=0.5), "config key 'model' must be a dict with a 'type' string, got"),
         ("prompt_path", 3, "config key 'prompt_path' must be a string or none, got 3"),
-        ("multi_resolution", "yes", "config key 'multi_resolution' must be true or false, got 'yes'"),
+        ("multi_resolution", "yes", "config key 'multi_resolution' must be false or 'STDiT2', got 'yes'"),
     ],
 )
 def test_wrong_type(sample_path, key, value, message):
