@@ -14,7 +14,8 @@ def randomize(model, std=0.05):
 
 
 def grads(model):
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+    """Every trained parameter's gradient (constants such as STDiT2's rope.freqs have none)."""
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def rel(a, b):

@@ -11,11 +11,15 @@ from sora.models.dit import XL_2x2, DiT
 from sora.models.latte import Latte
 from sora.models.pixart import PixArt
 from sora.models.stdit import XL_2, STDiT
+from sora.models.stdit2 import STDiT2, build_stdit2
+from sora.models.stdit2 import XL_2 as STDiT2_XL_2
 from sora.registry import build, options
 
 MODELS = {
     "STDiT": STDiT,
     "STDiT-XL/2": partial(STDiT, **XL_2),
+    "STDiT2": build_stdit2,
+    "STDiT2-XL/2": partial(build_stdit2, **STDiT2_XL_2),
     "PixArt": PixArt,
     "PixArt-XL/2": partial(PixArt, **XL_2),
     "DiT": DiT,
@@ -55,4 +59,4 @@ def build_model(cfg: dict, **overrides):
     return build(MODELS, {**dict(cfg), **overrides}, "model")
 
 
-__all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "PixArt", "DiT", "Latte"]
+__all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "STDiT2", "PixArt", "DiT", "Latte"]

@@ -2,6 +2,7 @@
 its checks, sin-cos position embeddings for any token grid, per-block activation checkpointing, unpatchify."""
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -91,6 +92,18 @@ class VideoTransformer(nn.Module):
             raise ValueError(
                 f"timestep must have shape ({x.shape[0]},) for x {tuple(x.shape)}, got {tuple(timestep.shape)}"
             )
+
+    def check_sequence_parallel_group(self, group, frames):
+        """Frames and heads split evenly over the sp group."""
+        if group is None:
+            raise ValueError(f"{type(self).__name__} was built with enable_sequence_parallelism=True and needs "
+                             "sp_group: call it as model(x, t, y, mask, sp_group=group), the group from "
+                             "sora.parallel.init_sequence_parallel(sp_size)")
+        sp = dist.get_world_size(group)
+        if frames % sp != 0:
+            raise ValueError(f"sequence parallelism splits frames: {frames} latent frames are not divisible by sp_size={sp}")
+        if self.num_heads % sp != 0:
+            raise ValueError(f"sequence parallelism splits heads: num_heads={self.num_heads} is not divisible by sp_size={sp}")
 
     def run_block(self, block, *args):
         """block(*args), with its activations recomputed in backward when grad_checkpoint is on."""

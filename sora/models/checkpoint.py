@@ -1,7 +1,9 @@
 """Loading released checkpoints into our models.
 
 Accepted: a training checkpoint folder (its ema.pt), a `.pt`/`.pth` file holding a state dict, or one under
-"ema" (preferred, as Open-Sora's loader does), "model", "state_dict" or "module"; or a `.safetensors` file.
+"ema" (preferred, as Open-Sora's loader does), "model", "state_dict" or "module"; a `.safetensors` file; or a
+Hugging Face model folder (config.json + model.safetensors, as Open-Sora v1.1 released STDiT2), also named on
+the hub as `hf://ORG/REPO` or `hf://ORG/REPO@REVISION` (`folder_config` reads its config.json).
 Any of these files may also be named on the Hugging Face hub as `hf://ORG/REPO/FILE` (or
 `hf://ORG/REPO@REVISION/FILE`), e.g. `hf://hpcai-tech/Open-Sora/OpenSora-v1-HQ-16x256x256.pth`: it is fetched
 once by huggingface_hub into its cache (HF_HUB_CACHE) and read from there, also offline (HF_HUB_OFFLINE=1). The
@@ -12,12 +14,14 @@ is refused with one line. Adjustments made for the formats the authors released:
 - position embeddings (`pos_embed`, `pos_embed_spatial`, `pos_embed_temporal`, Latte's `temp_embed`) are
   dropped: the model recomputes them for its configured size and scales;
 - a "module." prefix (DistributedDataParallel) is stripped.
-Loading is non-strict (an STDiT may start from PixArt-alpha weights, which have no temporal attention), but
-a weight whose shape differs from the model's, or a file that matches none of the model's weights, is an
-error naming it.
+A model may adjust the tensors further (its `adapt_checkpoint(state)`: STDiT2 fits a null caption of another
+length). Loading is non-strict (an STDiT may start from PixArt-alpha weights, which have no temporal
+attention), but a weight whose shape differs from the model's, or a file that matches none of the model's
+weights, is an error naming it.
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -34,6 +38,9 @@ RECOMPUTED = ("pos_embed", "pos_embed_spatial", "pos_embed_temporal", "temp_embe
 HUB_PREFIX = "hf://"
 # hf://ORG/REPO[@REVISION]/FILE, FILE possibly in a subfolder of the repository.
 _HUB_FILE = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?/(?P<filename>[^@]+)$")
+# hf://ORG/REPO[@REVISION]: a Hugging Face model folder (config.json + model.safetensors).
+_HUB_REPO = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?/?$")
+HF_FILES = ("config.json", "model.safetensors")
 EXPECTED = (
     "expected a PyTorch state dict saved with torch.save (.pt/.pth, possibly under 'ema', 'model', 'state_dict' "
     "or 'module'), a .safetensors file, or a training checkpoint folder with ema.pt"
@@ -46,7 +53,8 @@ def hub_file(name):
     match = _HUB_FILE.match(name)
     if match is None:
         raise ValueError(
-            f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE"
+            f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE, "
+            "nor a model folder hf://ORG/REPO[@REVISION]"
         )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -56,6 +64,30 @@ def hub_file(name):
     except (OSError, ValueError, EntryNotFoundError) as error:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise FileNotFoundError(f"could not fetch checkpoint {name!r} from the Hugging Face hub: {reason}") from None
+
+
+def hub_folder(name):
+    """The local folder of `hf://ORG/REPO[@REVISION]`: its config.json and model.safetensors, downloaded by
+    huggingface_hub into its cache on first use (both land in the same snapshot folder)."""
+    match = _HUB_REPO.match(name)
+    revision = f"@{match['revision']}" if match["revision"] else ""
+    return os.path.dirname([hub_file(f"hf://{match['repo']}{revision}/{file}") for file in HF_FILES][-1])
+
+
+def folder_config(path):
+    """The config.json of a Hugging Face model folder (local, or `hf://ORG/REPO[@REVISION]`) as a dict; None for
+    any other checkpoint."""
+    path = os.fspath(path)
+    if _HUB_REPO.match(path):
+        path = hub_folder(path)
+    config = os.path.join(path, HF_FILES[0])
+    if not (os.path.isdir(path) and os.path.isfile(config)):
+        return None
+    try:
+        with open(config) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {config}: {error}") from None
 
 
 def _load_error(path, error):
@@ -75,9 +107,11 @@ def read_state_dict(path):
     folder (epoch{E}-global_step{S}/) stands for its ema.pt."""
     path = os.fspath(path)
     if path.startswith(HUB_PREFIX):
-        path = hub_file(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ema.pt")):
-        path = os.path.join(path, "ema.pt")
+        path = hub_folder(path) if _HUB_REPO.match(path) else hub_file(path)
+    for name in ("ema.pt", HF_FILES[1]):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
+            path = os.path.join(path, name)
+            break
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} does not exist ({EXPECTED}, or hf://ORG/REPO/FILE on the Hugging Face hub)"
@@ -125,6 +159,8 @@ def load_checkpoint(model, path):
     """Load `path` into `model` (see the module docstring). Returns (missing, unexpected) key lists."""
     own = model.state_dict()
     state = adapt_state_dict(read_state_dict(path), own)
+    if hasattr(model, "adapt_checkpoint"):
+        state = model.adapt_checkpoint(state)
     mismatched = [
         f"{name} {tuple(tensor.shape)} (model: {tuple(own[name].shape)})"
         for name, tensor in state.items()

@@ -1,4 +1,4 @@
-"""Building blocks shared by STDiT, PixArt, DiT and Latte.
+"""Building blocks shared by STDiT, STDiT2, PixArt, DiT and Latte.
 
 Module and parameter names follow Open-Sora v1 (and through it PixArt-alpha and DiT), so their released
 checkpoints load unchanged. Attention runs on torch's scaled_dot_product_attention, or flash-attn's
@@ -177,6 +177,84 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
+class SizeEmbedder(TimestepEmbedder):
+    """Open-Sora v1.1's embedding of sizes (height, width, aspect ratio, frame count, fps): the timestep features
+    of each number (in fp32) through the same MLP, at the parameters' dtype. s (B, k) -> (B, k * hidden_size)."""
+
+    def forward(self, s):
+        B = s.shape[0]
+        return super().forward(s.reshape(-1), dtype=self.mlp[0].weight.dtype).view(B, -1)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim (LLaMA's; Open-Sora v1.1's qk-norm): in fp32 or wider, back to the
+    input dtype, then times the weight."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (wide * torch.rsqrt(wide.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding of interleaved channel pairs: pair (2i, 2i+1) of a head at position p turns by
+    p * freqs[i], freqs[i] = theta^(-2i/dim) (rotary-embedding-torch's default, as Open-Sora v1.1 uses it).
+    `freqs` is a parameter that never trains, so that checkpoints carry it (their `rope.freqs`)."""
+
+    def __init__(self, dim, theta=10000):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got {dim}")
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+        self.freqs = nn.Parameter(freqs, requires_grad=False)
+
+    def tables(self, length, dtype):
+        """cos and sin (length, dim) for positions 0 .. length-1, counted in `dtype` (the queries' dtype) and
+        multiplied in the dtype of freqs."""
+        positions = torch.arange(length, device=self.freqs.device, dtype=dtype).to(self.freqs.dtype)
+        angles = (positions[:, None] * self.freqs[None]).repeat_interleave(2, dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """x (..., L, D) rotated by the (L, D) tables of RotaryEmbedding.tables: x * cos + rotate_half(x) * sin, with
+    rotate_half turning each adjacent pair (x0, x1) into (-x1, x0)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    half_turn = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x * cos + half_turn * sin).to(x.dtype)
+
+
+class PositionEmbedding2D(nn.Module):
+    """Open-Sora v1.1's spatial sin-cos embedding, computed for each size: (1, H*W, dim), rows first, the first
+    half of the channels encoding the column, the second half the row (as get_2d_sincos_pos_embed). Positions
+    are fp32, `arange(n) / scale * (base_size / n)`; the frequencies are a (non-persistent) buffer, so they take
+    the model's dtype."""
+
+    def __init__(self, dim):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"2-D sin-cos position embeddings need a width divisible by 4, got {dim}")
+        half = dim // 2
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half), persistent=False)
+
+    def forward(self, h, w, scale, base_size, dtype):
+        device = self.inv_freq.device
+        grid_h = torch.arange(h, device=device) / scale * (base_size / h)
+        grid_w = torch.arange(w, device=device) / scale * (base_size / w)
+        rows = grid_h[:, None].expand(h, w).reshape(-1)
+        cols = grid_w[None, :].expand(h, w).reshape(-1)
+        embedding = [self._sincos(cols), self._sincos(rows)]
+        return torch.cat(embedding, dim=-1)[None].to(dtype)
+
+    def _sincos(self, positions):
+        angles = positions[:, None] * self.inv_freq[None]  # fp32 positions times the buffer: the wider dtype
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def drop_mask(n, device, prob, train, force_drop_ids=None):
     """Which of n samples lose their condition to the null one (classifier-free guidance dropout): (n,) bool, or
     None when none can. force_drop_ids (n,): 1 where to drop, whatever train and prob; otherwise each sample is
@@ -256,13 +334,15 @@ class _ModulatedOutput(nn.Module):
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
         self.enable_layernorm_kernel = enable_layernorm_kernel
 
+    def modulated(self, x, shift, scale):
+        """LN(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C)."""
+        if self.enable_layernorm_kernel:
+            return K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
+        return modulate(self.norm_final(x), shift, scale)
+
     def project(self, x, shift, scale):
         """x (B, N, C); shift, scale (B, 1, C)."""
-        if self.enable_layernorm_kernel:
-            x = K.layernorm_modulate(x, shift, scale, eps=self.norm_final.eps)
-        else:
-            x = modulate(self.norm_final(x), shift, scale)
-        return self.linear(x)
+        return self.linear(self.modulated(x, shift, scale))
 
 
 class T2IFinalLayer(_ModulatedOutput):

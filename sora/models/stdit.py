@@ -228,18 +228,6 @@ class STDiT(VideoTransformer):
         x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
         return self.unpatchify(x, grid).float()
 
-    def check_sequence_parallel_group(self, group, frames):
-        """Frames and heads split evenly over the sp group."""
-        if group is None:
-            raise ValueError(f"{type(self).__name__} was built with enable_sequence_parallelism=True and needs "
-                             "sp_group: call it as model(x, t, y, mask, sp_group=group), the group from "
-                             "sora.parallel.init_sequence_parallel(sp_size)")
-        sp = dist.get_world_size(group)
-        if frames % sp != 0:
-            raise ValueError(f"sequence parallelism splits frames: {frames} latent frames are not divisible by sp_size={sp}")
-        if self.num_heads % sp != 0:
-            raise ValueError(f"sequence parallelism splits heads: num_heads={self.num_heads} is not divisible by sp_size={sp}")
-
     def run_blocks(self, x, y, modulation, mask, T, tpe, sp_group=None):
         for i, block in enumerate(self.blocks):
             x = self.run_block(block, x, y, modulation, mask, T, tpe if i == 0 else None, sp_group)
