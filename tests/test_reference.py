@@ -202,3 +202,19 @@ def test_a_model_without_x_mask_is_refused_for_references(tmp_path, capsys):
         main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), "--prompt", "a", "--reference-path", image,
                              "--mask-strategy", "0", "--num-sampling-steps", "2"])
     assert "need a model that takes x_mask (STDiT2); STDiT does not" in capsys.readouterr().err
+
+
+def test_stdit2_image_to_video_in_two_loops_on_the_command_line(tmp_path, capsys):
+    """configs/tiny/sample.py with a small STDiT2: its random weights' zero-initialised final layer predicts no
+    noise, so the image, held until the last step and denoised there from its own level, comes back as frame 0."""
+    from sora.data.video import read_video
+
+    image = write_image(tmp_path / "a.png", (200, 40, 90), (64, 64))
+    stdit2 = dict(type="STDiT2", depth=1, hidden_size=48, num_heads=4, input_sq_size=64, patch_size=(1, 2, 2))
+    main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), "--model", repr(stdit2), "--multi-resolution",
+                         "STDiT2", "--prompt", "|0|a red square|1|a blue square", "--reference-path", image,
+                         "--mask-strategy", "0", "--loop", "2", "--condition-frame-length", "3", "--fps", "8",
+                         "--frame-interval", "2", "--num-sampling-steps", "3"])
+    frames, fps = read_video(str(tmp_path / "out" / "sample_0000.mp4"))
+    assert frames.shape == (8 + 8 - 3, 64, 64, 3) and fps == 4  # saved at fps // frame_interval
+    assert (frames[0].float() - torch.tensor([200.0, 40.0, 90.0])).abs().mean() < 8  # h264 rounding
