@@ -398,3 +398,15 @@ def test_builders_do_not_import_the_config_module():
             "print('sora.config' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_open_soras_multi_value_flags():
+    """Open-Sora v1.1's `--image-size H W` and one value per prompt after `--reference-path` / `--mask-strategy`
+    (`none` for a prompt without), repeatable like --prompt."""
+    cfg = apply_overrides(Config(num_frames=1), ["--image-size", "240", "426", "--reference-path", "a.png;b.mp4",
+                                                 "none", "--mask-strategy", "0", "--mask-strategy", "0,0,0,-8,8",
+                                                 "--prompt", "x", "y", "--multi-resolution", "STDiT2"], "sample")
+    assert cfg.image_size == (240, 426) and cfg.reference_path == ["a.png;b.mp4", None]
+    assert cfg.mask_strategy == ["0", "0,0,0,-8,8"] and cfg.prompt == ["x", "y"] and cfg.multi_resolution == "STDiT2"
+    with pytest.raises(ValueError, match="expected a --key flag, got '12'"):
+        apply_overrides(Config(), ["--image-size", "240", "426", "12"], "sample")
