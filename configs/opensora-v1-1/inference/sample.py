@@ -11,7 +11,7 @@ multi_resolution = "STDiT2"  # the model gets height, width, ar = height / width
 
 model = dict(
     type="STDiT2-XL/2",
-    from_pretrained="hpcai-tech/OpenSora-STDiT-v2-stage3",
+    from_pretrained="hf://hpcai-tech/OpenSora-STDiT-v2-stage3",  # Open-Sora writes it without hf://
     input_sq_size=512,
     qk_norm=True,
     enable_flash_attn=True,
