@@ -89,7 +89,8 @@ def test_read_reference_images_and_whole_videos(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     (tmp_path / "a.txt").write_text("a caption")
     for path, message in ((tmp_path / "none.png", "no such file"), (tmp_path / "bad.png", "UnidentifiedImageError"),
-                          ("https://x.org/v.mp4", "URLs are not downloaded"), (tmp_path / "a.txt", ".txt is neither an image")):
+                          ("https://x.org/v.mp4", "URLs are not downloaded"),
+                          (tmp_path / "a.txt", ".txt is neither an image")):
         with pytest.raises(ValueError, match=f"^reference '{re.escape(str(path))}' cannot be read: {message}"):
             read_reference(str(path), (16, 16))
 

@@ -8,7 +8,8 @@ An entry is the clip of CSV row `index` at one size `(T, H, W)` (the config's, o
 bucket the sample may be drawn into): `mean` and, for a VAE that samples its posterior, `std`, both
 (C, T, h, w) unscaled in the config's dtype; `y` (1, L, C) and `mask` (L,) of its caption (`y` a class id
 for label encoders, no mask), and with bucket_config `fps` (the file's frame rate, 120 for images; the
-bucket's num_frames, height, width and ar = width / height come from the key). The frames are the ones epoch 0 of on-the-fly training takes (the start
+bucket's num_frames, height, width and ar = width / height come from the key).
+The frames are the ones epoch 0 of on-the-fly training takes (the start
 frame is drawn from (the encoding's seed, epoch 0, index)); later epochs see the same frames again. Training draws the
 latent from (mean, std) with the step's generator (`sora.models.vae.sample_posterior`), the draw the VAE
 makes on the fly.

@@ -1,8 +1,9 @@
-# Open-Sora v1.1 STDiT2-XL/2 training, image-only fine-tuning (no masks): Open-Sora's configs/opensora-v1-1/train/image.py
-# values (their d599fd7), in sora's keys.
+# Open-Sora v1.1 STDiT2-XL/2 training, image-only fine-tuning (no masks).
+# Open-Sora's configs/opensora-v1-1/train/image.py values (their d599fd7), in sora's keys.
 # Data: a CSV with path,text and, to skip probing every file, num_frames,height,width columns; every sample goes
 # into the buckets it fits (bucket_config: {resolution: {num_frames: (keep probability, batch size)}}).
-# Launch: torchrun --standalone --nproc_per_node 8 -m sora.train configs/opensora-v1-1/train/image.py --data-path YOUR.csv
+# Launch: torchrun --standalone --nproc_per_node 8 -m sora.train \
+#     configs/opensora-v1-1/train/image.py --data-path YOUR.csv
 # or pre-encoded: python -m sora.preprocess THIS_CONFIG --data-path YOUR.csv --save-dir DIR, then --data-path DIR.
 # The model gets each batch's height, width, ar, fps and num_frames from the data, as Open-Sora v1.1 passes them
 # (ar = width / height there; their sampling passes height / width).
