@@ -13,6 +13,11 @@ Before any model is built it says in one line which weights sample (random ones 
 videos are then noise; of a training checkpoint folder, its EMA, how many updates it has seen and how much of
 it is still the weights training started from, or with `--weights model` the trained weights themselves), and
 it checks that save_dir can be written. `--compile true` compiles the model call with torch.compile.
+
+Open-Sora v1.1 (STDiT2): `multi_resolution="STDiT2"` conditions the model on the size, aspect ratio, frame count
+and fps (videos are saved at fps // frame_interval); `--reference-path`, `--mask-strategy`, `--loop` and
+`--condition-frame-length` condition it on images and videos and chain clips (sora.reference, checked and read
+before any model is built).
 """
 
 import functools
@@ -168,9 +173,13 @@ def run(cfg):
     model, vae, text_encoder, latent_size = build_components(cfg, runtime, sequence_parallel=sp_size > 1,
                                                              weights=cfg.weights)
     model.eval()
-    if conditioned and "x_mask" not in inspect.signature(model.forward).parameters:
+    inputs = inspect.signature(model.forward).parameters
+    if conditioned and "x_mask" not in inputs:
         raise ValueError(f"references, mask_strategy and loop need a model that takes x_mask (STDiT2); "
                          f"{cfg.model['type']} does not")
+    if cfg.multi_resolution == "STDiT2" and "height" not in inputs:
+        raise ValueError(f"multi_resolution='STDiT2' needs a model that takes the size conditioning (STDiT2); "
+                         f"{cfg.model['type']} does not: set multi_resolution to False")
     if cfg.compile:
         model = torch.compile(model)
     scheduler = build_scheduler(cfg.scheduler)

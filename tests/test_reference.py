@@ -197,12 +197,16 @@ def test_bad_references_and_strategies_exit_2_before_any_model(tmp_path, capsys,
     assert len(err) == 1 and re.search(message, err[0]), err
 
 
-def test_a_model_without_x_mask_is_refused_for_references(tmp_path, capsys):
+def test_a_model_without_x_mask_or_size_inputs_is_refused(tmp_path, capsys):
     image = write_image(tmp_path / "a.png", (1, 2, 3))
     with pytest.raises(SystemExit):
         main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), "--prompt", "a", "--reference-path", image,
                              "--mask-strategy", "0", "--num-sampling-steps", "2"])
     assert "need a model that takes x_mask (STDiT2); STDiT does not" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), "--multi-resolution", "STDiT2"])
+    assert "multi_resolution='STDiT2' needs a model that takes the size conditioning (STDiT2); STDiT does not" in \
+        capsys.readouterr().err
 
 
 def test_stdit2_image_to_video_in_two_loops_on_the_command_line(tmp_path, capsys):
