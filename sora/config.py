@@ -123,6 +123,18 @@ _KINDS = {
         "a list of strings",
         lambda text: [text],
     ),
+    # Per prompt: a string or None (Open-Sora v1.1's reference_path and mask_strategy lists); as "strs".
+    "optstrs": _Kind(
+        lambda v: isinstance(v, (list, tuple)) and all(s is None or isinstance(s, str) for s in v),
+        "a list of strings or nones (one per prompt)",
+        lambda text: [None if text.lower() in ("none", "null") else text],
+    ),
+    # False, or "STDiT2": pass the size, aspect ratio, frame count and fps to the model (Open-Sora v1.1).
+    "multires": _Kind(
+        lambda v: isinstance(v, bool) or v == "STDiT2",
+        "false or 'STDiT2'",
+        lambda text: "STDiT2" if text == "STDiT2" else _parse_bool(text),
+    ),
     "dict": _Kind(lambda v: isinstance(v, dict), "a dict", _parse_dict),
     "module": _Kind(
         lambda v: isinstance(v, dict) and isinstance(v.get("type"), str), "a dict with a 'type' string", _parse_dict
@@ -147,10 +159,19 @@ _MODELS = {name: Field("module") for name in ("model", "vae", "text_encoder", "s
 SCHEMAS = {
     "sample": {
         "num_frames": Field("posint"),
+        # The frame rate the model is conditioned on (STDiT2); videos are saved at fps // frame_interval.
         "fps": Field("posint", 8),
+        "frame_interval": Field("posint", 1),
         "image_size": Field("size"),
-        # PixArt-MS takes the image size and aspect ratio as extra conditions (Open-Sora v1).
-        "multi_resolution": Field("bool", False),
+        # "STDiT2": the model gets height, width, ar, num_frames and fps (Open-Sora v1.1); PixArt-MS's True is
+        # not supported.
+        "multi_resolution": Field("multires", False),
+        # Open-Sora v1.1's conditioning (sora.reference): per prompt, ';'-separated images/videos and where
+        # their frames go; `loop` clips, each starting with the last condition_frame_length frames of the last.
+        "reference_path": Field("optstrs?", None),
+        "mask_strategy": Field("optstrs?", None),
+        "loop": Field("posint", 1),
+        "condition_frame_length": Field("posint?", None),
         **_MODELS,
         "dtype": Field("str", "fp16", tuple(DTYPES)),
         "batch_size": Field("posint", 1),
@@ -172,6 +193,7 @@ SCHEMAS = {
         "use_image_transform": Field("bool", False),
         "num_workers": Field("int", 4),
         "bucket_config": Field("dict?", None),  # {resolution: {num_frames: (keep_prob, batch_size)}}
+        "mask_ratios": Field("dict?", None),  # {mask type: probability}: Open-Sora v1.1's masks (sora.masks)
         **_MODELS,
         "dtype": Field("str", "bf16", tuple(DTYPES)),
         "grad_checkpoint": Field("bool", False),
@@ -185,7 +207,7 @@ SCHEMAS = {
         "log_every": Field("posint", 10),
         "ckpt_every": Field("int", 1000),  # 0 or less: no checkpoints
         "load": Field("str?", None),  # checkpoint folder to resume from
-        "batch_size": Field("posint"),
+        "batch_size": Field("posint?"),  # None with bucket_config, whose buckets set their batch sizes
         "lr": Field("float", 2e-5),
         "grad_clip": Field("float", 1.0),
         "ema_decay": Field("float", 0.9999),
@@ -290,7 +312,7 @@ def _literal(text):
 def _parse(flag, text, kind):
     if kind is None:
         return _literal(text)
-    if kind.endswith("?") and text.lower() in ("none", "null"):
+    if kind.endswith("?") and kind != "optstrs?" and text.lower() in ("none", "null"):  # optstrs: [None]
         return None
     try:
         return _KINDS[kind.rstrip("?")].parse(text)
@@ -316,6 +338,14 @@ def apply_overrides(cfg, overrides, mode):
             i += 1
         i += 1
         key = name.replace("-", "_")
+        # Open-Sora's multi-value flags: `--image-size 240 426`, `--reference-path a.png "b.mp4;c.png"`.
+        extra = []
+        if not has_value and key in schema and schema[key].kind.rstrip("?") in ("size", "strs", "optstrs"):
+            while i < len(args) and not args[i].startswith("--") and (schema[key].kind != "size" or not extra):
+                extra.append(args[i])
+                i += 1
+        if schema.get(key) is not None and schema[key].kind == "size" and extra:
+            text = f"{text},{extra.pop()}"
         top = key.split(".")[0]
         if key in ALIASES:
             key, kind = ALIASES[key]
@@ -337,7 +367,9 @@ def apply_overrides(cfg, overrides, mode):
             old = target.get(leaf)
             kind = "bool?" if isinstance(old, bool) else "str?" if isinstance(old, str) else None
         value = _parse(flag, text, kind)
-        if key in repeated and kind is not None and kind.rstrip("?") == "strs":
+        for more in extra:
+            value = value + _parse(flag, more, kind)
+        if key in repeated and kind is not None and kind.rstrip("?") in ("strs", "optstrs"):
             value = target[leaf] + value
         repeated.add(key)
         target[leaf] = value

@@ -103,8 +103,8 @@ def encode_shard(shard, dataset, cfg, vae, text_encoder, multiple, runtime):
     by_size = {}
     for position, key in enumerate(keys):
         by_size.setdefault(key[1:], []).append(position)
-    batches = [positions[i:i + cfg.batch_size] for positions in by_size.values()
-               for i in range(0, len(positions), cfg.batch_size)]
+    per_call = cfg.batch_size or 1  # None with bucket_config
+    batches = [positions[i:i + per_call] for positions in by_size.values() for i in range(0, len(positions), per_call)]
     dataset_key = (lambda key: key) if cfg.bucket_config else (lambda key: key[0])
     loader = DataLoader(dataset, batch_sampler=[[dataset_key(keys[p]) for p in batch] for batch in batches],
                         num_workers=cfg.num_workers)
@@ -121,6 +121,8 @@ def encode_shard(shard, dataset, cfg, vae, text_encoder, multiple, runtime):
                 entry["std"] = std[j].cpu().clone()
             if condition["mask"] is not None:
                 entry["mask"] = condition["mask"][j].cpu().clone()
+            if "fps" in batch:  # the variable-size dataset's: STDiT2 is conditioned on it
+                entry["fps"] = batch["fps"][j].cpu().clone()
             entries[position] = entry
     return entries
 

@@ -16,6 +16,7 @@ caption dropout) from (seed, global step, data-parallel rank), and the data orde
 """
 
 import copy
+import inspect
 import itertools
 import json
 import logging
@@ -31,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sora.checkpointing import check_writable, find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
 from sora.launch import build_components, build_diffusion_model, main, setup
+from sora.masks import MaskGenerator, check_mask_ratios
 from sora.parallel import init_sequence_parallel, local, shard
 from sora.schedulers import IDDPM, build_scheduler
 
@@ -77,6 +79,8 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
             raise ValueError(f"no sample of {cfg.data_path} fits any bucket of bucket_config")
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin_memory)
         return loader, sampler, 1, encoded  # the sampler counts batches
+    if cfg.batch_size is None:
+        raise ValueError("batch_size=None needs bucket_config (whose buckets set the batch sizes); set batch_size")
     if encoded is None:
         dataset = VideoTextDataset(cfg.data_path, num_frames=cfg.num_frames, frame_interval=cfg.frame_interval,
                                    image_size=cfg.image_size, root=cfg.root,
@@ -115,7 +119,7 @@ def data_position(states, cfg, dp_size, sampler_unit):
     consumed = states["step"] * saved.get("per_step", sampler_unit) * saved.get("dp_size", dp_size)
     per_step = sampler_unit * dp_size
     if consumed % per_step:
-        log.warning("resuming mid-epoch on %d data-parallel ranks with batch size %d: %d of the epoch's entries "
+        log.warning("resuming mid-epoch on %d data-parallel ranks with batch size %s: %d of the epoch's entries "
                     "were seen, not a whole number of steps; %d are seen again", dp_size, cfg.batch_size,
                     consumed, consumed % per_step)
     return consumed // per_step
@@ -185,8 +189,25 @@ def optimizer_step(model, ema, optimizer, grad_clip, ema_decay):
     return grad_norm
 
 
+SIZE_KEYS = ("height", "width", "ar", "fps", "num_frames")  # what VariableVideoTextDataset tells STDiT2
+
+
+def takes(model, name):
+    """Whether the model's forward has a parameter `name` (STDiT2's x_mask, height, ...)."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def size_inputs(model, batch, device):
+    """Open-Sora v1.1's size conditioning from the data, for a model that takes it: the batch's height, width,
+    ar (width / height, as their dataset gives it), fps (the file's, 120 for images) and num_frames, (B,)
+    float32 on the device (Open-Sora casts them to the compute dtype; the model's embedders cast here)."""
+    return {key: torch.as_tensor(batch[key]).to(device, torch.float32) for key in SIZE_KEYS
+            if key in batch and takes(model, key)}
+
+
 def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, text_encoder=None, latent_scale=1.0,
-               dtype=torch.float32, autocast_dtype=None, grad_clip=1.0, ema_decay=0.9999, forward=None, sp_group=None):
+               dtype=torch.float32, autocast_dtype=None, grad_clip=1.0, ema_decay=0.9999, forward=None, sp_group=None,
+               mask_generator=None):
     """One optimisation step: the latent and caption of each sample, IDDPM's loss, backward, gradient
     clipping (foreach), the optimizer's step, the EMA update. Returns (loss, grad norm, samples): the loss
     and norm as detached tensors (no host sync), samples the batch size.
@@ -199,6 +220,9 @@ def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, tex
     under FSDP2, whose policy casts). forward: what computes the model's output (default the model; e.g. a
     compiled model). sp_group: the sequence-parallel group the model (built with
     enable_sequence_parallelism=True) splits frames over; None without sequence parallelism.
+    mask_generator: a sora.masks.MaskGenerator for Open-Sora v1.1's masked training, its masks drawn from
+    `generator` after the latents. A batch of VariableVideoTextDataset (or a bucketed pre-encoded set) gives
+    a model that takes them its height, width, ar, fps and num_frames.
     """
     from sora.models.vae import sample_posterior
 
@@ -212,11 +236,15 @@ def train_step(model, ema, optimizer, diffusion, batch, generator, vae=None, tex
             std = batch["std"].to(device) if "std" in batch else None
             x = sample_posterior(batch["mean"].to(device), std, latent_scale, generator).float()
             condition = {"y": batch["y"].to(device), "mask": batch["mask"].to(device) if "mask" in batch else None}
-    model_kwargs = dict(y=condition["y"], mask=condition["mask"])
+    model_kwargs = dict(y=condition["y"], mask=condition["mask"], **size_inputs(model, batch, device))
     if sp_group is not None:  # only sequence-parallel STDiT takes it
         model_kwargs["sp_group"] = sp_group
+    frame_mask = None
+    if mask_generator is not None:
+        frame_mask = mask_generator.get_masks(x.shape[0], x.shape[2], generator).to(device)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        losses = diffusion.training_losses(forward or model, x, model_kwargs, generator=generator)
+        losses = diffusion.training_losses(forward or model, x, model_kwargs, generator=generator,
+                                           frame_mask=frame_mask)
     loss = losses["loss"].mean()
     loss.backward()
     grad_norm = optimizer_step(model, ema, optimizer, grad_clip, ema_decay)
@@ -321,6 +349,8 @@ def run(cfg):
     dp_rank, dp_size = runtime.rank // sp_size, runtime.world_size // sp_size
     load = find_checkpoint(cfg.load) if cfg.load else None
     check_writable(cfg.outputs)
+    if cfg.mask_ratios is not None:
+        check_mask_ratios(cfg.mask_ratios)
     diffusion = build_scheduler(cfg.scheduler)
     if not isinstance(diffusion, IDDPM):
         raise ValueError(f"training needs scheduler type 'iddpm' (it defines the loss), got {cfg.scheduler['type']!r}")
@@ -336,6 +366,11 @@ def run(cfg):
                                       caption["length"], sequence_parallel=sp_size > 1, training=True)
         latent_scale = latent["scaling_factor"]
     model.train()
+    mask_generator = None
+    if cfg.mask_ratios:
+        if not takes(model, "x_mask"):
+            raise ValueError(f"mask_ratios needs a model that takes x_mask (STDiT2); {cfg.model['type']} does not")
+        mask_generator = MaskGenerator(cfg.mask_ratios)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     bf16 = runtime.dtype == torch.bfloat16
     if runtime.world_size > 1:
@@ -380,7 +415,7 @@ def run(cfg):
                     model, ema, optimizer, diffusion, batch, step_generator(cfg.seed, global_step, dp_rank), vae=vae,
                     text_encoder=text_encoder, latent_scale=latent_scale, dtype=runtime.dtype,
                     autocast_dtype=autocast_dtype, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-                    sp_group=sp_group)
+                    sp_group=sp_group, mask_generator=mask_generator)
                 step, global_step = step + 1, global_step + 1
                 meter.add(loss, samples * dp_size)
                 bar.update()

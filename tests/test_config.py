@@ -302,7 +302,7 @@ def test_unknown_key_names_closest(sample_path, tmp_path):
         ("dtype", "fp64", "config key 'dtype' must be one of fp16, bf16, fp32, got 'fp64'"),
         ("model", dict(space_scale=0.5), "config key 'model' must be a dict with a 'type' string, got"),
         ("prompt_path", 3, "config key 'prompt_path' must be a string or none, got 3"),
-        ("multi_resolution", "yes", "config key 'multi_resolution' must be true or false, got 'yes'"),
+        ("multi_resolution", "yes", "config key 'multi_resolution' must be false or 'STDiT2', got 'yes'"),
     ],
 )
 def test_wrong_type(sample_path, key, value, message):
@@ -398,3 +398,15 @@ def test_builders_do_not_import_the_config_module():
             "print('sora.config' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_open_soras_multi_value_flags():
+    """Open-Sora v1.1's `--image-size H W` and one value per prompt after `--reference-path` / `--mask-strategy`
+    (`none` for a prompt without), repeatable like --prompt."""
+    cfg = apply_overrides(Config(num_frames=1), ["--image-size", "240", "426", "--reference-path", "a.png;b.mp4",
+                                                 "none", "--mask-strategy", "0", "--mask-strategy", "0,0,0,-8,8",
+                                                 "--prompt", "x", "y", "--multi-resolution", "STDiT2"], "sample")
+    assert cfg.image_size == (240, 426) and cfg.reference_path == ["a.png;b.mp4", None]
+    assert cfg.mask_strategy == ["0", "0,0,0,-8,8"] and cfg.prompt == ["x", "y"] and cfg.multi_resolution == "STDiT2"
+    with pytest.raises(ValueError, match="expected a --key flag, got '12'"):
+        apply_overrides(Config(), ["--image-size", "240", "426", "12"], "sample")

@@ -21,6 +21,9 @@ SMALL = ["--model.depth", "2", "--model.hidden_size", "64", "--batch-size", "2",
 KL_VAE = ["--vae", repr(dict(type="VideoAutoencoderKL", config=TINY_VAE_CONFIG, micro_batch_size=4))]
 BUCKETS = ["--frame-interval", "1", "--model.depth", "1",
            "--bucket-config", "{'144p': {4: (1.0, 2)}, '256': {4: (0.5, 2)}}"]
+# Open-Sora v1.1: STDiT2 conditioned on each bucket's size and the files' fps, with masked frames.
+STDIT2_MASKED = [*BUCKETS, "--model", repr(dict(type="STDiT2", depth=1, hidden_size=48, num_heads=4, input_sq_size=64)),
+                 "--mask-ratios", repr({"mask_no": 0.25, "mask_quarter_head": 0.25, "mask_image_tail": 0.5})]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def train_losses(data_path, outputs, *flags):
     ("clips", []),
     ("clips", KL_VAE),
     ("large_clips", BUCKETS),  # 288x288 clips qualify for '256' (kept half the time) and '144p': both encoded
-], ids=["pixel-vae", "kl-vae", "buckets"])
+    ("large_clips", STDIT2_MASKED),
+], ids=["pixel-vae", "kl-vae", "buckets", "stdit2-masks"])
 def test_pre_encoded_training_equals_on_the_fly(tmp_path, request, data, flags):
     """The first epoch (whose frames were encoded; later epochs draw other frames on the fly) gives the same
     losses to 1e-6, with the same seed."""

@@ -131,11 +131,18 @@ def test_fixed_variances_and_x0_prediction(sigma_small):
     np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-9, atol=1e-10)
 
 
-def reference_vlb(x0, x_t, t, eps, frac_raw):
-    """KL (t > 0) or discretized-Gaussian decoder NLL (t = 0), bits per dim, written out in numpy."""
+def reference_mean(values, frames=None):
+    """Mean of one sample's (C, T, H, W) values, over the frames where `frames` (T,) is True when given."""
+    return values.mean() if frames is None else values[:, frames].mean()
+
+
+def reference_vlb(x0, x_t, t, eps, frac_raw, frame_mask=None):
+    """KL (t > 0) or discretized-Gaussian decoder NLL (t = 0), bits per dim, written out in numpy; averaged
+    over the frames where frame_mask (B, T) is True."""
     betas, abar, abar_prev, post_var = reference_schedule()
     out = []
     for i, s in enumerate(t):
+        frames = None if frame_mask is None else frame_mask[i]
         x0_i, xt_i, eps_i, v_i = x0[i], x_t[i], eps[i], frac_raw[i]
         coef1 = betas[s] * np.sqrt(abar_prev[s]) / (1 - abar[s])
         coef2 = (1 - abar_prev[s]) * np.sqrt(1 - betas[s]) / (1 - abar[s])
@@ -153,7 +160,7 @@ def reference_vlb(x0, x_t, t, eps, frac_raw):
                 + np.exp(true_logvar - model_logvar)
                 + (true_mean - model_mean) ** 2 * np.exp(-model_logvar)
             )
-            out.append(kl.mean() / math.log(2))
+            out.append(reference_mean(kl, frames) / math.log(2))
         else:
             cdf = lambda v: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))  # noqa: E731
             inv_std = np.exp(-0.5 * model_logvar)
@@ -164,7 +171,7 @@ def reference_vlb(x0, x_t, t, eps, frac_raw):
                 np.log(np.maximum(plus, 1e-12)),
                 np.where(x0_i > 0.999, np.log(np.maximum(1 - minus, 1e-12)), np.log(np.maximum(plus - minus, 1e-12))),
             )
-            out.append(-log_p.mean() / math.log(2))
+            out.append(-reference_mean(log_p, frames) / math.log(2))
     return np.array(out)
 
 
@@ -532,3 +539,153 @@ def test_sampling_loop_reads_nothing_back_from_the_tensors(make, monkeypatch):
     got = scheduler.sample(conditional_model, z, y, y_null, progress=False, generator=generators)
     monkeypatch.undo()
     assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- masked diffusion (Open-Sora v1.1)
+
+MASKED_SHAPE = (3, 2, 5, 3, 2)  # (B, C, T, H, W)
+FRAME_MASK = torch.tensor([[True, False, True, True, False], [True] * 5, [False, False, False, False, True]])
+
+
+def recording_model(output, calls):
+    def model(x, t, **kwargs):
+        calls.append(dict(x=x.clone(), t=t.clone(), **kwargs))
+        return output * 1.0
+
+    return model
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-8), (torch.float32, 2e-4)])
+def test_masked_training_losses_match_a_float64_reference(dtype, rtol):
+    """Open-Sora v1.1's masked loss: condition frames noised to step 0 with the same noise, x_mask = the mask,
+    mse and vb over the generated frames. Open-Sora computes its coefficients in float32, within 6.4e-5 of
+    these float64 ones (sqrt_recipm1_alphas_cumprod at small t); float32 inputs are held to that rounding."""
+    diffusion = IDDPM()
+    shape2 = (MASKED_SHAPE[0], 2 * MASKED_SHAPE[1], *MASKED_SHAPE[2:])
+    x0, noise = randn(*MASKED_SHAPE, seed=40).clamp(-1, 1), randn(*MASKED_SHAPE, seed=41)
+    output = torch.cat([randn(*MASKED_SHAPE, seed=42), torch.rand(MASKED_SHAPE, dtype=torch.float64) * 2 - 1], 1)
+    assert output.shape == shape2
+    t = torch.tensor([0, 500, 7])
+    calls = []
+    losses = diffusion.training_losses(recording_model(output.to(dtype), calls), x0.to(dtype), dict(y=1), t=t,
+                                       noise=noise.to(dtype), frame_mask=FRAME_MASK)
+
+    _, abar, _, _ = reference_schedule()
+    frames = FRAME_MASK.numpy()[:, None, :, None, None]
+    a = np.where(frames, bcast(abar, t, 5), abar[0])
+    x_t = np.sqrt(a) * x0.numpy() + np.sqrt(1 - a) * noise.numpy()
+    np.testing.assert_allclose(calls[0]["x"].double().numpy(), x_t, rtol=rtol, atol=rtol)
+    assert torch.equal(calls[0]["x_mask"], FRAME_MASK) and calls[0]["y"] == 1
+    eps, frac_raw = output[:, :2].numpy(), output[:, 2:].numpy()
+    expected_mse = [reference_mean((noise.numpy()[i] - eps[i]) ** 2, FRAME_MASK[i].numpy()) for i in range(3)]
+    expected_vb = reference_vlb(x0.numpy(), x_t, t.tolist(), eps, frac_raw, FRAME_MASK.numpy())
+    np.testing.assert_allclose(losses["mse"].double().numpy(), expected_mse, rtol=rtol)
+    np.testing.assert_allclose(losses["vb"].double().numpy(), expected_vb, rtol=rtol)
+    np.testing.assert_allclose(losses["loss"].double().numpy(), np.add(expected_mse, expected_vb), rtol=rtol)
+
+
+def test_an_all_true_training_mask_is_the_unmasked_loss_plus_x_mask():
+    diffusion = IDDPM()
+    x0, noise = randn(*MASKED_SHAPE, seed=43).clamp(-1, 1), randn(*MASKED_SHAPE, seed=44)
+    output = torch.cat([randn(*MASKED_SHAPE, seed=45), torch.rand(MASKED_SHAPE, dtype=torch.float64) * 2 - 1], 1)
+    t, calls = torch.tensor([3, 999, 0]), []
+    masked = diffusion.training_losses(recording_model(output, calls), x0, t=t, noise=noise,
+                                       frame_mask=torch.ones(3, 5, dtype=torch.bool))
+    plain = diffusion.training_losses(recording_model(output, calls), x0, t=t, noise=noise)
+    for key in ("mse", "vb", "loss"):
+        torch.testing.assert_close(masked[key], plain[key], rtol=1e-12, atol=0)
+    assert torch.equal(calls[0]["x"], calls[1]["x"]) and calls[0]["x_mask"].all() and "x_mask" not in calls[1]
+
+
+@pytest.mark.parametrize("frame_mask, message", [
+    (torch.ones(3, 4, dtype=torch.bool), r"frame_mask must be a \(B, T\) tensor"),
+    (torch.ones(3, 5), "frame_mask must be a bool tensor"),
+    (torch.tensor([[True] * 5, [False] * 5, [True] * 5]), "at least one frame to generate"),
+])
+def test_masked_training_rejects_bad_masks(frame_mask, message):
+    x0 = randn(*MASKED_SHAPE, seed=46)
+    with pytest.raises(ValueError, match=message):
+        IDDPM().training_losses(lambda x, t, **kw: torch.cat([x, x], 1), x0, frame_mask=frame_mask)
+    with pytest.raises(ValueError, match="frame_mask needs the hybrid loss"):
+        IDDPM(use_kl=True).training_losses(lambda x, t, **kw: x, x0, frame_mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+def masked_toy_model(calls):
+    def model(x, t, y, x_mask=None, height=None):
+        calls.append(dict(x=x.clone(), t=t.clone(), x_mask=x_mask, height=height))
+        return conditional_model(x, t, y)
+
+    return model
+
+
+def test_an_all_ones_sampling_mask_samples_what_no_mask_samples():
+    """Open-Sora v1.1 draws a re-noising tensor at every step even for an all-ones mask, so its masked sampler
+    gives another video for the same seed; here the re-noising noise is drawn only for steps that release a
+    frame, so the all-ones mask is the unmasked computation."""
+    diffusion = IDDPM(num_sampling_steps=6)
+    z, y, y_null = randn(*MASKED_SHAPE, seed=47), torch.randn(3, 1, 3, 6), torch.randn(3, 1, 3, 6)
+    for make_generator in (lambda: torch.Generator().manual_seed(5),
+                           lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]):
+        calls = []
+        plain = diffusion.sample(masked_toy_model(calls), z, y, y_null, progress=False, generator=make_generator())
+        masked = diffusion.sample(masked_toy_model(calls), z, y, y_null, progress=False, generator=make_generator(),
+                                  frame_mask=torch.ones(3, 5))
+        assert torch.equal(masked, plain)
+        assert all(c["x_mask"] is None for c in calls[:6]) and all(c["x_mask"].all() for c in calls[6:])
+
+
+def test_masked_sampling_holds_renoises_and_releases_frames_on_open_soras_schedule():
+    steps = 10
+    diffusion = IDDPM(num_sampling_steps=steps)
+    ratios = torch.tensor([[0.0, 0.3, 1.0, 0.55, 0.3], [1.0, 1.0, 0.19, 1.0, 1.0]])
+    release = [[0, 3, 10, 5, 3], [10, 10, 1, 10, 10]]  # int(ratio * steps), in float32 as Open-Sora
+    z = randn(2, *MASKED_SHAPE[1:], seed=48)
+    y, calls = torch.randn(2, 1, 3, 6), []
+    generators = [torch.Generator().manual_seed(s) for s in (8, 9)]
+    out = diffusion.sample(masked_toy_model(calls), z, y, y, progress=False, generator=generators, frame_mask=ratios,
+                           model_kwargs=dict(height=torch.tensor([4.0, 5.0])))
+    assert len(calls) == steps
+    for call, i in zip(calls, range(steps - 1, -1, -1)):
+        x = call["x"][:2]  # the conditional half of the doubled batch
+        assert torch.equal(call["height"], torch.tensor([4.0, 5.0, 4.0, 5.0]))
+        expected_x_mask = torch.tensor(release) > i
+        assert torch.equal(call["x_mask"], torch.cat([expected_x_mask, expected_x_mask]))
+        for b in range(2):
+            for f in range(5):
+                if release[b][f] > i:
+                    continue
+                frame = x[b, :, f]
+                if release[b][f] < i:  # held: exactly the reference
+                    assert torch.equal(frame, z[b, :, f]), (i, b, f)
+                else:  # released now: the reference at step i's noise level
+                    a = diffusion.alphas_cumprod[i]
+                    residual = (frame - a.sqrt() * z[b, :, f]) / (1 - a).sqrt()
+                    assert not torch.equal(frame, z[b, :, f]) and abs(residual.std() - 1) < 0.6, (i, b, f)
+    # frames of ratio 0 are released at the last step: the output there is the model's, not the reference
+    assert not torch.equal(out[0, :, 0], z[0, :, 0])
+    # sample 1 alone, with its own generator, samples the same: its noise does not depend on its batch
+    alone = diffusion.sample(masked_toy_model([]), z[1:], y[1:], y[1:], progress=False,
+                             generator=[torch.Generator().manual_seed(9)], frame_mask=ratios[1:],
+                             model_kwargs=dict(height=torch.tensor([5.0])))
+    torch.testing.assert_close(alone, out[1:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("frame_mask, message", [
+    (torch.ones(2, 4), r"frame_mask must be a \(B, T\) tensor"),
+    (torch.full((2, 5), 1.5), r"frame_mask must hold edit ratios: floats in \[0, 1\]"),
+    (torch.ones(2, 5, dtype=torch.bool), r"frame_mask must hold edit ratios"),
+])
+def test_masked_sampling_rejects_bad_masks(frame_mask, message):
+    z, y = randn(2, *MASKED_SHAPE[1:], seed=49), torch.randn(2, 1, 3, 6)
+    with pytest.raises(ValueError, match=message):
+        IDDPM(num_sampling_steps=2).sample(masked_toy_model([]), z, y, y, progress=False, frame_mask=frame_mask)
+
+
+def test_dpm_solver_refuses_a_frame_mask_and_passes_model_kwargs():
+    z, y, calls = randn(2, *MASKED_SHAPE[1:], seed=50), torch.randn(2, 1, 3, 6), []
+    with pytest.raises(ValueError, match="^dpm-solver cannot sample with a frame mask .*use scheduler type 'iddpm'"):
+        DPMSolver(num_sampling_steps=2).sample(masked_toy_model(calls), z, y, y, progress=False,
+                                               frame_mask=torch.ones(2, 5))
+    DPMSolver(num_sampling_steps=2).sample(masked_toy_model(calls), z, y, y, progress=False,
+                                           model_kwargs=dict(height=torch.tensor([1.0, 2.0]), x_mask=None))
+    assert torch.equal(calls[0]["height"], torch.tensor([1.0, 2.0, 1.0, 2.0])) and calls[0]["x_mask"] is None

@@ -252,6 +252,51 @@ def test_bucketed_training(tmp_path):
     assert len(losses(exp)) == 2
 
 
+class SizeConditioned(torch.nn.Module):
+    """STDiT2's call signature on one weight; records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.calls = []
+
+    def forward(self, x, timestep, y, mask=None, x_mask=None, num_frames=None, height=None, width=None, ar=None,
+                fps=None):
+        self.calls.append(dict(x_mask=x_mask, num_frames=num_frames, height=height, width=width, ar=ar, fps=fps))
+        return torch.cat([x, x], 1) * self.weight
+
+
+def test_train_step_gives_the_model_the_datas_size_and_the_drawn_masks():
+    """As Open-Sora v1.1: height, width, ar (= width / height, their dataset's), fps and num_frames of the batch,
+    and x_mask = the MaskGenerator's masks, drawn from the step's generator (after the latents)."""
+    from sora.masks import MaskGenerator
+    from sora.schedulers import IDDPM
+    from sora.train import train_step
+
+    model = SizeConditioned()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = {"mean": torch.randn(3, 3, 8, 4, 4), "y": torch.randn(3, 1, 2, 8), "height": torch.tensor([144] * 3),
+             "width": torch.tensor([256] * 3), "ar": torch.tensor([256 / 144] * 3, dtype=torch.float64),
+             "fps": torch.tensor([24.0, 120.0, 30.0], dtype=torch.float64), "num_frames": torch.tensor([8] * 3)}
+    masks = MaskGenerator({"mask_quarter_random": 0.5, "mask_image_head": 0.5})
+    train_step(model, SizeConditioned(), optimizer, IDDPM(), batch, torch.Generator().manual_seed(3),
+               mask_generator=masks)
+    (call,) = model.calls
+    expected_masks = masks.get_masks(3, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(call["x_mask"], expected_masks) and not expected_masks.all()
+    for key in ("height", "width", "ar", "fps", "num_frames"):
+        assert call[key].dtype == torch.float32 and torch.equal(call[key], batch[key].float()), key
+
+
+def test_mask_ratios_need_a_model_that_takes_x_mask(tmp_path, clips, capsys):
+    with pytest.raises(SystemExit):
+        train(tmp_path, clips, "--max-steps", "1", "--mask-ratios", "{'mask_no': 1.0}")
+    assert "mask_ratios needs a model that takes x_mask (STDiT2); STDiT does not" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(tmp_path, clips, "--max-steps", "1", "--mask-ratios", "{'mask_no': 0.5}")
+    assert "mask_ratios must sum to 1, got 0.5" in capsys.readouterr().err
+
+
 def test_trainer_pieces_import_without_pyav():
     """The benchmarks time train_step and optimizer_step on GPU machines without PyAV: only building a dataset
     needs it."""

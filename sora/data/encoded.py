@@ -7,7 +7,9 @@ make of each clip, stored once, so that training needs neither.
 An entry is the clip of CSV row `index` at one size `(T, H, W)` (the config's, or with bucket_config each
 bucket the sample may be drawn into): `mean` and, for a VAE that samples its posterior, `std`, both
 (C, T, h, w) unscaled in the config's dtype; `y` (1, L, C) and `mask` (L,) of its caption (`y` a class id
-for label encoders, no mask). The frames are the ones epoch 0 of on-the-fly training takes (the start
+for label encoders, no mask), and with bucket_config `fps` (the file's frame rate, 120 for images; the
+bucket's num_frames, height, width and ar = width / height come from the key).
+The frames are the ones epoch 0 of on-the-fly training takes (the start
 frame is drawn from (the encoding's seed, epoch 0, index)); later epochs see the same frames again. Training draws the
 latent from (mean, std) with the step's generator (`sora.models.vae.sample_posterior`), the draw the VAE
 makes on the fly.
@@ -106,9 +108,14 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self._open[shard]
 
     def __getitem__(self, key):
-        key = (key, *self.size) if isinstance(key, int) else parse_key(key)
+        bucketed = not isinstance(key, int)
+        key = parse_key(key) if bucketed else (key, *self.size)
         if key not in self.where:
             raise KeyError(f"{self.folder} holds no entry {key} (sample index, T, H, W): encoded with another "
                            "bucket_config?")
         shard, position = self.where[key]
-        return self._shard(shard)[position]
+        entry = self._shard(shard)[position]
+        if bucketed:  # the size conditioning VariableVideoTextDataset gives (fps is stored with the entry)
+            _, frames, height, width = key
+            entry = {**entry, "num_frames": frames, "height": height, "width": width, "ar": width / height}
+        return entry

@@ -89,13 +89,18 @@ class DPMSolver:
         self.timesteps, self.alphas, self.sigmas, self.coefficients = solver_plan(num_sampling_steps, time_grid)
 
     @torch.no_grad()
-    def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None):
+    def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None, frame_mask=None,
+               model_kwargs=None):
         """Solve the probability-flow ODE from noise z (B, C, T, H, W) to x_0.
 
-        The model is called as in `IDDPM.sample` (doubled batch, [y; y_null]) at float timesteps of the
-        1000-step process; only its first C output channels, the eps prediction, are used. `generator`
-        is accepted for the common signature: the solver draws no random numbers.
+        The model is called as in `IDDPM.sample` (doubled batch, [y; y_null], model_kwargs) at float timesteps
+        of the 1000-step process; only its first C output channels, the eps prediction, are used. `generator`
+        is accepted for the common signature: the solver draws no random numbers. `frame_mask` (reference
+        frames) is refused, as Open-Sora v1.1's DPM-Solver refuses it: its release schedule is IDDPM's.
         """
+        if frame_mask is not None:
+            raise ValueError("dpm-solver cannot sample with a frame mask (references, mask_strategy or loop > 1): "
+                             "use scheduler type 'iddpm'.")
         check_sample_inputs(z, y, y_null, mask)
         channels = z.shape[1]
         x = z.to(compute_dtype(z))
@@ -104,7 +109,7 @@ class DPMSolver:
         steps = enumerate(zip(timesteps, self.alphas.tolist(), self.sigmas.tolist(), self.coefficients.tolist()))
         for i, (t, alpha, sigma, (a, b, c)) in tqdm(steps, total=self.num_sampling_steps, disable=not progress):
             eps = guided_output(model, x, t.expand(x.shape[0]), y, y_null, mask, self.cfg_scale, self.cfg_channel,
-                                check=i == 0)
+                                check=i == 0, model_kwargs=model_kwargs)
             data = (x - sigma * eps[:, :channels].to(x.dtype)) / alpha
             x = a * x + b * data + (c * previous if c else 0.0)
             previous = data

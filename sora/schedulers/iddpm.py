@@ -89,9 +89,13 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 
-def mean_flat(x):
-    """Mean over every dimension but the batch: (B, ...) -> (B,)."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
+def mean_flat(x, frame_mask=None):
+    """Mean over every dimension but the batch: (B, ...) -> (B,). With `frame_mask` (B, T) bool, x being
+    (B, C, T, H, W): the mean over the frames where the mask is True only (Open-Sora v1.1's masked mean)."""
+    if frame_mask is None:
+        return x.mean(dim=tuple(range(1, x.ndim)))
+    frames = frame_mask[:, None, :, None, None].to(x.dtype)
+    return (x * frames).sum(dim=(1, 2, 3, 4)) / (frame_mask.sum(1).to(x.dtype) * (x[0, :, 0].numel()))
 
 
 def check_guidance(cfg_scale, cfg_channel):
@@ -120,18 +124,23 @@ def check_sample_inputs(z, y, y_null, mask):
         raise ValueError(f"y and y_null must have the same shape, got {tuple(y.shape)} and {tuple(y_null.shape)}.")
 
 
-def guided_output(model, x, timestep, y, y_null, mask, cfg_scale, cfg_channel, check=True):
+def guided_output(model, x, timestep, y, y_null, mask, cfg_scale, cfg_channel, check=True, model_kwargs=None):
     """One model call on the batch doubled as [conditional; unconditional], guided.
 
     x: (B, C, ...), timestep: (B,) original-process indices. Returns (B, C_out, ...): the first
     `cfg_channel` channels (default C, the eps part) are uncond + cfg_scale * (cond - uncond), the
     rest (the learned variance) are the conditional ones. `check`: validate the output's shape
     (sampling loops do it on their first step only: the shapes do not change between steps).
+    model_kwargs: more model inputs (STDiT2's x_mask, height, width, ...); a tensor with x's batch size
+    first is doubled as x is, anything else is passed as it is.
     """
     kwargs = {"y": torch.cat([y, y_null])}
     # Models without masking (class-conditioned DiT) take no mask argument at all.
     if mask is not None:
         kwargs["mask"] = torch.cat([mask, mask])
+    for name, value in (model_kwargs or {}).items():
+        doubled = isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == x.shape[0]
+        kwargs[name] = torch.cat([value, value]) if doubled else value
     out = model(torch.cat([x, x]), torch.cat([timestep, timestep]), **kwargs)
     num_guided = x.shape[1] if cfg_channel is None else cfg_channel
     if check and (out.shape[0] != 2 * x.shape[0] or out.shape[2:] != x.shape[2:]):
@@ -142,6 +151,45 @@ def guided_output(model, x, timestep, y, y_null, mask, cfg_scale, cfg_channel, c
     cond, uncond = out.chunk(2)
     guided = uncond[:, :num_guided] + cfg_scale * (cond[:, :num_guided] - uncond[:, :num_guided])
     return torch.cat([guided, cond[:, num_guided:]], dim=1)
+
+
+def check_frame_mask(frame_mask, x, dtype):
+    """Validate a (B, T) frame mask for x (B, C, T, H, W): `dtype` "bool" (training: True = generate) or
+    "ratio" (sampling: floats in [0, 1], the edit ratio of each frame)."""
+    frames = x.shape[2] if x.ndim == 5 else None
+    if frames is None or not isinstance(frame_mask, torch.Tensor) or frame_mask.shape != (x.shape[0], frames):
+        shape = getattr(frame_mask, "shape", type(frame_mask))
+        raise ValueError(f"frame_mask must be a (B, T) tensor for x of shape (B, C, T, H, W) = {tuple(x.shape)}, "
+                         f"got {shape}.")
+    if dtype == "bool":
+        if frame_mask.dtype != torch.bool:
+            raise ValueError(f"frame_mask must be a bool tensor (True = a frame to generate), got {frame_mask.dtype}.")
+        if not frame_mask.any(1).all():
+            raise ValueError("frame_mask must leave at least one frame to generate (True) in every sample.")
+    elif not frame_mask.is_floating_point() or not ((frame_mask >= 0) & (frame_mask <= 1)).all():
+        raise ValueError(f"frame_mask must hold edit ratios: floats in [0, 1], got {frame_mask!r}.")
+
+
+def release_steps(frame_mask, num_steps):
+    """(B, T) int64: the step at which each frame of a masked sampling is released, int(ratio * num_steps) as
+    Open-Sora v1.1 computes it (in float32); a frame with ratio 1 is never held (num_steps)."""
+    return (frame_mask.float() * num_steps).to(torch.int64)
+
+
+def release_noise(steps, generator, like):
+    """{step: (B, C, T, H, W) noise} for every step at which a frame is released (re-noised to that step's
+    level), drawn in step order after the ancestral noise; with a list of generators, sample b draws only at
+    its own release steps, so its noise does not depend on its batch."""
+    per_sample = isinstance(generator, (list, tuple))
+    noise = {}
+    for b in range(like.shape[0]) if per_sample else [None]:
+        rows = steps if b is None else steps[b:b + 1]
+        for step in sorted(set(rows.flatten().tolist()), reverse=True):
+            if b is None:
+                noise[step] = randn(like.shape, generator, like)
+            else:
+                noise.setdefault(step, torch.zeros_like(like))[b] = randn(like.shape[1:], generator[b], like)
+    return noise
 
 
 def randn(shape, generator, like):
@@ -312,25 +360,31 @@ class IDDPM:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return mean, log_variance, pred_xstart
 
-    def vlb_terms(self, x_start, x_t, t, model_output):
+    def vlb_terms(self, x_start, x_t, t, model_output, frame_mask=None):
         """One term of the variational bound per sample, in bits per dimension, (B,).
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, the decoder's negative
-        log-likelihood of x_0 for t = 0.
+        log-likelihood of x_0 for t = 0; averaged over the frames where `frame_mask` (B, T) is True.
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         mean, log_variance, _ = self.p_mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / math.log(2.0)
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance)) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance), frame_mask) / math.log(2.0)
+        log_likelihood = discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance)
+        decoder_nll = -mean_flat(log_likelihood, frame_mask) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
-    def training_losses(self, model, x_start, model_kwargs=None, t=None, noise=None, generator=None):
+    def training_losses(self, model, x_start, model_kwargs=None, t=None, noise=None, generator=None,
+                        frame_mask=None):
         """Per-sample losses for one noised batch: a dict of (B,) tensors.
 
         `loss` = `mse` (eps, or x_0 with predict_xstart) + `vb` (the variance's bound term, mean
         detached) with learn_sigma, `mse` alone without; with use_kl, `loss` = the bound term times
         num_timesteps (mean not detached). `t` (B,) indexes this scheduler's steps and is drawn
         uniformly when not given; `noise` defaults to standard normal; both draw from `generator`.
+
+        frame_mask: (B, T) bool for x_start (B, C, T, H, W), True = a frame to generate (Open-Sora v1.1's
+        masked training): the other frames, the condition, are noised to step 0 only (with the same noise),
+        the model gets the mask as `x_mask`, and mse and vb average over the generated frames only.
         """
         if not isinstance(x_start, torch.Tensor) or x_start.ndim < 2 or not x_start.is_floating_point():
             got = getattr(x_start, "shape", type(x_start))
@@ -338,6 +392,13 @@ class IDDPM:
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             got = type(model_kwargs).__name__
             raise ValueError(f"model_kwargs must be a dict of model inputs (y, mask), got {got}.")
+        if frame_mask is not None:
+            check_frame_mask(frame_mask, x_start, "bool")
+            if self.use_kl:
+                raise ValueError("frame_mask needs the hybrid loss: it is not defined for use_kl=True (nor is it in "
+                                 "Open-Sora v1.1).")
+            frame_mask = frame_mask.to(x_start.device)
+            model_kwargs = {**(model_kwargs or {}), "x_mask": frame_mask}
         batch = x_start.shape[0]
         if t is None:
             device = generator.device if generator is not None else x_start.device
@@ -361,33 +422,48 @@ class IDDPM:
         noise = noise.to(dtype)
 
         x_t = self.q_sample(x_start, t, noise)
+        if frame_mask is not None:
+            x_t0 = self.q_sample(x_start, torch.zeros_like(t), noise)
+            x_t = torch.where(frame_mask[:, None, :, None, None], x_t, x_t0)
         model_output = model(x_t, self._on("timestep_map", t.device)[t], **(model_kwargs or {})).to(dtype)
         if self.use_kl:
             return {"loss": self.vlb_terms(x_start, x_t, t, model_output) * self.num_timesteps}
 
         channels = x_start.shape[1]
         target = x_start if self.predict_xstart else noise
-        terms = {"mse": mean_flat((target - model_output[:, :channels]) ** 2)}
+        terms = {"mse": mean_flat((target - model_output[:, :channels]) ** 2, frame_mask)}
         terms["loss"] = terms["mse"]
         if self.learn_sigma:
             # The bound trains only the variance; the mean is left to the MSE ("hybrid" loss).
             frozen = torch.cat([model_output[:, :channels].detach(), model_output[:, channels:]], dim=1)
-            terms["vb"] = self.vlb_terms(x_start, x_t, t, frozen)
+            terms["vb"] = self.vlb_terms(x_start, x_t, t, frozen, frame_mask)
             if self.rescale_learned_sigmas:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
             terms["loss"] = terms["mse"] + terms["vb"]
         return terms
 
     @torch.no_grad()
-    def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None):
+    def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None, frame_mask=None,
+               model_kwargs=None):
         """Ancestral sampling from noise z (B, C, T, H, W) to x_0, with classifier-free guidance.
 
-        Each step calls model(x, t, y=..., mask=...) once on the doubled batch [x; x] with
+        Each step calls model(x, t, y=..., mask=..., **model_kwargs) once on the doubled batch [x; x] with
         [y; y_null] (and [mask; mask] when given) at the original timestep index. `generator`: one
         torch.Generator, or a list of B (one per sample). Returns (B, C, T, H, W) in z's dtype.
+
+        frame_mask: (B, T) edit ratios in [0, 1] (Open-Sora v1.1's masked sampling; z holds the reference
+        latents at the frames with a ratio below 1). A frame of ratio r is held at its reference until step
+        int(r * num_steps) (counting down), re-noised there to that step's level, and denoised from then on;
+        x_mask (True = a frame released at an earlier step; at its release step a frame still gets the condition's
+        timestep-0 modulation, as in Open-Sora) goes to the model. Ratio 1 is the unmasked computation: an all-ones mask
+        samples exactly what no mask samples (the re-noising noise is drawn only for steps that release a
+        frame, after the ancestral noise). The mask is read once on the host, before the loop.
         """
         check_sample_inputs(z, y, y_null, mask)
         x = z.to(compute_dtype(z))
+        if frame_mask is not None:
+            check_frame_mask(frame_mask, x, "ratio")
+            held = release_steps(frame_mask, self.num_timesteps)
         batch = x.shape[0]
         timesteps = self._on("timestep_map", x.device)
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -395,11 +471,23 @@ class IDDPM:
         # CPU generator's noise is then on the GPU before the first step instead of each step waiting for its
         # copy (this holds num_timesteps - 1 tensors of z's size on the device).
         noise = iter([randn(x.shape, generator, x) for _ in steps[:-1]])
+        if frame_mask is not None:
+            renoise = release_noise(held, generator, x)
+            held = held.to(x.device)
+        kwargs = dict(model_kwargs or {})
         for i in tqdm(steps, disable=not progress):
             first = i == steps[0]
             t = torch.full((batch,), i, dtype=torch.long, device=x.device)
-            out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel, first)
+            if frame_mask is not None:
+                reference = x
+                if i in renoise:  # frames released at this step: the reference re-noised to step i
+                    x = torch.where((held == i)[:, None, :, None, None], self.q_sample(reference, t, renoise[i]), x)
+                kwargs["x_mask"] = held > i
+            out = guided_output(model, x, timesteps[t], y, y_null, mask, self.cfg_scale, self.cfg_channel, first,
+                                kwargs)
             mean, log_variance, _ = self.p_mean_variance(out.to(x.dtype), x, t, check=first)
             # The last step returns the mean: x_0 gets no noise.
             x = mean + torch.exp(0.5 * log_variance) * next(noise) if i > 0 else mean
+            if frame_mask is not None:  # frames not yet released stay the reference
+                x = torch.where((held < i)[:, None, :, None, None], reference, x)
         return x.to(z.dtype)

@@ -1,0 +1,82 @@
+# Open-Sora v1.1 STDiT2-XL/2 training, stage 2 (report_02: 240p/480p).
+# Open-Sora's configs/opensora-v1-1/train/stage2.py values (their d599fd7), in sora's keys.
+# Data: a CSV with path,text and, to skip probing every file, num_frames,height,width columns; every sample goes
+# into the buckets it fits (bucket_config: {resolution: {num_frames: (keep probability, batch size)}}).
+# Launch: torchrun --standalone --nproc_per_node 8 -m sora.train \
+#     configs/opensora-v1-1/train/stage2.py --data-path YOUR.csv
+# or pre-encoded: python -m sora.preprocess THIS_CONFIG --data-path YOUR.csv --save-dir DIR, then --data-path DIR.
+# The model gets each batch's height, width, ar, fps and num_frames from the data, as Open-Sora v1.1 passes them
+# (ar = width / height there; their sampling passes height / width).
+# num_frames and image_size are the size the model is built for (STDiT2 takes any size; the buckets decide what
+# trains); batch_size is per bucket (None here, as Open-Sora).
+num_frames = 16
+frame_interval = 3
+image_size = (240, 426)
+
+root = None
+data_path = "./data/train.csv"
+num_workers = 8
+bucket_config = {  # Open-Sora's timing: 7s/it
+    "144p": {1: (1.0, 48), 16: (1.0, 17), 32: (1.0, 9), 64: (1.0, 4), 128: (1.0, 1)},
+    "256": {1: (0.8, 254), 16: (0.5, 17), 32: (0.5, 9), 64: (0.5, 4), 128: (0.5, 1)},
+    "240p": {1: (0.1, 20), 16: (0.9, 17), 32: (0.8, 9), 64: (0.8, 4), 128: (0.8, 2)},
+    "512": {1: (0.5, 86), 16: (0.2, 4), 32: (0.2, 2), 64: (0.2, 1), 128: (0.0, None)},
+    "480p": {1: (0.4, 54), 16: (0.4, 4), 32: (0.0, None)},
+    "720p": {1: (0.1, 20), 16: (0.1, 2), 32: (0.0, None)},
+    "1024": {1: (0.3, 20)},
+    "1080p": {1: (0.4, 8)},
+}
+# The frames a sample is conditioned on (sora.masks): 25% of the samples have some.
+mask_ratios = {
+    "mask_no": 0.75,
+    "mask_quarter_random": 0.025,
+    "mask_quarter_head": 0.025,
+    "mask_quarter_tail": 0.025,
+    "mask_quarter_head_tail": 0.05,
+    "mask_image_random": 0.025,
+    "mask_image_head": 0.025,
+    "mask_image_tail": 0.025,
+    "mask_image_head_tail": 0.05,
+}
+
+dtype = "bf16"
+grad_checkpoint = True
+plugin = "zero2"
+sp_size = 1
+
+model = dict(
+    type="STDiT2-XL/2",
+    from_pretrained=None,
+    input_sq_size=512,  # the pretrained model was trained at 512x512
+    qk_norm=True,
+    enable_flashattn=True,  # Open-Sora v1.1 ignored this old name (their #369); sora takes it
+    enable_layernorm_kernel=True,
+)
+vae = dict(
+    type="VideoAutoencoderKL",
+    from_pretrained="stabilityai/sd-vae-ft-ema",
+    micro_batch_size=4,
+)
+text_encoder = dict(
+    type="t5",
+    from_pretrained="DeepFloyd/t5-v1_1-xxl",
+    model_max_length=200,
+    shardformer=True,
+)
+scheduler = dict(
+    type="iddpm",
+    timestep_respacing="",
+)
+
+seed = 42
+outputs = "outputs"
+wandb = False
+
+epochs = 1000
+log_every = 10
+ckpt_every = 500
+load = None
+
+batch_size = None
+lr = 2e-5
+grad_clip = 1.0
