@@ -1,11 +1,11 @@
-"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing, the
-minimum-bytes formulas, random weights, and the rows collector that conftest (and bench/gpu_check.py) write out.
+"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing, random
+weights, and the rows collector that bench/conftest.py and bench/gpu_check.py write out.
 
-Timing, each case measured once: kernels with `triton.testing.do_bench(..., return_mode="median")` on CUDA
-(CUDA events, L2 flushed before each run) after an explicit warm-up that keeps JIT and torch.compile work out of
-the numbers; in pytest that one measurement is the test's single pytest-benchmark call (`measured_once`), so
-`--benchmark-only` selects the test. Whole steps (training steps, sampling, encoders): CUDA events around each
-synchronized call, median (time_steps). On a CPU-only machine: wall clock (smoke only).
+Timing (Timer): kernels with `triton.testing.do_bench(..., return_mode="median")` on CUDA (CUDA events, L2 flushed
+before each run) after a warm-up that keeps JIT and torch.compile work out of the numbers, the whole measurement
+being the test's one pytest-benchmark call; whole steps (training, sampling, encoders) through pytest-benchmark's
+rounds, each call also timed with CUDA events (the row's ms, their median; wall_ms is pytest-benchmark's median).
+On a CPU-only machine: wall clock (smoke only).
 """
 
 import datetime
@@ -19,7 +19,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,21 +170,11 @@ def collect_env(device: torch.device) -> dict:
             if device.type == "cuda"
             else "CPU smoke set: wall clock (time.perf_counter) median; not results"
         ),
-        "compile_mode": compile_mode(),
     }
     env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
     # Read right after the copies, while the clocks are up (an idle H100 reports its SM clock at ~345 MHz).
     env["clocks"] = read_clocks(device.index) if device.type == "cuda" else None
     return env
-
-
-def compile_mode() -> str:
-    """How the model benches apply torch.compile: "blocks" (default: each transformer block, the regional
-    compile PyTorch recommends; 28 identical blocks compile once) or "model" (torch.compile(model))."""
-    mode = os.environ.get("SORA_BENCH_COMPILE", "blocks")
-    if mode not in ("blocks", "model"):
-        raise pytest.UsageError(f"SORA_BENCH_COMPILE must be 'blocks' or 'model', got {mode!r}")
-    return mode
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -204,7 +193,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, repeats: int = 5) -> float:
+def time_ms(fn, device: torch.device, repeats: int = 3) -> float:
     """Median time of one call of fn in ms: do_bench on CUDA, wall clock on a CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -218,73 +207,68 @@ def time_ms(fn, device: torch.device, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def measured_once(benchmark, measure):
-    """Run measure() exactly once, as the test's one pytest-benchmark call (so `--benchmark-only` selects the
-    test); returns what it returns. The row's numbers come from inside measure (do_bench, CUDA events):
-    pytest-benchmark's own table shows how long the whole measurement took, not a kernel's time."""
-    if benchmark.disabled:
-        return measure()
-    return benchmark.pedantic(measure, rounds=1, iterations=1)
+class Timer:
+    """Times a case on `device`: through pytest-benchmark when a test hands its fixture (its first use only: a
+    batch retried after running out of memory times plainly), else plainly (bench/gpu_check.py)."""
 
+    def __init__(self, device: torch.device, copy_bandwidth_gbps: float, benchmark=None):
+        self.device, self.copy_bandwidth_gbps, self.benchmark = device, copy_bandwidth_gbps, benchmark
 
-def pedantic_ms(benchmark, fn, device: torch.device, rounds: int, warmup_rounds: int = 1) -> float | None:
-    """Run fn through pytest-benchmark (synchronized after each call); its median wall time in ms."""
+    def fixture(self):
+        b = self.benchmark
+        return None if b is None or b.disabled or getattr(b, "_mode", None) else b
 
-    def call_and_sync():
-        fn()
-        synchronize(device)
+    def once(self, measure):
+        """measure() once, as the test's one pytest-benchmark call (so `--benchmark-only` selects the test)."""
+        benchmark = self.fixture()
+        return measure() if benchmark is None else benchmark.pedantic(measure, rounds=1, iterations=1)
 
-    if benchmark.disabled:  # --benchmark-disable runs the function once: keep the rounds the caller asked for
-        for _ in range(warmup_rounds + rounds):
-            call_and_sync()
-        return None
-    benchmark.pedantic(call_and_sync, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    return benchmark.stats.stats.median * 1e3
+    def kernel(self, fn) -> float:
+        """fn's median time in ms after two warm-up calls (Triton JIT, torch.compile's graphs), measured once."""
 
+        def measure():
+            for _ in range(2 if self.device.type == "cuda" else 1):
+                fn()
+            synchronize(self.device)
+            return time_ms(fn, self.device)
 
-def time_steps(benchmark, step, device: torch.device, warmup: int = 2, budget_ms: float = STEP_BUDGET_MS) -> dict:
-    """Time a whole step (a training step, a sampling run, an encoder call: tens of ms to seconds, host work
-    included): `warmup` untimed calls (JIT, compile, handles, optimizer state), then 3-10 calls (about
-    budget_ms of them), each timed with CUDA events and synchronized; through pytest-benchmark when `benchmark`
-    is a fixture, plainly when it is None (bench/gpu_check.py).
+        return self.once(measure)
 
-    Returns ms (median of the events), wall_ms (pytest-benchmark's median, None without it), rounds, peak_mem_gb
-    (over the timed calls; None on a CPU). On a CPU: wall clock, 3 rounds.
-    """
-    if warmup < 1:
-        raise ValueError(f"warmup must be at least 1 (its time sets the rounds), got {warmup}")
-    times = []
+    def steps(self, step, warmup: int = 2, budget_ms: float = STEP_BUDGET_MS) -> dict:
+        """A whole step (tens of ms to seconds, host work included): `warmup` untimed calls (JIT, compile,
+        handles, optimizer state), then 3-10 calls (about budget_ms of them; on a CPU 1 and 2), each timed with CUDA
+        events and synchronized, through pytest-benchmark's rounds when there is one. Returns ms (median of the
+        events), wall_ms (pytest-benchmark's median, else None), rounds, peak_mem_gb (None on a CPU)."""
+        cuda = self.device.type == "cuda"
+        times = []
 
-    def timed_step():
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            times.append(time_ms(step, device, repeats=1))
+        def timed_step():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                times.append(time_ms(step, self.device, repeats=1))
 
-    for _ in range(warmup):
-        timed_step()
-    rounds = max(3, min(10, int(budget_ms / times[-1]))) if device.type == "cuda" else 3
-    times.clear()
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    if benchmark is None:
-        for _ in range(rounds):
+        for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
-        wall_ms = None
-    else:
-        wall_ms = pedantic_ms(benchmark, timed_step, device, rounds=rounds, warmup_rounds=0)
-    return {
-        "ms": statistics.median(times),
-        "wall_ms": wall_ms,
-        "rounds": rounds,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-    }
+        rounds = max(3, min(10, int(budget_ms / times[-1]))) if cuda else 2
+        times.clear()
+        if cuda:
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        benchmark, wall_ms = self.fixture(), None
+        if benchmark is None:
+            for _ in range(rounds):
+                timed_step()
+        else:
+            benchmark.pedantic(timed_step, rounds=rounds, warmup_rounds=0, iterations=1)
+            wall_ms = benchmark.stats.stats.median * 1e3
+        return {"ms": statistics.median(times), "wall_ms": wall_ms, "rounds": rounds,
+                "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else None}
 
 
 class Rotation:
@@ -314,50 +298,6 @@ def free_memory() -> None:
 def is_oom(error: BaseException) -> bool:
     """CUDA out of memory, however the library that hit it reports it."""
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-# ---- bytes ---------------------------------------------------------------------------------------------
-def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) -> int:
-    """The fewest bytes an op must move through device memory (each input read once, each output written
-    once); formulas in bench/NOTES.md. The temporal variants move the same bytes (the layout is free)."""
-    tokens = B * N * C * elem  # one (B, N, C) tensor
-    rows = B * C * elem  # one per-sample (B, 1, C) vector: shift, scale, gate or their gradients
-    if bench.startswith("layernorm_modulate"):
-        fwd = 2 * tokens + 2 * rows  # read x, shift, scale; write y
-        bwd = 3 * tokens + 3 * rows  # read dy, x, scale; write dx, dshift, dscale
-    elif bench.startswith("gated_residual"):
-        fwd = 3 * tokens + rows  # read x, y, gate; write out
-        bwd = 3 * tokens + 2 * rows  # dx = dout (no bytes); read dout, y, gate; write dy, dgate
-    elif bench == "to_temporal":
-        fwd = 2 * tokens  # read x, write the permuted copy
-        bwd = 2 * tokens  # read dout, write dx
-    else:
-        raise ValueError(f"no byte formula for bench {bench!r}")
-    return fwd if direction == "fwd" else fwd + bwd
-
-
-def all_to_all_volume(S: int, T: int, C: int, sp: int, elem: int, depth: int) -> dict:
-    """Bytes one rank sends to the others in STDiT's sequence-parallel temporal attention, per sample.
-
-    Each rank holds T/sp frames: n = S*T/sp tokens. Forward, per layer: qkv (n, 3C) scatters heads and gathers
-    frames, the attention output (n, C) goes back; all_to_all_single keeps 1/sp of each tensor on the rank, so
-    (sp-1)/sp of it crosses the links. Backward runs the inverse exchanges on the gradients: the same bytes.
-    Gradient checkpointing recomputes the forward in backward, exchanges included. Formulas in bench/NOTES.md.
-    """
-    tokens = S * T // sp
-    share = (sp - 1) / sp
-    qkv = round(3 * tokens * C * elem * share)
-    out = round(tokens * C * elem * share)
-    layer_fwd = qkv + out
-    return {
-        "tokens_per_rank": tokens,
-        "qkv_send_bytes": qkv,
-        "out_send_bytes": out,
-        "layer_fwd_bytes": layer_fwd,
-        "layer_bwd_bytes": layer_fwd,
-        "step_bytes": depth * 2 * layer_fwd,  # forward + backward
-        "step_bytes_gc": depth * 3 * layer_fwd,  # + the forward recomputed under gradient checkpointing
-    }
 
 
 # ---- rows ----------------------------------------------------------------------------------------------
@@ -435,64 +375,3 @@ class Results:
         path, summary = self.save()
         self.written = [path, *write_report(summary, path.parent)]
         return self.written
-
-
-def record(results: Results, benchmark, row: dict, measure) -> None:
-    """Run measure(row), which fills the row's numbers, and record the row.
-
-    Out of memory becomes a skipped row ("OOM") and a skipped test; any other error is recorded as
-    "error: ..." and raised, so the test fails. Either way the row is in the report.
-    """
-    reason = None
-    try:
-        measure(row)
-    except Exception as error:
-        if not is_oom(error):
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            row.update(ms=None, skipped=f"error: {type(error).__name__}: {message}"[:300])
-            results.add(row)
-            raise
-        reason = "OOM" if row.get("batch_size") is None else f"OOM at batch {row['batch_size']}"
-    # Outside the except block: the traceback (and the tensors its frames hold) is gone by now.
-    free_memory()
-    if reason is not None:
-        skip(results, benchmark, row, reason)
-    row.setdefault("skipped", None)
-    benchmark.extra_info.update(row)
-    results.add(row)
-
-
-def record_largest_batch(results: Results, benchmark, make_row, measure, batches) -> None:
-    """record() at the first of `batches` that fits: a batch that runs out of memory is recorded as a skipped
-    row ("OOM at batch 8") and the next one is tried; the last one's OOM skips the test.
-
-    make_row(batch) -> the row; measure(row, batch) fills it (see record)."""
-    for batch in batches:
-        row = make_row(batch)
-        try:
-            record(results, benchmark, row, lambda row: measure(row, batch))
-            return
-        except pytest.skip.Exception:
-            # Out of memory: the next batch size gets the fixture, unless pytest-benchmark already ran it.
-            oom = str(row.get("skipped") or "").startswith("OOM")
-            if not oom or batch == batches[-1] or getattr(benchmark, "_mode", None):
-                raise
-            benchmark.skipped = False
-
-
-def record_computed(results: Results, benchmark, row: dict, compute) -> None:
-    """Record a row whose numbers are computed, not timed (bytes a collective must send): compute(row) fills
-    it, run once through pytest-benchmark so that --benchmark-only selects the test (the time pytest-benchmark
-    shows is the arithmetic's). The row says computed=True and has no ms."""
-    benchmark.pedantic(compute, args=(row,), rounds=1, iterations=1)
-    row.update(computed=True, ms=None, skipped=None)
-    benchmark.extra_info.update(row)
-    results.add(row)
-
-
-def skip(results: Results, benchmark, row: dict, reason: str):
-    """Record a provider that cannot run as a row with ms None and the reason, then skip the test."""
-    row.update(ms=None, skipped=reason)
-    results.add(row)
-    benchmark.skipped = True  # tells pytest-benchmark the fixture was left unused on purpose
-    pytest.skip(reason)

@@ -1,9 +1,10 @@
-"""The speed suite's switches, session facts and results writer.
+"""The speed suite's switches, run facts and results writer.
 
 `pytest bench/ --benchmark` (or pytest-benchmark's own `--benchmark-only`) runs the suite; without either,
 every bench test is skipped with a reason. Rows go to bench/results/<gpu-slug>/summary.json (or --bench-out)
-as they are measured; at the end of the session README.md (tables) and plots are written beside it. On a machine without CUDA only the CPU smoke
-set runs (tiny shapes, wall clock), written to bench/results/cpu-smoke/, which git ignores.
+as they are measured; at the end of the run README.md (tables) and plots are written beside it. On a machine
+without CUDA only the CPU smoke set runs (tiny shapes, wall clock), written to bench/results/cpu-smoke/, which git
+ignores.
 """
 
 import os
@@ -69,7 +70,7 @@ def bench_env(results, device) -> dict:
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_on_cpu(device):
     """The CPU smoke set runs tiny ops, where handing each to a thread pool costs more than the op itself
-    (2 ms per op against 30 us on one thread, seen on a 2-core sandbox): one thread there."""
+    (bench/NOTES.md): one thread there."""
     if device.type == "cuda":
         yield
         return
@@ -89,7 +90,7 @@ def _fresh_state():
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     results = config.stash.get(RESULTS, None)
-    if results is None or not results.rows or not benchmarking(config) or results.env is None:
+    if not benchmarking(config) or results is None or not results.rows or results.env is None:
         return
     results.finish()
 
