@@ -33,9 +33,6 @@ L2_FALLBACK_BYTES = 50 * 2**20
 # Whole steps (training, sampling, encoders): about this much time of timed calls per case.
 STEP_BUDGET_MS = 6000
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
 def on_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -46,8 +43,8 @@ def bench_device() -> torch.device:
 
 # ---- environment ------------------------------------------------------------------------------------
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files changed. SORA_BENCH_COMMIT overrides it (a device machine
-    that got a copy of the working tree without .git)."""
+    """HEAD, with "-dirty" when tracked files changed. SORA_BENCH_COMMIT overrides it (a copy of the working tree
+    without .git)."""
     if os.environ.get("SORA_BENCH_COMMIT"):
         return os.environ["SORA_BENCH_COMMIT"]
 
@@ -67,42 +64,34 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
 
 
-def _nvml_handle(pynvml, index: int):
-    """NVML's handle for CUDA device `index` (matched by UUID: NVML and CUDA may number devices differently)."""
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is not None:
+def nvml(index: int, read):
+    """read(pynvml, handle) of CUDA device `index` (matched by UUID: NVML and CUDA may number devices differently),
+    NVML opened around it; raises where nvidia-ml-py or the driver is missing."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
         try:
-            text = str(uuid)
-            return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else "GPU-" + text)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
         except pynvml.NVMLError:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
-
-
-def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return read(pynvml, handle)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def read_clocks(index: int) -> dict | None:
-    """Current and maximum SM and memory clocks (MHz) via nvidia-ml-py; None where NVML is unavailable."""
-    try:
-        import pynvml
+    """Current and maximum SM and memory clocks (MHz); None where NVML is unavailable (the run still measures)."""
+    def read(nv, handle):
+        return {f"{name}{kind}_mhz": get(handle, clock) for name, clock in (("sm", nv.NVML_CLOCK_SM),
+                                                                            ("mem", nv.NVML_CLOCK_MEM))
+                for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
 
-        pynvml.nvmlInit()
-    except Exception:  # no pynvml, or no driver: the run still measures, it just cannot say the clocks
-        return None
     try:
-        handle = _nvml_handle(pynvml, index)
-        return {
-            "sm_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "mem_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-            "sm_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "mem_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-        }
-    except pynvml.NVMLError:
+        return nvml(index, read)
+    except Exception:
         return None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def device_info(device: torch.device) -> dict:
@@ -110,25 +99,17 @@ def device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"name": f"cpu ({platform.processor() or platform.machine()})", "cpu_count": os.cpu_count()}
     props = torch.cuda.get_device_properties(device)
-    info = {
-        "name": props.name,
-        "memory_gb": round(props.total_memory / 1e9, 1),
-        "sm_count": props.multi_processor_count,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None,
-        "driver": None,
-    }
-    try:
-        import pynvml
+    info = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1), "sm_count": props.multi_processor_count,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None, "driver": None}
 
-        pynvml.nvmlInit()
-        try:
-            handle = _nvml_handle(pynvml, device.index)
-            info["name"] = _text(pynvml.nvmlDeviceGetName(handle))
-            info["memory_gb"] = round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1)
-            info["driver"] = _text(pynvml.nvmlSystemGetDriverVersion())
-        finally:
-            pynvml.nvmlShutdown()
+    def read(nv, handle):
+        text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
+        return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
+                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1)}
+
+    try:
+        info.update(nvml(device.index, read))
     except Exception as error:  # keep CUDA's view of the device, and say why NVML's is missing
         info["nvml_error"] = f"{type(error).__name__}: {error}"
     return info
@@ -156,21 +137,12 @@ def collect_env(device: torch.device) -> dict:
     """Everything summary.json says about the run besides its rows."""
     import triton
 
-    env = {
-        "device": device_info(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "smoke": device.type != "cuda",
-        "timing": (
-            f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) for kernels; "
-            "CUDA events around each step, median, for models"
-            if device.type == "cuda"
-            else "CPU smoke set: wall clock (time.perf_counter) median; not results"
-        ),
-    }
+    env = {"device": device_info(device), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "commit": git_commit(), "smoke": device.type != "cuda",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "timing": f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) "
+                     "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
+                     else "CPU smoke set: wall clock (time.perf_counter) median; not results"}
     env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
     # Read right after the copies, while the clocks are up (an idle H100 reports its SM clock at ~345 MHz).
     env["clocks"] = read_clocks(device.index) if device.type == "cuda" else None
@@ -312,21 +284,17 @@ def row_key(row: dict) -> str:
 
 
 class Results:
-    """The session's rows and environment, saved to summary.json after every row (a run cut off by a time
-    limit keeps what it measured) and written out with the report when the session ends.
+    """A run's rows and environment, saved to summary.json after every row (a run cut off keeps what it
+    measured) and written out with the report when the run ends.
 
     out_dir: where to write (default bench/results/<gpu-slug>/, or cpu-smoke/ without CUDA). append: keep the
-    rows of an earlier summary.json there (same device) that this run does not measure again, so a suite
-    split over several calls of a time-limited machine ends in one summary.
+    rows of an earlier summary.json there (same device) that this run does not measure again, so a suite run in
+    several parts ends in one summary.
     """
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
-        self.rows: list[dict] = []
-        self.env: dict | None = None
-        self.written: list[Path] = []
-        self.out_override = out_dir
-        self.append = append
-        self._earlier: dict | None = None
+        self.rows, self.env, self.written, self._earlier = [], None, [], None
+        self.out_override, self.append = out_dir, append
 
     @property
     def out_dir(self) -> Path:
@@ -360,9 +328,8 @@ class Results:
 
     def save(self) -> tuple[Path, dict]:
         """Write summary.json (atomically); returns its path and what it holds."""
-        path = self.out_dir / "summary.json"
+        path, summary = self.out_dir / "summary.json", self.summary()
         path.parent.mkdir(parents=True, exist_ok=True)
-        summary = self.summary()
         partial = path.with_suffix(".json.tmp")
         partial.write_text(json.dumps(summary, indent=1) + "\n")
         partial.replace(path)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Shape:
-    """x = (B, T*S, C): B samples of a `video` (frames x resolution) latent at STDiT-XL/2's patching."""
+    """x = (B, T*S, C): B samples of a `video` (frames x resolution) latent at STDiT-XL/2's patching; attention
+    and the sequence-parallel exchanges split C in `heads` heads (B: samples per rank there)."""
 
     video: str
     B: int
     T: int
     S: int
     C: int
-    heads: int = 16  # temporal_attention only
+    heads: int = 16
 
     @property
     def N(self) -> int:
@@ -45,34 +46,28 @@ class Video:
 
 
 @dataclass(frozen=True)
-class SeqShape:
-    """One sample's latent tokens at STDiT-XL/2's patching: T frames of S tokens, H heads of D channels."""
-
-    video: str
-    S: int
-    T: int
-    H: int = 16
-    D: int = 72
-    batch_per_rank: int = 1  # samples per GPU of a training step that fits without sequence parallelism
-
-    @property
-    def C(self) -> int:
-        return self.H * self.D
-
-
-@dataclass(frozen=True)
 class Bench:
+    """A report table: its suite, title, note, target (read off the tables, never asserted) and columns, each
+    "field:header:form" (header defaults to the field, form to "text": what the row is; field "-": computed by the
+    report); bench/report.py's FORMS writes a form (the kernel and pack tables lay out a cell per provider)."""
+
     suite: str
     title: str
     note: str = ""
-    target: str = ""  # read off the tables, never asserted
+    target: str = ""
+    columns: tuple = ()
+
+    def table_columns(self) -> list[tuple]:
+        """(header, field or None, form) per column."""
+        specs = [(spec.split(":") + ["", ""])[:3] for spec in self.columns]
+        return [(header or field, None if field == "-" else field, form or "text") for field, header, form in specs]
 
 
 @dataclass(frozen=True)
 class Case:
     bench: str
     provider: str
-    spec: object  # what bench/measure.py builds the case from: a Shape, a Video, (model, Video), a SeqShape
+    spec: object  # what bench/measure.py builds the case from: a Shape, a Video, (model, Video), a resolution
     fields: dict = field(default_factory=dict)  # the row's other fields
     batches: tuple = (None,)
     priority: int | None = None
@@ -127,11 +122,12 @@ IMAGES = {True: Video("1x256x256", 1, 256, 256, (128, 64)), False: Video("1x64x6
 CPU_GC_VIDEO = Video("4x64x64-gc", 4, 64, 64, (2,), grad_checkpoint=True)  # the 64x512 rows' path, on a CPU
 
 SP_SIZES = {True: (2, 4, 8), False: (2, 4)}
-# Per rank the batch is sp x batch_per_rank: each rank holds T/sp frames, so the per-rank tensors keep one size.
-SEQ_SHAPES = {True: [SeqShape("16x512", 1024, 16, batch_per_rank=2), SeqShape("64x512", 1024, 64)],
-              False: [SeqShape("tiny", 8, 4, H=4, D=16)]}
-# Volume rows are arithmetic: the real sizes everywhere, 360x512 (Open-Sora's sp=2 row) too.
-VOLUME_SHAPES = SEQ_SHAPES[True] + [SeqShape("360x512", 1024, 360)]
+# Per rank the batch is sp x the single-GPU training batch (Shape.B): each rank holds T/sp frames, so the per-rank
+# tensors keep one size across sp. Volume rows are arithmetic: the real sizes everywhere, 360x512 (Open-Sora's sp=2
+# row) too.
+SEQ_SHAPES = {True: [Shape("16x512", 2, 16, 1024, 1152), Shape("64x512", 1, 64, 1024, 1152)],
+              False: [Shape("tiny", 1, 4, 8, 64, heads=4)]}
+VOLUME_SHAPES = SEQ_SHAPES[True] + [Shape("360x512", 1, 360, 1024, 1152)]
 DEPTH = 28  # STDiT-XL/2's blocks: one temporal attention each
 LINK_GBPS_ASSUMED = 450.0  # H100 NVLink 4: 900 GB/s bidirectional per GPU, a datasheet lead (bench/NOTES.md)
 
@@ -177,7 +173,11 @@ def all_to_all_volume(S: int, T: int, C: int, sp: int, elem: int, depth: int) ->
             "layer_bwd_bytes": layer_fwd, "step_bytes": depth * 2 * layer_fwd, "step_bytes_gc": depth * 3 * layer_fwd}
 
 
-# ---- the benches: titles, notes and targets of the report's tables ----------------------------------------------
+# ---- the benches: titles, notes, targets and columns of the report's tables -------------------------------------
+PEAK, SPEEDUP = "peak_mem_gb:peak GB:fmt", "-:speedup:speedup"
+TRAIN = ("model", "shape::gc", "encoders", "provider", "batch_size:batch", "ms:ms / step:f1",
+         "samples_per_s:samples/s:fmt", "tokens_per_s:tokens/s:fmt", PEAK, SPEEDUP)
+THEIRS = ("-:ours / theirs:vs_open_sora", "-:Open-Sora:open_sora")
 STEP_NOTE = (
     "One step = `sora.train.train_step`, the step `python -m sora.train` runs: IDDPM `training_losses` under bf16 "
     "autocast with fp32 master weights (fp32 on a CPU), backward, `clip_grad_norm_(1.0)`, **the AdamW step (lr 2e-5, "
@@ -198,41 +198,69 @@ BENCHES = {
     "temporal_branch": Bench(
         "models", "STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> "
         "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y)",
-        target="fused >= 1.3x eager."),
-    "all_to_all_pack": Bench("comm", "The permutes around `all_to_all_single` in STDiT-XL/2's temporal attention",
-                             target="sora >= 80% of copy bandwidth."),
-    "all_to_all_volume": Bench("comm", "All-to-all volume per rank: computed, not timed"),
+        target="fused >= 1.3x eager.",
+        columns=("shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
+    "all_to_all_pack": Bench(
+        "comm", "The permutes around `all_to_all_single` in STDiT-XL/2's temporal attention",
+        "On one GPU: the pack before and the unpack after the exchange of each rank's qkv (B*S, T/sp, 3, H, D) "
+        "(scatter heads, gather frames) and attention output (B*S, T, H/sp, D) (scatter frames, gather heads), H=16, "
+        "D=72 on a GPU; the backward runs the same permutes transposed. view: the swap (A, B, M) -> (B, A, M). batch "
+        "= sp x the single-GPU training batch (each rank holds T/sp frames). Cell: median time, GB/s counting the "
+        "tensor read and written once, and that as a share of the measured copy bandwidth. sora: the Triton kernel "
+        "as `_exchange` calls it; torch: `view(A, B, M).transpose(0, 1).contiguous()`. exact: sora's output equals "
+        "torch's bit for bit.", "sora >= 80% of copy bandwidth."),
+    "all_to_all_volume": Bench(
+        "comm", "All-to-all volume per rank: computed, not timed",
+        "Bytes one rank sends to the others for one sample of bf16 STDiT-XL/2 split over sp ranks by frames (the "
+        "(sp-1)/sp of each tensor that leaves the rank): per layer, the forward's two exchanges (qkv and output); "
+        f"backward sends the same again; gradient checkpointing recomputes the forward's. Per step: x {DEPTH} layers. "
+        f"The ms columns divide by an **assumed** {LINK_GBPS_ASSUMED:.0f} GB/s per direction per GPU (H100 NVLink 4 "
+        "datasheet, not a measurement; achieved all-to-all bandwidth is lower). Formulas: bench/NOTES.md.",
+        columns=("video", "sp", "tokens_per_rank:tokens per rank:fmt", "qkv_send_bytes:qkv MB:M",
+                 "out_send_bytes:output MB:M", "layer_fwd_bytes:per layer fwd MB (= bwd):M",
+                 "step_bytes:per step GB (fwd+bwd):G", "step_bytes_gc:per step GB with GC:G",
+                 "step_comm_ms:ms per step at the assumed rate:fmt", "step_comm_ms_gc:with GC:fmt")),
     "sampling_step": Bench(
         "pipeline", "STDiT-XL/2 sampling step (IDDPM, classifier-free guidance)",
         "One IDDPM step timed through `IDDPM.sample` (several steps per call, divided): the model call on the "
         "CFG-doubled batch, guidance and the posterior step, one host generator per prompt as sora/sample.py. "
         "Random weights, model and captions in the row's dtype (fp16: Open-Sora v1's inference dtype). sora: "
         "enable_layernorm_kernel=True; eager: False; flash attention on in both; +compile: per block.",
-        "sora >= 1.2x eager; sora+compile >= eager+compile."),
+        "sora >= 1.2x eager; sora+compile >= eager+compile.",
+        ("shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
+         "steps_per_call:steps per timed call:int", SPEEDUP)),
     "t5_encode": Bench("pipeline", "T5-v1.1-XXL encoder (random weights from its config)",
                        "`T5Encoder.encode`: tokenize (ByT5, file-less: the ids' values do not change the speed) + "
-                       "encoder forward, padded to the row's token count."),
+                       "encoder forward, padded to the row's token count.", "",
+                       ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1", "prompts_per_s:prompts/s:fmt",
+                        "tokens_per_s:tokens/s:fmt", PEAK)),
     "vae_decode": Bench("pipeline", "SD VAE decode per frame (random weights from sd-vae-ft-ema's config)",
                         "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per AutoencoderKL "
-                        "call."),
+                        "call.", "",
+                        ("shape:resolution", "micro_batch_size:micro-batch (frames)", "batch_size:frames per call",
+                         "dtype", "ms::f1", "frames_per_s:frames/s:fmt", PEAK)),
     "sample_e2e": Bench(
         "pipeline", "End-to-end sampling of one video: T5 encode + IDDPM steps + VAE decode",
         "sora.sample.sample_videos, one prompt: T5 encode (bf16), IDDPM sampling with CFG (batch 1, the model sees "
         "2), VAE decode, video copied to the host (not written to a file). sora+compile: the model call under "
         "torch.compile, as `python -m sora.sample --compile true`.",
-        "sora faster than eager; 100 IDDPM steps at 16x256 under Open-Sora's published 5 s per sample (H800)."),
+        "sora faster than eager; 100 IDDPM steps at 16x256 under Open-Sora's published 5 s per sample (H800).",
+        ("shape", "provider", "steps", "dtype", "s_per_video:s / video:f2", PEAK, SPEEDUP)),
     "train_step_full": Bench("train", "Open-Sora's acceleration table on one GPU: full training step", STEP_NOTE,
                              "STDiT-XL/2 16x256 with T5+VAE on the fly, sora: >= 1.3x Open-Sora's 7.00 samples/s/GPU "
-                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile."),
+                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile.", TRAIN + THEIRS),
     "dit_image_train": Bench("train", "Open-Sora's image table on one GPU: DiT-XL/2 (class-conditioned) on 256x256 "
-                                      "images"),
-    "latte_train": Bench("train", "Latte-XL/2 (class-conditioned), training step"),
+                                      "images", columns=TRAIN[:2] + TRAIN[3:6] + ("samples_per_s:img/s:fmt",)
+                             + TRAIN[7:] + THEIRS),
+    "latte_train": Bench("train", "Latte-XL/2 (class-conditioned), training step", columns=TRAIN[:2] + TRAIN[3:]),
     "optimizer_step": Bench(
         "optimizer", "Optimizer step",
         "`sora.train.optimizer_step`, what follows a training step's backward: gradient clipping (foreach), AdamW "
         "(fused on CUDA, foreach elsewhere), the fp32 EMA's foreach lerp, over every parameter with fp32 master "
         "weights, gradients and EMA. GB/s counts the bytes it must move (bytes / param, from its docstring) over "
-        "the measured time.", f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth."),
+        "the measured time.", f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth.",
+        ("model", "optimizer", "dtype", "params:params (M):M", "bytes_per_param:bytes / param", "ms::f2",
+         "gbps:GB/s:fmt", "frac_copy_bw:share of copy:pct", "-:target:target_met")),
 }
 
 
@@ -268,7 +296,7 @@ def comm_cases(cuda: bool) -> list[Case]:
     dtype = "bf16" if cuda else "fp32"
     packs = [Case("all_to_all_pack", provider, shape,
                   {"direction": direction, "exchange": exchange, "video": shape.video, "sp": sp, "dtype": dtype},
-                  batches=(shape.batch_per_rank * sp,))
+                  batches=(shape.B * sp,))
              for shape in SEQ_SHAPES[cuda] for sp in SP_SIZES[cuda] for exchange in ("qkv", "out")
              for direction in ("pack", "unpack") for provider in ("sora", "torch")]
     volumes = [Case("all_to_all_volume", "computed", shape,

@@ -96,20 +96,17 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not benchmarking(config) or config.option.collectonly:
-        return
     results = config.stash.get(RESULTS, None)
+    if not benchmarking(config) or config.option.collectonly or results is None:
+        return
     write = terminalreporter.write_line
     terminalreporter.section("sora bench")
     if not on_cuda():
         write("GPU rows skipped: no CUDA device here (torch.cuda.is_available() is False), so only the CPU smoke set "
               "ran (tiny shapes, wall clock). Its numbers exercise the harness and are not results.")
-    if results is None or not results.rows:
-        write("no rows recorded")
-        return
     skipped = sum(1 for row in results.rows if row.get("skipped"))
     computed = sum(1 for row in results.rows if row.get("computed"))
-    write(f"{len(results.rows)} rows ({skipped} skipped, {computed} computed, not timed), "
-          f"copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s")
+    write(f"{len(results.rows)} rows ({skipped} skipped, {computed} computed, not timed)"
+          + (f", copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s" if results.env else ""))
     for path in results.written:
         write(f"wrote {path}")

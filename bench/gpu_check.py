@@ -2,28 +2,20 @@
 
     python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
-One process; the sections in order, each checking the clock before every case:
+Sections, in order, each checking the clock before every case: 1 environment (GPU, clocks, driver, versions,
+commit, the copy bandwidth measured now); 2 the test suite's kernel tests (KERNEL_TESTS, `--device cuda`: forward
+and every gradient against float64 with the suite's tolerances), stopped ROWS_RESERVE_S (at most half the deadline)
+before the deadline so that the rows get their turn; 3 the cases of bench/cases.py with priority 1-3 (the target
+rows), 4 those with priority 4 and up while time remains, each through bench/measure.py's run_case as `pytest
+bench/ --benchmark` measures it.
 
-1. environment: GPU name, clocks and memory (nvidia-ml-py), driver, torch, Triton, commit; the copy bandwidth,
-   measured now;
-2. kernel tests: the test suite's own kernel tests (KERNEL_TESTS) with `--device cuda`, i.e. forward and every
-   gradient against float64 with the suite's tolerances, compiled for this GPU; it stops ROWS_RESERVE_S (at most
-   half the deadline) before the deadline, so that the rows get their turn;
-3. target rows: the cases of bench/cases.py with priority 1-3 (the kernel rows with targets at STDiT-XL/2 16x256,
-   the training step, temporal branch, sampling step and optimizer step, then torch.compile's kernel rows),
-   measured by bench/measure.py's run_case, as `pytest bench/ --benchmark` measures them;
-4. while time remains: the cases with priority 4 and up (larger kernel shapes, fp32, C=4096, the training step
-   with T5 + VAE on the fly, end-to-end sampling, the 16x512 training step).
-
-Whatever is done is always written, also on a failure, an exception, the deadline or SIGTERM (as `timeout`
-sends): summary.json after every row and test. On a GPU the run merges into bench/results/<gpu-slug>/summary.json
-(bench_utils.Results' schema plus a "gpu_check" entry: sections, tests, failures) and writes README.md and plots
-there (bench/report.py); DIR gets copies of those and gpu_check.log. Exit code: 0 every test passed and sections
-1-3 finished; 1 a failed test or an error, each named in the log and the summary; 2 bad arguments; 3 the deadline
-cut a section before section 4 (nothing failed).
-
---tiny runs every section on the CPU under the Triton interpreter (the kernel tests a selection of them, the
-cases at their CPU sizes), writing to DIR only: CI runs it, so the script cannot rot between GPU runs.
+Whatever is done is always written, also on a failure, an exception, the deadline or SIGTERM: summary.json after
+every row and test. On a GPU the run merges into bench/results/<gpu-slug>/summary.json (plus a "gpu_check" entry:
+sections, tests, failures) and writes README.md and plots there; DIR gets copies of those and gpu_check.log. Exit
+code: 0 every test passed and sections 1-3 finished; 1 a failed test or an error, each named in the log and the
+summary; 2 bad arguments; 3 the deadline cut a section before section 4 (nothing failed). --tiny runs every section
+on the CPU under the Triton interpreter (a selection of the kernel tests, the cases at their CPU sizes), writing to
+DIR only: CI runs it, so the script cannot rot between GPU runs.
 """
 
 import argparse
@@ -83,10 +75,8 @@ class Check:
     """One gpu_check run: its device, clock, log and outputs. Rows and tests are saved as they come."""
 
     def __init__(self, args, device: torch.device):
-        self.args, self.device, self.tiny = args, device, args.tiny
-        self.out = Path(args.out)
+        self.device, self.tiny, self.out, self.deadline = device, args.tiny, Path(args.out), args.deadline
         self.start = time.monotonic()
-        self.deadline = args.deadline
         self.log_file = open(self.out / "gpu_check.log", "w")
         self.status = {"deadline_s": self.deadline, "tiny": self.tiny, "elapsed_s": None, "exit_code": None,
                        "sections": {}, "checks": [], "failures": []}

@@ -16,8 +16,8 @@ instructions per useful byte (bytes of every tensor the kernel is handed, each c
 issues more warp instructions per byte than an SM can issue at the rate the memory delivers bytes is
 issue-bound: the ceiling printed is SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
 
-Another kernel file adds its cases to CASES (or passes its own list to `report`); a case is a name and a
-callable that calls public ops.
+CASES is the list of launches, one entry per case (a name, a function that calls public ops, its arguments):
+another kernel file adds its function and entries there.
 """
 
 import argparse
@@ -53,7 +53,7 @@ SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as
 SMS = 132
 ISSUE_PER_CLOCK = 4
 CLOCKS_GHZ = (1.755, 1.98)
-# Copy rates the targets are set against (issue 10's figures, not measured here).
+# Copy rates the targets are set against (datasheet-level figures, not measured here).
 COPY_TBS = {"H100": 3.0, "H200": 4.3}
 REGISTERS_PER_SM = 65536
 WARPS_PER_SM = 64
@@ -301,97 +301,78 @@ def ceiling_tbs(per_byte: float) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- cases
+# STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples (1 above C=1152) keep the CPU
+# buffers small while the reduction grids still split each sample over many programs, as on the GPU.
+T, S = 16, 256
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples keep the CPU buffers
-# small while the reduction grids still split each sample over many programs, as on the GPU.
-T, S, B = 16, 256, 4
+
+def tokens(C, dtype, temporal=False):
+    """x (B, T*S, C), or the "(B S) T C" layout, random and requiring grad; B = 4, 1 above C=1152."""
+    B = 4 if C <= 1152 else 1
+    return torch.randn((B * S, T, C) if temporal else (B, T * S, C), dtype=DTYPES[dtype], requires_grad=True)
 
 
-def _modulation(B, C, dtype):
+def modulation(x):
     """shift, scale, gate as chunks of a (B, 6, C) adaLN table, as STDiT passes them."""
-    return torch.randn(B, 6, C, dtype=dtype, requires_grad=True).chunk(6, dim=1)
+    return torch.randn(x.shape[0], 6, x.shape[-1], dtype=x.dtype, requires_grad=True).chunk(6, dim=1)
 
 
-def layernorm_modulate_case(C, dtype, temporal, batch=B):
-    def run():
-        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
-        shift, scale, *_ = _modulation(batch, C, dtype)
-        K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
-    return run
+def layernorm_modulate(C, dtype, temporal):
+    x = tokens(C, dtype)
+    shift, scale, *_ = modulation(x)
+    K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
 
 
-def gated_residual_case(C, dtype, temporal, batch=B):
-    def run():
-        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
-        y = torch.randn((batch * S, T, C) if temporal else (batch, T * S, C), dtype=dtype, requires_grad=True)
-        gate = _modulation(batch, C, dtype)[2]
-        K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
-    return run
+def gated_residual(C, dtype, temporal):
+    x = tokens(C, dtype)
+    K.gated_residual(x, tokens(C, dtype, temporal), modulation(x)[2], temporal=T if temporal else None).sum().backward()
 
 
-def layout_case(C, dtype):
-    def run():
-        x = torch.randn(B, T * S, C, dtype=dtype, requires_grad=True)
-        K.to_temporal(x, T).sum().backward()  # the backward is from_temporal
-    return run
+def to_temporal(C, dtype):
+    K.to_temporal(tokens(C, dtype), T).sum().backward()  # the backward is from_temporal
 
 
-def all_to_all_case(world, heads=16, head_dim=72, dtype=torch.bfloat16):
+def all_to_all(world, heads=16, head_dim=72):
     """STDiT's Ulysses exchanges on a `world`-rank group (faked: the kernels need only its size): qkv
     (B, N, 3, H, D) scatters heads and gathers tokens, the attention output goes back."""
-    def run():
-        fake = mock.Mock(get_world_size=lambda group: world,
-                         all_to_all_single=lambda recv, send, group: recv.copy_(send))
-        with mock.patch.object(comm, "dist", fake):
-            qkv = torch.randn(2, T * S // world, 3, heads, head_dim, dtype=dtype)
-            out = K.all_to_all(qkv, None, scatter_dim=3, gather_dim=1)[:, :, 0]
-            K.all_to_all(out.contiguous(), None, scatter_dim=1, gather_dim=2)
-    return run
+    fake = mock.Mock(get_world_size=lambda group: world, all_to_all_single=lambda recv, send, group: recv.copy_(send))
+    with mock.patch.object(comm, "dist", fake):
+        qkv = torch.randn(2, T * S // world, 3, heads, head_dim, dtype=torch.bfloat16)
+        out = K.all_to_all(qkv, None, scatter_dim=3, gather_dim=1)[:, :, 0]
+        K.all_to_all(out.contiguous(), None, scatter_dim=1, gather_dim=2)
 
 
-def temporal_attention_case(frames, positions, dtype, heads=16, head_dim=72):
+def temporal_attention(frames, positions, dtype, heads=16, head_dim=72):
     """STDiT-XL/2's temporal attention: qkv (1, T*S, 3*C) as its qkv Linear writes it, C = 16 heads of 72."""
-    def run():
-        qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
-        K.temporal_attention(qkv, frames, heads).sum().backward()
-    return run
+    qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=DTYPES[dtype], requires_grad=True)
+    K.temporal_attention(qkv, frames, heads).sum().backward()
 
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _cases():
-    cases = []
-    for C, dtypes in ((1152, (torch.bfloat16, torch.float16, torch.float32)), (4096, (torch.bfloat16,)),
-                      (72, (torch.bfloat16,)), (1000, (torch.bfloat16,)), (8192, (torch.bfloat16,))):
-        batch = B if C <= 1152 else 1
-        for dtype in dtypes:
-            d = DTYPE_NAMES[dtype]
-            for temporal in (False, True):
-                kind = "temporal" if temporal else "plain"
-                cases.append((f"layernorm_modulate C={C} {d} {kind}", layernorm_modulate_case(C, dtype, temporal, batch)))
-                cases.append((f"gated_residual C={C} {d} {kind}", gated_residual_case(C, dtype, temporal, batch)))
-        cases.append((f"to_temporal C={C} {DTYPE_NAMES[dtypes[0]]}", layout_case(C, dtypes[0])))
-    for world in (2, 4):
-        cases.append((f"all_to_all world={world} bf16", all_to_all_case(world)))
+# One entry per case: its name, the function that calls the public op(s), and the arguments. A new kernel file adds
+# its function and entries here (or passes its own list to `capture`).
+WIDTHS = [(1152, "bf16"), (1152, "fp16"), (1152, "fp32"), (4096, "bf16"), (72, "bf16"), (1000, "bf16"), (8192, "bf16")]
+CASES = [
+    *[(f"{op.__name__} C={C} {dtype} {'temporal' if temporal else 'plain'}", op, (C, dtype, temporal))
+      for C, dtype in WIDTHS for temporal in (False, True) for op in (layernorm_modulate, gated_residual)],
+    *[(f"to_temporal C={C} {dtype}", to_temporal, (C, dtype)) for C, dtype in WIDTHS if dtype == "bf16"],
+    ("all_to_all world=2 bf16", all_to_all, (2,)),
+    ("all_to_all world=4 bf16", all_to_all, (4,)),
     # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).
-    for frames, positions, dtype in ((16, S, torch.bfloat16), (16, S, torch.float16), (64, 64, torch.bfloat16),
-                                     (16, S, torch.float32)):
-        cases.append((f"temporal_attention T={frames} D=72 {DTYPE_NAMES[dtype]}",
-                      temporal_attention_case(frames, positions, dtype)))
-    return cases
-
-
-CASES = _cases()
+    ("temporal_attention T=16 D=72 bf16", temporal_attention, (16, S, "bf16")),
+    ("temporal_attention T=16 D=72 fp16", temporal_attention, (16, S, "fp16")),
+    ("temporal_attention T=64 D=72 bf16", temporal_attention, (64, 64, "bf16")),
+    ("temporal_attention T=16 D=72 fp32", temporal_attention, (16, S, "fp32")),
+]
 
 
 def capture(cases) -> list[Launch]:
-    """Run each (name, callable) case and return its launches, compiled and analysed."""
+    """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
     launches = []
-    for name, run in cases:
+    for name, run, args in cases:
         found = []
         with sm90_capture(name, found):
-            run()
+            run(*args)
         launches += [analyse(launch) for launch in found]
     return launches
 
@@ -425,44 +406,12 @@ def table(launches: list[Launch]) -> str:
     return "\n".join(rows)
 
 
-def _keyed(launches: list[dict]) -> dict:
-    """Launches by (case, kernel, how many of that kernel the case launched before it)."""
-    seen, keyed = {}, {}
-    for launch in launches:
-        key = launch["case"], launch["kernel"]
-        seen[key] = seen.get(key, -1) + 1
-        keyed[(*key, seen[key])] = launch
-    return keyed
-
-
-def comparison(before: list[dict], after: list[dict]) -> str:
-    """Before -> after per launch (matched by case, kernel and order): warps, registers, spills, warp-instr/byte."""
-    old = _keyed(before)
-    rows = ["| case | kernel | warps | regs | spill B | warp-instr/B | loop warp-instr/B |", "|" + "---|" * 7]
-    for key, launch in _keyed(after).items():
-        was = old.get(key)
-        if was is None or launch["error"] or was["error"]:
-            continue
-
-        def pair(field, fmt="{}"):
-            a, b = was[field], launch[field]
-            a, b = (fmt.format(v) if v else "-" for v in (a, b))
-            return a if a == b else f"{a} -> {b}"
-
-        name = launch["kernel"].strip("_").replace("_kernel", "")
-        rows.append(f"| {launch['case']} | {name} | {pair('num_warps')} | {pair('registers')} | {pair('spill_bytes')} "
-                    f"| {pair('per_byte', '{:.3f}')} | {pair('loop_per_byte', '{:.3f}')} |")
-    return "\n".join(rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
     parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
-    parser.add_argument("--compare", default=None, metavar="JSON",
-                        help="print before -> after against the launches another run wrote with --json")
     args = parser.parse_args(argv)
-    cases = [(name, run) for name, run in CASES if not args.k or any(k in name for k in args.k)]
+    cases = [case for case in CASES if not args.k or any(k in case[0] for k in args.k)]
     if not cases:
         print(f"no case matches -k {args.k!r}", file=sys.stderr)
         return 2
@@ -473,10 +422,7 @@ def main(argv=None):
     found = [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
               "loop_per_byte": None if launch.error else launch.loop_per_byte(),
               "waves": None if launch.error else launch.waves()} for launch in launches]
-    if args.compare:
-        print(comparison(json.loads(Path(args.compare).read_text()), found))
-    else:
-        print(table(launches))
+    print(table(launches))
     if args.json:
         Path(args.json).write_text(json.dumps(found, indent=1))
     return 1 if any(launch.error for launch in launches) else 0

@@ -72,59 +72,72 @@ def compile_mode() -> str:
     return mode
 
 
-# ---- kernels ----------------------------------------------------------------------------------------------------
-def kernel_inputs(case, device, grad: bool) -> dict:
-    """Fresh random inputs (never zeros) of the case's op."""
-    s, bench, dtype = case.spec, case.bench, DTYPES[case.fields["dtype"]]
-
-    def randn(*shape, scale=1.0):
-        tensor = torch.randn(shape, device=device, dtype=dtype)
-        return (tensor.mul_(scale) if scale != 1.0 else tensor).requires_grad_(grad)
-
-    if bench == "temporal_attention":
-        return dict(qkv=randn(s.B, s.N, 3 * s.C))
-    if bench.startswith("layernorm_modulate"):
-        return dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1), scale=randn(s.B, 1, s.C, scale=0.1))
-    if bench.startswith("gated_residual"):
-        y_shape = (s.B * s.S, s.T, s.C) if bench.endswith("temporal") else (s.B, s.N, s.C)
-        return dict(x=randn(s.B, s.N, s.C), y=randn(*y_shape), gate=randn(s.B, 1, s.C, scale=0.1))
-    return dict(x=randn(s.B, s.N, s.C))
+# ---- kernels: one entry of KERNEL_OPS per op ------------------------------------------------------------------------
+def temporal(s, x):
+    return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
 
 
-def eager_op(case, norm=None, flash=None):
-    """The op as Open-Sora v1 runs it with the kernels off (LayerNorm `norm`, else F.layer_norm; attention
-    `flash`, else SDPA), layout copies included."""
-    s, bench = case.spec, case.bench
-    T = s.T if bench.endswith("temporal") else None
-
-    def to_temporal(x):
-        return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
-
-    if bench.startswith("layernorm_modulate"):
-        def forward(x, shift, scale):
-            y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
-            return y if T is None else to_temporal(y)
-    elif bench.startswith("gated_residual"):
-        def forward(x, y, gate):
-            return x + gate * (y if T is None else rearrange(y, "(B S) T C -> B (T S) C", B=x.shape[0]))
-    elif bench == "temporal_attention":
-        def forward(qkv):
-            q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3,
-                                H=s.heads).contiguous().unbind(0)
-            if flash is not None:
-                out = flash(q, k, v)
-            else:
-                out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-            return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
-    else:
-        forward = to_temporal
+def eager_layernorm_modulate(s, T, norm):
+    def forward(x, shift, scale):
+        y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
+        return temporal(s, y) if T else y
     return forward
 
 
-def external(provider: str, case, device):
+def eager_gated_residual(T):
+    def forward(x, y, gate):
+        return x + gate * (rearrange(y, "(B S) T C -> B (T S) C", B=x.shape[0]) if T else y)
+    return forward
+
+
+def eager_temporal_attention(s, flash):
+    def forward(qkv):
+        q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
+        if flash is None:
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        else:
+            out = flash(q, k, v)
+        return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
+    return forward
+
+
+def modulation(s, randn):
+    return dict(shift=randn(s.B, 1, s.C, scale=0.1), scale=randn(s.B, 1, s.C, scale=0.1))
+
+
+# bench -> (its inputs (random, never zeros; randn(*shape, scale=1.0)), sora's call, the eager path Open-Sora v1 runs
+# with the kernels off (LayerNorm `norm`, else F.layer_norm; attention `flash`, else SDPA; layout copies included),
+# whether the output is in the "(B S) T C" layout). A new op: one entry here, its providers and byte formula in
+# bench/cases.py.
+KERNEL_OPS = {
+    "layernorm_modulate": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), **modulation(s, randn)),
+                           lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS),
+                           lambda s, norm, flash: eager_layernorm_modulate(s, None, norm), False),
+    "layernorm_modulate_temporal": (
+        lambda s, randn: dict(x=randn(s.B, s.N, s.C), **modulation(s, randn)),
+        lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=s.T),
+        lambda s, norm, flash: eager_layernorm_modulate(s, s.T, norm), True),
+    "gated_residual": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), y=randn(s.B, s.N, s.C),
+                                             gate=randn(s.B, 1, s.C, scale=0.1)),
+                       lambda s: K.gated_residual, lambda s, norm, flash: eager_gated_residual(None), False),
+    "gated_residual_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), y=randn(s.B * s.S, s.T, s.C),
+                                                      gate=randn(s.B, 1, s.C, scale=0.1)),
+                                lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T),
+                                lambda s, norm, flash: eager_gated_residual(s.T), False),
+    "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
+                    lambda s, norm, flash: lambda x: temporal(s, x), True),
+    "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
+                           lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads),
+                           lambda s, norm, flash: eager_temporal_attention(s, flash), False),
+}
+
+
+def external(provider: str, case, device) -> dict:
     """apex FusedLayerNorm, Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode) or flash-attn."""
     names = {"apex": ("apex.normalization", "FusedLayerNorm"), "liger": ("liger_kernel.transformers", "LigerLayerNorm"),
              "flash-attn": ("flash_attn", "flash_attn_func")}
+    if provider not in names:
+        return {}
     found = importable(*names[provider])
     C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
     if provider == "apex":
@@ -134,25 +147,13 @@ def external(provider: str, case, device):
     return dict(flash=found)
 
 
-def output_shape(case) -> tuple:
-    s = case.spec
-    return (s.B * s.S, s.T, s.C) if case.bench in ("layernorm_modulate_temporal", "to_temporal") else (s.B, s.N, s.C)
-
-
 def kernel_forward(case, device):
-    s, bench, provider = case.spec, case.bench, case.provider
-    cuda_only(provider, device)
-    T = s.T if bench.endswith("temporal") else None
-    if provider == "sora":
-        if bench.startswith("layernorm_modulate"):
-            return lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=T)
-        if bench.startswith("gated_residual"):
-            return lambda x, y, gate: K.gated_residual(x, y, gate, temporal=T)
-        if bench == "temporal_attention":
-            return lambda qkv: K.temporal_attention(qkv, s.T, s.heads)
-        return lambda x: K.to_temporal(x, s.T)
-    eager = eager_op(case, **(external(provider, case, device) if provider in ("apex", "liger", "flash-attn") else {}))
-    return torch.compile(eager, dynamic=False) if provider == "torch.compile" else eager
+    cuda_only(case.provider, device)
+    _, sora, eager, _ = KERNEL_OPS[case.bench]
+    if case.provider == "sora":
+        return sora(case.spec)
+    forward = eager(case.spec, **{"norm": None, "flash": None, **external(case.provider, case, device)})
+    return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -175,9 +176,15 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
     forward = kernel_forward(case, device)
 
+    inputs_of, _, eager, temporal_out = KERNEL_OPS[case.bench]
+
+    def randn(*shape, scale=1.0):
+        tensor = torch.randn(shape, device=device, dtype=dtype)
+        return (tensor.mul_(scale) if scale != 1.0 else tensor).requires_grad_(backward)  # in place: no copy
+
     def make_inputs():
-        inputs = kernel_inputs(case, device, backward)
-        return inputs, torch.randn(output_shape(case), device=device, dtype=dtype) if backward else None
+        out_shape = (s.B * s.S, s.T, s.C) if temporal_out else (s.B, s.N, s.C)
+        return inputs_of(s, randn), torch.randn(out_shape, device=device, dtype=dtype) if backward else None
 
     def step(inputs_dout):
         inputs, dout = inputs_dout
@@ -189,7 +196,7 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
     if case.provider == "sora":
         with torch.no_grad():
             probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
-            reference = eager_op(case)(**{name: tensor.float() for name, tensor in probe.items()})
+            reference = eager(s, None, None)(**{name: tensor.float() for name, tensor in probe.items()})
             row["rel_err"] = relative_error(forward(**probe), reference)
             del reference
     return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
@@ -199,10 +206,10 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
 def exchange_layout(exchange: str, shape, batch: int, sp: int):
     """(the tensor one rank exchanges, scatter_dim, gather_dim), as Attention.forward calls K.all_to_all:
     "qkv" (B*S, T/sp, 3, H, D) scatters heads and gathers frames, "out" (B*S, T, H/sp, D) goes back."""
-    s = shape
+    s, D = shape, shape.C // shape.heads
     if exchange == "qkv":
-        return (batch * s.S, s.T // sp, 3, s.H, s.D), 3, 1
-    return (batch * s.S, s.T, s.H // sp, s.D), 1, 2
+        return (batch * s.S, s.T // sp, 3, s.heads, D), 3, 1
+    return (batch * s.S, s.T, s.heads // sp, D), 1, 2
 
 
 def swap_view(direction: str, tensor_shape, sp: int, scatter_dim: int, gather_dim: int):
