@@ -33,12 +33,9 @@ L2_FALLBACK_BYTES = 50 * 2**20
 # Whole steps (training, sampling, encoders): about this much time of timed calls per case.
 STEP_BUDGET_MS = 6000
 
+
 def on_cuda() -> bool:
     return torch.cuda.is_available()
-
-
-def bench_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
 
 
 # ---- environment ------------------------------------------------------------------------------------
@@ -115,36 +112,35 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def l2_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return L2_FALLBACK_BYTES
-    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_FALLBACK_BYTES
-
-
 def measure_copy_bandwidth(device: torch.device) -> float:
     """GB/s of one large device-to-device copy, counting bytes read plus bytes written (median)."""
     numel = (2**30 if device.type == "cuda" else 2**26) // 4  # 1 GiB on the GPU (20x L2), 64 MiB on a CPU
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    bandwidth = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    bandwidth = 2 * numel * 4 / (time_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
     del src, dst
     free_memory()
     return bandwidth
 
 
-def collect_env(device: torch.device) -> dict:
-    """Everything summary.json says about the run besides its rows."""
+def run_facts(device: torch.device) -> dict:
+    """What summary.json says about the run before anything is measured: device, versions, commit, date."""
     import triton
 
-    env = {"device": device_info(device), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "commit": git_commit(), "smoke": device.type != "cuda",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "timing": f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) "
+    return {"device": device_info(device), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "commit": git_commit(), "smoke": device.type != "cuda",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bandwidth_gbps": None, "clocks": None}
+
+
+def collect_env(device: torch.device) -> dict:
+    """Everything summary.json says about the run besides its rows: run_facts, the timing, the copy bandwidth
+    measured now and the clocks read right after it, while they are up (an idle H100 reports its SM clock at
+    ~345 MHz)."""
+    env = run_facts(device)
+    env["timing"] = (f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) "
                      "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
-                     else "CPU smoke set: wall clock (time.perf_counter) median; not results"}
+                     else "CPU smoke set: wall clock (time.perf_counter) median; not results")
     env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
-    # Read right after the copies, while the clocks are up (an idle H100 reports its SM clock at ~345 MHz).
     env["clocks"] = read_clocks(device.index) if device.type == "cuda" else None
     return env
 
@@ -248,10 +244,10 @@ class Rotation:
     is not served from it on every repetition."""
 
     def __init__(self, make_inputs, step, set_bytes: int, device: torch.device):
-        count = 1 if set_bytes > l2_bytes(device) else min(8, 2 * l2_bytes(device) // max(set_bytes, 1) + 1)
-        self.sets = [make_inputs() for _ in range(count)]
-        self.step = step
-        self.calls = 0
+        cuda = device.type == "cuda"
+        l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if cuda else 0) or L2_FALLBACK_BYTES
+        count = 1 if set_bytes > l2 else min(8, 2 * l2 // max(set_bytes, 1) + 1)
+        self.sets, self.step, self.calls = [make_inputs() for _ in range(count)], step, 0
 
     def __call__(self):
         inputs = self.sets[self.calls % len(self.sets)]

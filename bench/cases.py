@@ -270,26 +270,23 @@ def model_name(model: str, cuda: bool) -> str:
     return model if cuda else model.split("-")[0] + " (tiny)"
 
 
+def kernel_priority(first: bool, provider: str, dtype: str, C: int) -> int | None:
+    """sora and torch at the first shape and dtype (the targets) first, then torch.compile there; then the other
+    bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger and flash-attn in the pytest suite only."""
+    if provider in ("sora", "torch"):
+        return 1 if first else 4 if dtype == "bf16" and C == 1152 else 5
+    return 3 if provider == "torch.compile" and first else None
+
+
 def kernel_cases(cuda: bool) -> list[Case]:
-    cases = []
-    for bench, providers in KERNEL_PROVIDERS.items():
-        shapes = ATTENTION_SHAPES if bench == "temporal_attention" else KERNEL_SHAPES
-        for index, (shape, dtypes) in enumerate(shapes[cuda]):
-            for dtype in dtypes:
-                for direction in DIRECTIONS:
-                    for provider in providers:
-                        first = index == 0 and dtype == dtypes[0]
-                        priority = None
-                        if provider in ("sora", "torch"):
-                            priority = 1 if first else 4 if dtype == "bf16" and shape.C == 1152 else 5
-                        elif provider == "torch.compile" and first:
-                            priority = 3
-                        fields = {"direction": direction, "shape": [shape.B, shape.N, shape.C], "video": shape.video,
-                                  "T": shape.T, "dtype": dtype}
-                        if bench == "temporal_attention":
-                            fields["heads"] = shape.heads
-                        cases.append(Case(bench, provider, shape, fields, priority=priority))
-    return cases
+    return [Case(bench, provider, shape, {"direction": direction, "shape": [shape.B, shape.N, shape.C],
+                                          "video": shape.video, "T": shape.T, "dtype": dtype,
+                                          **({"heads": shape.heads} if bench == "temporal_attention" else {})},
+                 priority=kernel_priority(index == 0 and dtype == dtypes[0], provider, dtype, shape.C))
+            for bench, providers in KERNEL_PROVIDERS.items()
+            for index, (shape, dtypes) in enumerate((ATTENTION_SHAPES if bench == "temporal_attention"
+                                                     else KERNEL_SHAPES)[cuda])
+            for dtype in dtypes for direction in DIRECTIONS for provider in providers]
 
 
 def comm_cases(cuda: bool) -> list[Case]:

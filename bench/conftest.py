@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_utils import Results, bench_device, collect_env, free_memory, on_cuda
+from bench.bench_utils import Results, collect_env, on_cuda
 
 RESULTS = pytest.StashKey[Results]()
 BENCH_DIR = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def results(request) -> Results:
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return bench_device()
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
@@ -71,28 +71,16 @@ def bench_env(results, device) -> dict:
 def _one_thread_on_cpu(device):
     """The CPU smoke set runs tiny ops, where handing each to a thread pool costs more than the op itself
     (bench/NOTES.md): one thread there."""
-    if device.type == "cuda":
-        yield
-        return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads if device.type == "cuda" else 1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    """Each case starts from an empty allocator cache and no compiled graphs of earlier cases."""
-    yield
-    free_memory()
-
-
 def pytest_sessionfinish(session, exitstatus):
-    config = session.config
-    results = config.stash.get(RESULTS, None)
-    if not benchmarking(config) or results is None or not results.rows or results.env is None:
-        return
-    results.finish()
+    results = session.config.stash.get(RESULTS, None)
+    if benchmarking(session.config) and results is not None and results.rows and results.env is not None:
+        results.finish()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

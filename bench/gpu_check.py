@@ -19,7 +19,6 @@ DIR only: CI runs it, so the script cannot rot between GPU runs.
 """
 
 import argparse
-import datetime
 import os
 import re
 import shutil
@@ -40,9 +39,8 @@ if __name__ == "__main__":
         os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from bench.bench_utils import Results, Timer, collect_env, device_info, git_commit  # noqa: E402
+from bench.bench_utils import Results, Timer, collect_env, run_facts  # noqa: E402
 from bench.cases import by_priority  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
@@ -82,12 +80,7 @@ class Check:
                        "sections": {}, "checks": [], "failures": []}
         # --tiny writes to DIR only; a GPU run merges into bench/results/<gpu-slug>/ and copies that to DIR.
         self.results = Results(self.out if self.tiny else None, append=not self.tiny)
-        self.results.env = {
-            "device": device_info(device), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "commit": git_commit(), "smoke": device.type != "cuda",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "copy_bandwidth_gbps": None, "clocks": None, "gpu_check": self.status,
-        }
+        self.results.env = {**run_facts(device), "gpu_check": self.status}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -240,7 +233,7 @@ def kernel_tests(check: Check) -> None:
 def measure_cases(check: Check, first: int, last: int) -> None:
     """The cases of bench/cases.py with priority first..last, in order, through bench/measure.py's run_case; an
     error is a failure named by its row, and the next case runs."""
-    from bench.measure import RESIDENT, run_case
+    from bench.measure import drop_text_encoder, run_case
 
     timer = Timer(check.device, check.results.env["copy_bandwidth_gbps"])
     try:
@@ -252,7 +245,7 @@ def measure_cases(check: Check, first: int, last: int) -> None:
                 check.log(traceback.format_exc())
                 check.fail(f"row {row_label(check.results.rows[-1])}: {type(error).__name__}: {error}"[:300])
     finally:
-        RESIDENT.drop()
+        drop_text_encoder()
 
 
 SECTIONS = [

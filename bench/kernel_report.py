@@ -3,21 +3,14 @@ time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump an
 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
 
-Launches are captured from the public ops, not from a copy of the launchers' tile logic: each case is a
-callable that calls a public op (forward and backward) on CPU tensors while Triton's active driver is a
-stand-in for an sm_90 device. Every `kernel[grid](...)` then goes through Triton's own JIT entry point,
-which specialises the arguments as it would on the GPU (ints equal to 1 or divisible by 16, pointers
-16-byte aligned), compiles, and returns without launching. Nothing is computed: outputs are whatever the
-allocator left, which is all a compile needs.
-
-Per launch it prints registers, spilled bytes, shared memory, the widths of global loads and stores, the
-SASS instructions a program issues (split into the loop body and the rest for loop kernels), and warp
-instructions per useful byte (bytes of every tensor the kernel is handed, each counted once). A kernel that
-issues more warp instructions per byte than an SM can issue at the rate the memory delivers bytes is
-issue-bound: the ceiling printed is SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
-
-CASES is the list of launches, one entry per case (a name, a function that calls public ops, its arguments):
-another kernel file adds its function and entries there.
+Launches are captured from the public ops (CASES: one entry per case, a name, a function that calls public ops
+forward and backward on CPU tensors, its arguments; a kernel file adds its own) while Triton's active driver is a
+stand-in for an sm_90 device: every `kernel[grid](...)` goes through Triton's own JIT entry point, which
+specialises the arguments as on the GPU, compiles, and returns without launching. Per launch it prints registers,
+spills, shared memory, the widths of global loads and stores, the SASS instructions a program issues (loop body
+and the rest), and warp instructions per useful byte (every tensor the kernel is handed, counted once); above what
+an SM can issue at the rate memory delivers bytes, a kernel is issue-bound: the ceiling printed is
+SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
 """
 
 import argparse
@@ -118,10 +111,6 @@ class Launch:
     loop_instructions: int = 0  # issued per loop iteration
     blocks_per_sm: int = 0
     error: str = ""
-
-    @property
-    def channels(self) -> int:
-        return self.ints.get("C", 0)
 
     def warp_instructions(self) -> int:
         programs = math.prod(self.grid)

@@ -1,13 +1,10 @@
 """How each bench of bench/cases.py is measured (MEASURES), and run_case: the one function that measures a case
 and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike.
 
-Providers: `sora` (the Triton kernels, enable_layernorm_kernel=True), `torch` / `eager` (what Open-Sora v1 runs
-with the kernels off: F.layer_norm then `* (1 + scale) + shift`, `x + gate * y`, einops rearranges made
-contiguous where attention needs them, SDPA), `torch.compile` / `+compile` (the same under default inductor;
-models per transformer block), apex and Liger (their LayerNorm + the eager modulate), flash-attn. Nothing is
-downloaded: T5-v1.1-XXL's encoder and Stable Diffusion's VAE are built from their published configs, every model
-with random weights (randomize: zero-initialised projections would multiply zeros). On a CPU the same code runs
-tiny sizes (TINY models, TINY_T5_CONFIG, TINY_VAE_CONFIG): the smoke set.
+Providers: `sora` (the Triton kernels, enable_layernorm_kernel=True), `torch` / `eager` (Open-Sora v1 with the
+kernels off), `torch.compile` / `+compile` (the same under default inductor; models per transformer block), apex,
+Liger, flash-attn. Nothing is downloaded: T5-v1.1-XXL's encoder and Stable Diffusion's VAE are built from their
+published configs, every model with random weights. On a CPU the same code runs tiny sizes: the smoke set.
 """
 
 import copy
@@ -148,7 +145,6 @@ def external(provider: str, case, device) -> dict:
 
 
 def kernel_forward(case, device):
-    cuda_only(case.provider, device)
     _, sora, eager, _ = KERNEL_OPS[case.bench]
     if case.provider == "sora":
         return sora(case.spec)
@@ -311,32 +307,27 @@ def measure_temporal_branch(case, batch, timer: Timer) -> dict:
     return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
 
 
-class Resident:
-    """T5-XXL (9.5 GB) built once per run and kept for the cases that encode text; the others drop it first,
-    so the batch that fits does not depend on which cases ran before."""
-
-    def __init__(self):
-        self.t5 = None
-
-    def text_encoder(self, device):
-        if self.t5 is None:
-            T5Encoder = importable("sora.models.text_encoder", "T5Encoder")
-            from sora.models.text_encoder import TINY_T5_CONFIG
-
-            cuda = device.type == "cuda"
-            with device:  # 4.76B parameters initialised on the GPU, not the host
-                self.t5 = T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG,
-                                    model_max_length=120 if cuda else TINY["model_max_length"], device=device,
-                                    dtype=torch.bfloat16 if cuda else torch.float32)
-        return self.t5
-
-    def drop(self):
-        if self.t5 is not None:
-            self.t5 = None
-            free_memory()
+# T5-XXL (9.5 GB), built once per run and kept for the cases that encode text; the others drop it first, so the
+# batch that fits does not depend on which cases ran before.
+RESIDENT = {}
 
 
-RESIDENT = Resident()
+def text_encoder(device):
+    if "t5" not in RESIDENT:
+        T5Encoder = importable("sora.models.text_encoder", "T5Encoder")
+        from sora.models.text_encoder import TINY_T5_CONFIG
+
+        cuda = device.type == "cuda"
+        with device:  # 4.76B parameters initialised on the GPU, not the host
+            RESIDENT["t5"] = T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG, device=device,
+                                       model_max_length=120 if cuda else TINY["model_max_length"],
+                                       dtype=torch.bfloat16 if cuda else torch.float32)
+    return RESIDENT["t5"]
+
+
+def drop_text_encoder():
+    if RESIDENT.pop("t5", None) is not None:
+        free_memory()
 
 
 def build_vae(device, dtype, micro_batch_size):
@@ -362,15 +353,15 @@ def train_step_fn(case, batch, device):
     """sora.train.train_step for a training case at batch, ready to call: the model, its EMA, AdamW (fused on
     CUDA), IDDPM, and the batch (raw videos and prompts with encoders, else what sora.preprocess stores: the
     posterior's mean and std, captions or class ids). Returns (step, model)."""
-    build_optimizer, train_step = importable("sora.train", "build_optimizer"), importable("sora.train", "train_step")
+    build_optimizer, train_step = (importable("sora.train", name) for name in ("build_optimizer", "train_step"))
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     model_type, video = case.spec
     encoders = {}
     if case.fields["encoders"] == "T5+VAE":
-        encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH), text_encoder=RESIDENT.text_encoder(device))
+        encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH), text_encoder=text_encoder(device))
     else:
-        RESIDENT.drop()
+        drop_text_encoder()
     model = build_dit(model_type, video.latent, case.provider, device, torch.float32,
                       grad_checkpoint=video.grad_checkpoint, **LABEL_MODELS.get(model_type, {})).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -408,7 +399,7 @@ def measure_train(case, batch, timer: Timer) -> dict:
 
 def measure_sampling_step(case, batch, timer: Timer) -> dict:
     """IDDPM.sample with classifier-free guidance, steps_per_call steps per timed call; ms per step."""
-    RESIDENT.drop()
+    drop_text_encoder()
     device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
     latent = case.spec.latent
     model = build_dit("STDiT-XL/2", latent, case.provider, device, dtype).eval()
@@ -425,7 +416,7 @@ def measure_sampling_step(case, batch, timer: Timer) -> dict:
 
 
 def measure_t5(case, batch, timer: Timer) -> dict:
-    encoder = RESIDENT.text_encoder(timer.device)
+    encoder = text_encoder(timer.device)
     texts = prompts(batch)
     timing = timer.steps(lambda: encoder.encode(texts))
     prompts_per_s = batch / (timing["ms"] * 1e-3)
@@ -434,7 +425,7 @@ def measure_t5(case, batch, timer: Timer) -> dict:
 
 
 def measure_vae_decode(case, frames, timer: Timer) -> dict:
-    RESIDENT.drop()
+    drop_text_encoder()
     device, dtype = timer.device, DTYPES[case.fields["dtype"]]
     vae = build_vae(device, dtype, case.fields["micro_batch_size"])
     side = case.spec // vae.patch_size[1]
@@ -448,24 +439,22 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
     CFG, VAE decode, the video copied to the host; s per video."""
     sample_videos = importable("sora.sample", "sample_videos")
     device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
-    text_encoder = RESIDENT.text_encoder(device)
-    vae = build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
+    encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
     model = build_dit("STDiT-XL/2", video.latent, case.provider, device, dtype).eval()
     if case.provider.endswith("compile"):
         model = torch.compile(model)  # as sora.sample.run does for --compile true
     scheduler = IDDPM(num_sampling_steps=case.fields["steps"], **CFG)
     texts = prompts(batch)
-    timing = timer.steps(lambda: sample_videos(model, vae, text_encoder, scheduler, texts, video.latent, 0, device,
-                                               dtype), warmup=1)
+    timing = timer.steps(lambda: sample_videos(model, vae, encoder, scheduler, texts, video.latent, 0, device, dtype),
+                         warmup=1)
     return dict(timing, s_per_video=timing["ms"] / 1e3, **compile_fields(case.provider, "model"))
 
 
 def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights, gradients
     and EMA, as after a step's backward: time, bytes per parameter, GB/s and its share of the copy bandwidth."""
-    build_optimizer = importable("sora.train", "build_optimizer")
-    optimizer_step = importable("sora.train", "optimizer_step")
-    RESIDENT.drop()
+    build_optimizer, optimizer_step = (importable("sora.train", name) for name in ("build_optimizer", "optimizer_step"))
+    drop_text_encoder()
     device = timer.device
     model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -480,19 +469,13 @@ def measure_optimizer_step(case, batch, timer: Timer) -> dict:
 
 
 MEASURES = {
-    **{bench: measure_kernel for bench in ("layernorm_modulate", "layernorm_modulate_temporal", "gated_residual",
-                                           "gated_residual_temporal", "to_temporal", "temporal_attention")},
+    **{bench: measure_kernel for bench in KERNEL_OPS},
     "all_to_all_pack": measure_pack,
     "all_to_all_volume": compute_volume,
     "temporal_branch": measure_temporal_branch,
-    "train_step_full": measure_train,
-    "dit_image_train": measure_train,
-    "latte_train": measure_train,
-    "sampling_step": measure_sampling_step,
-    "t5_encode": measure_t5,
-    "vae_decode": measure_vae_decode,
-    "sample_e2e": measure_sample_e2e,
-    "optimizer_step": measure_optimizer_step,
+    **{bench: measure_train for bench in ("train_step_full", "dit_image_train", "latte_train")},
+    "sampling_step": measure_sampling_step, "t5_encode": measure_t5, "vae_decode": measure_vae_decode,
+    "sample_e2e": measure_sample_e2e, "optimizer_step": measure_optimizer_step,
 }
 
 
@@ -504,9 +487,9 @@ def run_case(case, timer: Timer, add) -> dict:
     error is recorded as a row "error: ..." and raised.
     """
     for batch in case.batches:
-        row = case.row(batch)
-        oom = False
+        row, oom = case.row(batch), False
         try:
+            cuda_only(case.provider, timer.device)
             row.update(MEASURES[case.bench](case, batch, timer))
         except Unavailable as reason:
             row.update(ms=None, skipped=str(reason))

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a package at the repository root
 
-from bench.bench_utils import free_memory  # noqa: E402
+from bench.bench_utils import free_memory, synchronize  # noqa: E402
 from bench.cases import VIDEOS, train_case  # noqa: E402
 from bench.measure import train_step_fn  # noqa: E402
 
@@ -34,49 +34,38 @@ CATEGORIES = [
     ("reductions", r"reduce|sum|mean|norm"),
 ]
 
+
 def category(name):
-    lowered = name.lower()
-    for label, pattern in CATEGORIES:
-        if re.search(pattern, lowered):
-            return label
-    return "other"
+    return next((label for label, pattern in CATEGORIES if re.search(pattern, name.lower())), "other")
 
 
 def profile(step, device):
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    cuda = device.type == "cuda"
     for _ in range(2):  # warm-up: autotuning, cuBLAS handles, allocator
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     totals = defaultdict(float)
     for event in prof.key_averages():
         # Device kernels on CUDA; on the CPU only leaf operators, so nested ones are not counted twice.
-        time_us = event.device_self_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if time_us > 0 and (device.type == "cuda" or not event.key.startswith("autograd::")):
+        time_us = event.device_self_time_total if cuda else event.self_cpu_time_total
+        if time_us > 0 and (cuda or not event.key.startswith("autograd::")):
             totals[category(event.key)] += time_us / 1000
     return totals
 
 
 def table(results):
-    labels = [label for label, _ in CATEGORIES] + ["other"]
-    providers = list(results)
-    lines = ["| category | " + " | ".join(f"{p} ms | {p} share" for p in providers) + " |",
-             "| --- |" + " --- | --- |" * len(providers)]
-    for label in labels:
-        cells = []
-        for provider in providers:
-            total = sum(results[provider].values())
-            value = results[provider].get(label, 0.0)
-            cells.append(f"{value:.2f} | {100 * value / total:.1f}%")
+    totals = {provider: sum(times.values()) for provider, times in results.items()}
+    lines = ["| category | " + " | ".join(f"{p} ms | {p} share" for p in results) + " |",
+             "| --- |" + " --- | --- |" * len(results)]
+    for label in [label for label, _ in CATEGORIES] + ["other"]:
+        cells = [f"{times.get(label, 0.0):.2f} | {100 * times.get(label, 0.0) / totals[p]:.1f}%"
+                 for p, times in results.items()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| total | " + " | ".join(f"{sum(r.values()):.2f} | 100%" for r in results.values()) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| total | " + " | ".join(f"{total:.2f} | 100%" for total in totals.values()) + " |"])
 
 
 def main():

@@ -90,7 +90,8 @@ def pipeline_summary(summary):
 
     def train(bench, model, shape, encoders, provider, batch, ms=None, skipped=None, **extra):
         row = {"suite": "train", "bench": bench, "model": model, "provider": provider, "shape": shape,
-               "batch_size": batch, "encoders": encoders, "optimizer_step": True, "ms": ms, "skipped": skipped, **extra}
+               "batch_size": batch, "encoders": encoders, "optimizer_step": True, "ms": ms, "skipped": skipped,
+               "dtype": "bf16 autocast, fp32 weights", **extra}
         if ms is not None:
             samples = batch / (ms * 1e-3)
             row.update(samples_per_s=samples, tokens_per_s=samples * 4096, peak_mem_gb=70.0)
