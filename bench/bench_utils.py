@@ -49,11 +49,9 @@ def git_commit() -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True).stdout
 
     try:
-        head = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout here; set SORA_BENCH_COMMIT)"
-    return head + ("-dirty" if dirty else "")
 
 
 def slug(name: str) -> str:
@@ -96,8 +94,8 @@ def device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"name": f"cpu ({platform.processor() or platform.machine()})", "cpu_count": os.cpu_count()}
     props = torch.cuda.get_device_properties(device)
-    info = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1), "sm_count": props.multi_processor_count,
-            "compute_capability": f"{props.major}.{props.minor}",
+    info = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1),
+            "sm_count": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}",
             "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None, "driver": None}
 
     def read(nv, handle):
@@ -207,8 +205,7 @@ class Timer:
         handles, optimizer state), then 3-10 calls (about budget_ms of them; on a CPU 1 and 2), each timed with CUDA
         events and synchronized, through pytest-benchmark's rounds when there is one. Returns ms (median of the
         events), wall_ms (pytest-benchmark's median, else None), rounds, peak_mem_gb (None on a CPU)."""
-        cuda = self.device.type == "cuda"
-        times = []
+        cuda, times = self.device.type == "cuda", []
 
         def timed_step():
             if cuda:
@@ -228,13 +225,13 @@ class Timer:
         if cuda:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        benchmark, wall_ms = self.fixture(), None
+        benchmark = self.fixture()
         if benchmark is None:
             for _ in range(rounds):
                 timed_step()
         else:
             benchmark.pedantic(timed_step, rounds=rounds, warmup_rounds=0, iterations=1)
-            wall_ms = benchmark.stats.stats.median * 1e3
+        wall_ms = benchmark.stats.stats.median * 1e3 if benchmark else None
         return {"ms": statistics.median(times), "wall_ms": wall_ms, "rounds": rounds,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else None}
 
@@ -245,7 +242,7 @@ class Rotation:
 
     def __init__(self, make_inputs, step, set_bytes: int, device: torch.device):
         cuda = device.type == "cuda"
-        l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if cuda else 0) or L2_FALLBACK_BYTES
+        l2 = (cuda and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or L2_FALLBACK_BYTES
         count = 1 if set_bytes > l2 else min(8, 2 * l2 // max(set_bytes, 1) + 1)
         self.sets, self.step, self.calls = [make_inputs() for _ in range(count)], step, 0
 
@@ -280,13 +277,10 @@ def row_key(row: dict) -> str:
 
 
 class Results:
-    """A run's rows and environment, saved to summary.json after every row (a run cut off keeps what it
-    measured) and written out with the report when the run ends.
-
-    out_dir: where to write (default bench/results/<gpu-slug>/, or cpu-smoke/ without CUDA). append: keep the
-    rows of an earlier summary.json there (same device) that this run does not measure again, so a suite run in
-    several parts ends in one summary.
-    """
+    """A run's rows and environment, saved to summary.json after every row (a run cut off keeps what it measured)
+    and written out with the report when the run ends, to out_dir (default bench/results/<gpu-slug>/, cpu-smoke/
+    without CUDA). append: keep the rows of an earlier summary.json there (same device) this run does not measure
+    again, so a suite run in several parts ends in one summary."""
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
         self.rows, self.env, self.written, self._earlier = [], None, [], None
@@ -304,23 +298,21 @@ class Results:
             self.save()
 
     def earlier(self) -> dict:
-        """The summary.json this run appends to (read once, before this run first writes there)."""
+        """The summary.json (same device) this run appends to, read once, before this run first writes there."""
         if self._earlier is None:
-            self._earlier = {}
             path = self.out_dir / "summary.json"
-            if self.append and path.exists():
-                earlier = json.loads(path.read_text())
-                if earlier.get("device", {}).get("name") == self.env["device"]["name"]:
-                    self._earlier = earlier
+            earlier = json.loads(path.read_text()) if self.append and path.exists() else {}
+            same = earlier.get("device", {}).get("name") == self.env["device"]["name"]
+            self._earlier = earlier if same else {}
         return self._earlier
 
     def summary(self) -> dict:
-        run = {key: self.env.get(key) for key in ("commit", "date", "copy_bandwidth_gbps", "clocks", "torch", "triton")}
-        run["rows"] = len(self.rows)
-        earlier = self.earlier()
-        measured = {row_key(row) for row in self.rows}
+        run = {key: self.env.get(key) for key in ("commit", "date", "copy_bandwidth_gbps", "clocks", "torch",
+                                                  "triton")}
+        earlier, measured = self.earlier(), {row_key(row) for row in self.rows}
         kept = [row for row in earlier.get("rows", []) if row_key(row) not in measured]
-        return {**self.env, "rows": kept + self.rows, "runs": earlier.get("runs", []) + [run]}
+        runs = earlier.get("runs", []) + [{**run, "rows": len(self.rows)}]
+        return {**self.env, "rows": kept + self.rows, "runs": runs}
 
     def save(self) -> tuple[Path, dict]:
         """Write summary.json (atomically); returns its path and what it holds."""

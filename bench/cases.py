@@ -4,9 +4,9 @@ by bench/gpu_check.py (in order of priority) and by bench/report.py (each bench'
 A case is one row of a report table: its bench, provider and fields (shape, dtype, ...), the batch sizes tried in
 turn (one that runs out of memory is recorded and the next is tried) and its priority in bench/gpu_check.py: 1 the
 kernel rows that carry targets, 2 the model rows, 3 torch.compile's target rows, 4 and up while time remains,
-None the pytest suite only. How each bench is measured is bench/measure.py's MEASURES[bench]. Adding a kernel
-op: one entry in KERNEL_PROVIDERS, one byte formula in kernel_bytes, its inputs and eager path in
-bench/measure.py. This file needs neither torch nor a GPU (bench/report.py reads it).
+None the pytest suite only. bench/measure.py's MEASURES[bench] measures it. A kernel op is one entry in
+KERNEL_PROVIDERS, its byte formula in kernel_bytes and its entry in bench/measure.py's KERNEL_OPS. This file needs
+neither torch nor a GPU (bench/report.py reads it).
 """
 
 from dataclasses import dataclass, field
@@ -77,10 +77,8 @@ class Case:
         return BENCHES[self.bench].suite
 
     def row(self, batch=None) -> dict:
-        row = {"suite": self.suite, "bench": self.bench, "provider": self.provider, **self.fields}
-        if batch is not None:
-            row["batch_size"] = batch
-        return row
+        batch_size = {} if batch is None else {"batch_size": batch}
+        return {"suite": self.suite, "bench": self.bench, "provider": self.provider, **self.fields, **batch_size}
 
     def __str__(self):
         values = ["x".join(map(str, v)) if isinstance(v, list) else str(v).split(" ")[0]
@@ -99,7 +97,8 @@ KERNEL_SHAPES = {True: [(Shape("16x256", 256, 16, 256, 1152), ("bf16", "fp32")),
                         (Shape("64x512", 8, 64, 1024, 4096), ("bf16",))],
                  False: [(Shape("tiny", 2, 4, 8, 64), ("fp32",))]}
 # temporal_attention: batches keeping qkv (B, T*S, 3C) near 1.8 GB (36x an H100's L2).
-ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)), (Shape("16x512", 16, 16, 1024, 1152), ("bf16",)),
+ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)),
+                           (Shape("16x512", 16, 16, 1024, 1152), ("bf16",)),
                            (Shape("64x512", 4, 64, 1024, 1152), ("bf16",))],
                     False: [(Shape("tiny", 2, 4, 8, 64, heads=4), ("fp32",))]}
 LN_PROVIDERS = ("sora", "torch", "torch.compile", "apex", "liger")
@@ -112,7 +111,6 @@ KERNEL_PROVIDERS = {
     "to_temporal": PLAIN_PROVIDERS,
     "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile"),
 }
-DIRECTIONS = ("fwd", "fwd+bwd")
 
 # Training steps: 16x256 at batch 8 (else 4), 16x512 at 2 (else 1), 64x512 at 1 under gradient checkpointing.
 VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 16, 512, 512, (2, 1)),
@@ -131,12 +129,10 @@ VOLUME_SHAPES = SEQ_SHAPES[True] + [Shape("360x512", 1, 360, 1024, 1152)]
 DEPTH = 28  # STDiT-XL/2's blocks: one temporal attention each
 LINK_GBPS_ASSUMED = 450.0  # H100 NVLink 4: 900 GB/s bidirectional per GPU, a datasheet lead (bench/NOTES.md)
 
-# Open-Sora v1's inference settings: 2 prompts (classifier-free guidance doubles them), fp16, 100 IDDPM steps.
-SAMPLE_PROMPTS = 2
-SAMPLING_STEPS = 100
-STEPS_PER_CALL = 5  # sampling_step: IDDPM steps per timed call (2 on a CPU)
+# Open-Sora v1's inference settings: 2 prompts (classifier-free guidance doubles them), fp16, 100 IDDPM steps, VAE
+# micro-batches of 128 frames; sampling_step times 5 IDDPM steps per call (2 on a CPU).
+SAMPLE_PROMPTS, SAMPLING_STEPS, STEPS_PER_CALL, SAMPLE_VAE_MICRO_BATCH = 2, 100, 5, 128
 CFG = dict(cfg_scale=7.0, cfg_channel=3)
-SAMPLE_VAE_MICRO_BATCH = 128
 OPTIMIZER_BYTES_PER_PARAM = 52  # sora.train.optimizer_step's docstring: clipping 12, AdamW 28, EMA 12 (fp32)
 OPTIMIZER_TARGET = 0.7
 
@@ -181,13 +177,10 @@ THEIRS = ("-:ours / theirs:vs_open_sora", "-:Open-Sora:open_sora")
 STEP_NOTE = (
     "One step = `sora.train.train_step`, the step `python -m sora.train` runs: IDDPM `training_losses` under bf16 "
     "autocast with fp32 master weights (fp32 on a CPU), backward, `clip_grad_norm_(1.0)`, **the AdamW step (lr 2e-5, "
-    "weight decay 0) and the fp32 EMA update are all INCLUDED**. Random weights, synthetic batches. `encoders` "
-    "T5+VAE: raw videos (B, 3, T, H, W) already on the GPU and 120-token prompts are encoded on the fly by "
-    "T5-v1.1-XXL (bf16) and the SD VAE (bf16, 32 frames per call); none: pre-encoded latents and bf16 captions "
-    "(class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention on in both; "
-    "+compile: torch.compile per transformer block (SORA_BENCH_COMPILE). Open-Sora's figures are per GPU of "
-    "8x H800 (ZeRO-2, on-the-fly encoders), labelled as theirs."
-)
+    "weight decay 0) and the fp32 EMA update are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and "
+    "120-token prompts encoded on the fly by T5-v1.1-XXL and the SD VAE (bf16, 32 frames per call); none: "
+    "pre-encoded latents and captions (class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; "
+    "flash attention on in both. Open-Sora's figures: per GPU of 8x H800 (ZeRO-2, encoders on the fly).")
 BENCHES = {
     **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
@@ -235,8 +228,8 @@ BENCHES = {
                        ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1", "prompts_per_s:prompts/s:fmt",
                         "tokens_per_s:tokens/s:fmt", PEAK)),
     "vae_decode": Bench("pipeline", "SD VAE decode per frame (random weights from sd-vae-ft-ema's config)",
-                        "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per AutoencoderKL "
-                        "call.", "",
+                        "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per "
+                        "AutoencoderKL call.", "",
                         ("shape:resolution", "micro_batch_size:micro-batch (frames)", "batch_size:frames per call",
                          "dtype", "ms::f1", "frames_per_s:frames/s:fmt", PEAK)),
     "sample_e2e": Bench(
@@ -286,7 +279,7 @@ def kernel_cases(cuda: bool) -> list[Case]:
             for bench, providers in KERNEL_PROVIDERS.items()
             for index, (shape, dtypes) in enumerate((ATTENTION_SHAPES if bench == "temporal_attention"
                                                      else KERNEL_SHAPES)[cuda])
-            for dtype in dtypes for direction in DIRECTIONS for provider in providers]
+            for dtype in dtypes for direction in ("fwd", "fwd+bwd") for provider in providers]
 
 
 def comm_cases(cuda: bool) -> list[Case]:
@@ -332,7 +325,7 @@ def model_cases(cuda: bool) -> list[Case]:
         cases.append(train_case("train_step_full", "STDiT-XL/2", CPU_GC_VIDEO, False, "sora", cuda))
     cases += [train_case("dit_image_train", "DiT-XL/2", IMAGES[cuda], False, provider, cuda)
               for provider in ("sora", "eager", "eager+compile")]
-    cases += [train_case("latte_train", "Latte-XL/2", videos[0], False, provider, cuda) for provider in ("sora", "eager")]
+    cases += [train_case("latte_train", "Latte-XL/2", videos[0], False, p, cuda) for p in ("sora", "eager")]
     steps = STEPS_PER_CALL if cuda else 2
     cases += [Case("sampling_step", provider, video,
                    {"model": model_name("STDiT-XL/2", cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,

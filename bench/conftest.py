@@ -35,16 +35,14 @@ def benchmarking(config) -> bool:
 
 def pytest_configure(config):
     out = config.getoption("--bench-out", None)
-    config.stash[RESULTS] = Results(Path(out) if out else None, config.getoption("--bench-append", False))
+    config.stash[RESULTS] = Results(out and Path(out), config.getoption("--bench-append", False))
     if benchmarking(config) and on_cuda() and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 would time the Triton interpreter on the GPU: unset it for bench/")
 
 
 def pytest_collection_modifyitems(config, items):
-    if benchmarking(config):
-        return
     skip = pytest.mark.skip(reason="speed suite: run `pytest bench/ --benchmark` (or `--benchmark-only`) to measure")
-    for item in items:
+    for item in [] if benchmarking(config) else items:
         if BENCH_DIR in item.path.parents:
             item.add_marker(skip)
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +62,8 @@ class Deadline(BaseException):
     """The run's time, or a section's share of it, is up. BaseException: no `except Exception` swallows it."""
 
 
-@dataclass(frozen=True)
-class Section:
-    name: str
-    run: object  # run(check)
-    required: bool  # the deadline cutting it fails the run (exit code 3)
+# run(check); required: the deadline cutting it fails the run (exit code 3).
+Section = namedtuple("Section", "name run required")
 
 
 class Check:
@@ -166,18 +163,15 @@ def row_label(row: dict) -> str:
 def row_numbers(row: dict) -> str:
     if row.get("ms") is None:
         return "computed" if row.get("computed") else f"skipped: {row.get('skipped')}"
-    text = f"{row['ms']:.3f} ms"
-    if row.get("gbps") is not None:
-        text += f", {row['gbps']:,.0f} GB/s ({100 * row['frac_copy_bw']:.0f}% of copy)"
-    if row.get("samples_per_s") is not None:
-        text += f", {row['samples_per_s']:.3g} samples/s"
-    return text
+    gbps = f", {row['gbps']:,.0f} GB/s ({100 * row['frac_copy_bw']:.0f}% of copy)" if row.get("gbps") else ""
+    samples = f", {row['samples_per_s']:.3g} samples/s" if row.get("samples_per_s") else ""
+    return f"{row['ms']:.3f} ms{gbps}{samples}"
 
 
 # ---- the sections -----------------------------------------------------------------------------------------------
 def environment(check: Check) -> None:
-    check.results.env.update(collect_env(check.device))
     env = check.results.env
+    env.update(collect_env(check.device))
     device, clocks = env["device"], env["clocks"] or {}
     check.log(f"device {device.get('name')}, {device.get('memory_gb', '?')} GB, driver {device.get('driver')}; "
               f"clocks {clocks or 'not read'}")
@@ -200,9 +194,8 @@ def kernel_tests(check: Check) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(kernel_test_command(check), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    stopper = threading.Timer(check.remaining() - reserve, process.kill)
+    stopper, tail = threading.Timer(check.remaining() - reserve, process.kill), []
     stopper.start()
-    tail = []
     try:
         for line in process.stdout:
             line = line.rstrip()
@@ -261,8 +254,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="python bench/gpu_check.py", allow_abbrev=False,
                            description="The GPU check in one call: environment, the kernel tests on the GPU, the "
                                        "bench's cases by priority, under a hard deadline (bench/NOTES.md).")
-    parser.add_argument("--out", required=True, type=Path, help="folder for summary.json, README.md, plots and the log")
-    parser.add_argument("--commit", help="the commit measured (for a copy of the tree without .git); default: git HEAD")
+    parser.add_argument("--out", required=True, type=Path, help="folder for summary.json, README.md, plots, the log")
+    parser.add_argument("--commit", help="the commit measured (a copy of the tree without .git); default: git HEAD")
     parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
                         help=f"seconds for the whole run, writing included (default {DEFAULT_DEADLINE_S:.0f})")
     parser.add_argument("--tiny", action="store_true",
@@ -296,27 +289,26 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
         os.environ["SORA_BENCH_COMMIT"] = args.commit
     device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     threads = torch.get_num_threads()
-    if args.tiny:
-        torch.set_num_threads(1)  # tiny ops: a thread pool costs more than the op (bench/NOTES.md)
+    torch.set_num_threads(1 if args.tiny else threads)  # tiny ops: a thread pool costs more than the op (NOTES.md)
     check = Check(args, device)
     check.log(f"gpu_check on {check.results.env['device']['name']}, deadline {args.deadline:.0f} s, out {args.out}")
 
-    def alarm(signum, frame):
-        raise Deadline("the deadline")
-
-    def terminated(signum, frame):  # `timeout` sends SIGTERM before SIGKILL
-        raise Deadline("terminated (SIGTERM)")
+    def stop(why):
+        def handler(signum, frame):
+            raise Deadline(why)
+        return handler
 
     def hard_stop():
         check.log(f"still running {GRACE_S:.0f} s after the deadline: exiting; summary.json holds what was done")
         os._exit(3)
 
-    previous = {signal.SIGALRM: signal.signal(signal.SIGALRM, alarm),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, terminated)}
+    # `timeout` sends SIGTERM before SIGKILL.
+    previous = {signum: signal.signal(signum, stop(why))
+                for signum, why in ((signal.SIGALRM, "the deadline"), (signal.SIGTERM, "terminated (SIGTERM)"))}
     signal.setitimer(signal.ITIMER_REAL, max(check.remaining(), 1e-3))
-    stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop) if backstop else None
-    if stopper is not None:
-        stopper.daemon = True
+    stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop)
+    stopper.daemon = True
+    if backstop:
         stopper.start()
     try:
         try:
@@ -330,8 +322,7 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
                 signal.signal(signum, handler)
         return check.finish(sections)
     finally:
-        if stopper is not None:
-            stopper.cancel()
+        stopper.cancel()
         torch.set_num_threads(threads)
 
 

@@ -43,15 +43,9 @@ from sora.kernels import _common, comm  # noqa: E402
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
 # Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
 # memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
-SMS = 132
-ISSUE_PER_CLOCK = 4
-CLOCKS_GHZ = (1.755, 1.98)
-# Copy rates the targets are set against (datasheet-level figures, not measured here).
-COPY_TBS = {"H100": 3.0, "H200": 4.3}
-REGISTERS_PER_SM = 65536
-WARPS_PER_SM = 64
-SHARED_PER_SM = 228 * 1024
-H100_SHARED_PER_BLOCK = 227 * 1024
+SMS, ISSUE_PER_CLOCK, CLOCKS_GHZ = 132, 4, (1.755, 1.98)
+REGISTERS_PER_SM, WARPS_PER_SM, SHARED_PER_SM, H100_SHARED_PER_BLOCK = 65536, 64, 228 * 1024, 227 * 1024
+COPY_TBS = {"H100": 3.0, "H200": 4.3}  # copy rates the targets are set against (datasheet-level, not measured here)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -82,14 +76,9 @@ class _Sm90Driver:
             usage = resources(cubin)
             return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
 
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return SM90
+    get_current_device = staticmethod(lambda: 0)
+    get_current_stream = staticmethod(lambda device: 0)
+    get_current_target = staticmethod(lambda: SM90)
 
 
 @dataclasses.dataclass
@@ -112,12 +101,10 @@ class Launch:
     blocks_per_sm: int = 0
     error: str = ""
 
-    def warp_instructions(self) -> int:
-        programs = math.prod(self.grid)
-        return (self.instructions * programs + self.loop_instructions * self.loop_trips) * self.num_warps
-
     def per_byte(self) -> float:
-        return self.warp_instructions() / self.useful_bytes
+        """Warp instructions issued per useful byte."""
+        issued = self.instructions * math.prod(self.grid) + self.loop_instructions * self.loop_trips
+        return issued * self.num_warps / self.useful_bytes
 
     def waves(self) -> float:
         """Programs per resident slot on an H100 (132 SMs): above 1, the last wave runs part-empty."""
@@ -125,7 +112,7 @@ class Launch:
 
     def loop_per_byte(self) -> float:
         """Warp instructions per byte of the loop alone: what the steady state of a long loop issues."""
-        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes if self.loop_trips else 0.0
+        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes
 
 
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
@@ -186,18 +173,14 @@ def _blocks(lines: list[str]) -> list[list[str]]:
     """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
     blocks, current = [], []
     for line in lines:
-        if line.endswith(":"):
-            if current:
-                blocks.append(current)
-            current = [line]
-            continue
+        if line.endswith(":") and current:
+            blocks.append(current)
+            current = []
         current.append(line)
         if re.search(r"\b(BRA|EXIT|RET\S*)\b", line):
             blocks.append(current)
             current = []
-    if current:
-        blocks.append(current)
-    return blocks
+    return blocks + ([current] if current else [])
 
 
 def _subroutine_length(lines: list[str], address: int) -> int:
@@ -271,13 +254,11 @@ def analyse(launch: Launch) -> Launch:
     """Fill in what the cubin and its SASS say about a compiled launch."""
     if launch.error:
         return launch
-    compiled = launch.compiled
+    compiled, sass = launch.compiled, launch.compiled.asm["sass"]
     usage = resources(compiled.asm["cubin"])
-    launch.registers = usage["REG"]
     # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
-    launch.spill_bytes = usage["STACK"] + usage["LOCAL"]
+    launch.registers, launch.spill_bytes = usage["REG"], usage["STACK"] + usage["LOCAL"]
     launch.shared_bytes = compiled.metadata.shared
-    sass = compiled.asm["sass"]
     launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
     launch.instructions, launch.loop_instructions = count_instructions(sass)
     launch.blocks_per_sm = blocks_per_sm(launch.registers, launch.num_warps, launch.shared_bytes)
@@ -315,7 +296,8 @@ def layernorm_modulate(C, dtype, temporal):
 
 def gated_residual(C, dtype, temporal):
     x = tokens(C, dtype)
-    K.gated_residual(x, tokens(C, dtype, temporal), modulation(x)[2], temporal=T if temporal else None).sum().backward()
+    y, gate = tokens(C, dtype, temporal), modulation(x)[2]
+    K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
 
 
 def to_temporal(C, dtype):
@@ -359,11 +341,9 @@ def capture(cases) -> list[Launch]:
     """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
     launches = []
     for name, run, args in cases:
-        found = []
-        with sm90_capture(name, found):
+        with sm90_capture(name, launches):
             run(*args)
-        launches += [analyse(launch) for launch in found]
-    return launches
+    return [analyse(launch) for launch in launches]
 
 
 def _constexprs(launch: Launch) -> str:
@@ -372,27 +352,25 @@ def _constexprs(launch: Launch) -> str:
         f" {k}" for k, v in shown.items() if v is True and k in ("TEMPORAL", "TO_TEMPORAL"))
 
 
+COLUMNS = ["case", "kernel", "tile", "warps", "grid", "regs", "spill B", "smem B", "blocks/SM", "waves", "LDG bits",
+           "STG bits", "instr/program", "loop instr", "warp-instr/B", "loop warp-instr/B", "issue ceiling TB/s"]
+
+
 def table(launches: list[Launch]) -> str:
     """A markdown table, one row per launch."""
-    rows = ["| case | kernel | tile | warps | grid | regs | spill B | smem B | blocks/SM | waves | LDG bits | STG bits "
-            "| instr/program | loop instr | warp-instr/B | loop warp-instr/B | issue ceiling TB/s |",
-            "|" + "---|" * 17]
+    body = []
     for launch in launches:
-        name = launch.kernel.strip("_").replace("_kernel", "")
+        cells = [launch.case, launch.kernel.strip("_").replace("_kernel", ""), _constexprs(launch), launch.num_warps]
         if launch.error:
-            rows.append(f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | "
-                        f"{launch.grid} | FAILED: {launch.error.splitlines()[0]} |" + " |" * 11)
+            body.append(cells + [launch.grid, f"FAILED: {launch.error.splitlines()[0]}"] + [""] * 11)
             continue
-        per_byte = launch.per_byte()
-        low, high = ceiling_tbs(per_byte)
-        loop = f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-"
-        rows.append(
-            f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | {'x'.join(map(str, launch.grid))} "
-            f"| {launch.registers} | {launch.spill_bytes} | {launch.shared_bytes} | {launch.blocks_per_sm} | {launch.waves():.2f} "
-            f"| {launch.loads} | {launch.stores} | {launch.instructions} | {launch.loop_instructions or '-'} "
-            f"| {per_byte:.3f} | {loop} | {low:.1f}-{high:.1f} |"
-        )
-    return "\n".join(rows)
+        low, high = ceiling_tbs(launch.per_byte())
+        body.append(cells + ["x".join(map(str, launch.grid)), launch.registers, launch.spill_bytes,
+                             launch.shared_bytes, launch.blocks_per_sm, f"{launch.waves():.2f}", launch.loads,
+                             launch.stores, launch.instructions, launch.loop_instructions or "-",
+                             f"{launch.per_byte():.3f}", f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-",
+                             f"{low:.1f}-{high:.1f}"])
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
 
 
 def main(argv=None):
@@ -406,13 +384,14 @@ def main(argv=None):
         return 2
     launches = capture(cases)
     print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
-          f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, H200 ~{COPY_TBS['H200']} TB/s\n")
-    fields = [f.name for f in dataclasses.fields(Launch)]
-    found = [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
-              "loop_per_byte": None if launch.error else launch.loop_per_byte(),
-              "waves": None if launch.error else launch.waves()} for launch in launches]
+          f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, "
+          f"H200 ~{COPY_TBS['H200']} TB/s\n")
     print(table(launches))
     if args.json:
+        fields = [f.name for f in dataclasses.fields(Launch)]
+        found = [{**{f: getattr(launch, f) for f in fields}, **{key: None if launch.error else getattr(launch, key)()
+                                                                for key in ("per_byte", "loop_per_byte", "waves")}}
+                 for launch in launches]
         Path(args.json).write_text(json.dumps(found, indent=1))
     return 1 if any(launch.error for launch in launches) else 0
 

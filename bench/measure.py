@@ -30,7 +30,8 @@ TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max
 # DeepFloyd/t5-v1_1-xxl's config.json, the encoder's part: 4.76B parameters (9.5 GB in bf16).
 T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False)
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.1,
+                     tie_word_embeddings=False)
 # stabilityai/sd-vae-ft-ema's config.json (AutoencoderKL): 8x spatial downsampling to 4 latent channels.
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
@@ -40,6 +41,7 @@ SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
 LR, GRAD_CLIP, EMA_DECAY = 2e-5, 1.0, 0.9999  # Open-Sora v1's training configs
 # Frames per VAE call when encoding on the fly (Open-Sora's configs: 128 or 64); 32 leaves room for T5 and the EMA.
 TRAIN_VAE_MICRO_BATCH = 32
+CUDA_ONLY = ("apex", "liger", "flash-attn")  # with torch.compile's providers: skipped on a CPU
 LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
 
 
@@ -55,18 +57,13 @@ def importable(module: str, name: str):
         raise Unavailable(f"{module} not importable here ({error})") from None
 
 
-def cuda_only(provider: str, device) -> None:
-    if device.type != "cuda" and ("compile" in provider or provider in ("apex", "liger", "flash-attn")):
-        raise Unavailable(f"CPU smoke set: {provider} is measured on GPUs only")
-
-
-def compile_mode() -> str:
-    """How the model benches apply torch.compile: "blocks" (default: each transformer block, PyTorch's regional
-    compilation; identical blocks compile once) or "model" (torch.compile(model))."""
-    mode = os.environ.get("SORA_BENCH_COMPILE", "blocks")
+def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | None:
+    """How the model benches apply torch.compile for a +compile provider (None for the others): "blocks" (default:
+    each transformer block, PyTorch's regional compilation) or "model" (torch.compile(model)), SORA_BENCH_COMPILE."""
+    mode = mode or os.environ.get("SORA_BENCH_COMPILE", "blocks")
     if mode not in ("blocks", "model"):
         raise ValueError(f"SORA_BENCH_COMPILE must be 'blocks' or 'model', got {mode!r}")
-    return mode
+    return mode if provider.endswith("compile") else None
 
 
 # ---- kernels: one entry of KERNEL_OPS per op ------------------------------------------------------------------------
@@ -74,20 +71,31 @@ def temporal(s, x):
     return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
 
 
-def eager_layernorm_modulate(s, T, norm):
-    def forward(x, shift, scale):
-        y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
-        return temporal(s, y) if T else y
-    return forward
+def layernorm_modulate_op(temporal_layout: bool):
+    def eager(s, norm, flash):
+        def forward(x, shift, scale):
+            y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
+            return temporal(s, y) if temporal_layout else y
+        return forward
+
+    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1),
+                                  scale=randn(s.B, 1, s.C, scale=0.1)),
+            lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS,
+                                                                   temporal=s.T if temporal_layout else None),
+            eager, temporal_layout)
 
 
-def eager_gated_residual(T):
-    def forward(x, y, gate):
-        return x + gate * (rearrange(y, "(B S) T C -> B (T S) C", B=x.shape[0]) if T else y)
-    return forward
+def gated_residual_op(temporal_layout: bool):
+    def eager(s, norm, flash):
+        return lambda x, y, gate: x + gate * (rearrange(y, "(B S) T C -> B (T S) C", B=s.B) if temporal_layout else y)
+
+    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), gate=randn(s.B, 1, s.C, scale=0.1),
+                                  y=randn(*((s.B * s.S, s.T, s.C) if temporal_layout else (s.B, s.N, s.C)))),
+            lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T if temporal_layout else None),
+            eager, False)
 
 
-def eager_temporal_attention(s, flash):
+def eager_temporal_attention(s, norm, flash):
     def forward(qkv):
         q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
         if flash is None:
@@ -98,41 +106,27 @@ def eager_temporal_attention(s, flash):
     return forward
 
 
-def modulation(s, randn):
-    return dict(shift=randn(s.B, 1, s.C, scale=0.1), scale=randn(s.B, 1, s.C, scale=0.1))
-
-
 # bench -> (its inputs (random, never zeros; randn(*shape, scale=1.0)), sora's call, the eager path Open-Sora v1 runs
 # with the kernels off (LayerNorm `norm`, else F.layer_norm; attention `flash`, else SDPA; layout copies included),
 # whether the output is in the "(B S) T C" layout). A new op: one entry here, its providers and byte formula in
 # bench/cases.py.
 KERNEL_OPS = {
-    "layernorm_modulate": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), **modulation(s, randn)),
-                           lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS),
-                           lambda s, norm, flash: eager_layernorm_modulate(s, None, norm), False),
-    "layernorm_modulate_temporal": (
-        lambda s, randn: dict(x=randn(s.B, s.N, s.C), **modulation(s, randn)),
-        lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=s.T),
-        lambda s, norm, flash: eager_layernorm_modulate(s, s.T, norm), True),
-    "gated_residual": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), y=randn(s.B, s.N, s.C),
-                                             gate=randn(s.B, 1, s.C, scale=0.1)),
-                       lambda s: K.gated_residual, lambda s, norm, flash: eager_gated_residual(None), False),
-    "gated_residual_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C), y=randn(s.B * s.S, s.T, s.C),
-                                                      gate=randn(s.B, 1, s.C, scale=0.1)),
-                                lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T),
-                                lambda s, norm, flash: eager_gated_residual(s.T), False),
+    "layernorm_modulate": layernorm_modulate_op(False),
+    "layernorm_modulate_temporal": layernorm_modulate_op(True),
+    "gated_residual": gated_residual_op(False),
+    "gated_residual_temporal": gated_residual_op(True),
     "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
                     lambda s, norm, flash: lambda x: temporal(s, x), True),
     "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
-                           lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads),
-                           lambda s, norm, flash: eager_temporal_attention(s, flash), False),
+                           lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads), eager_temporal_attention,
+                           False),
 }
 
 
 def external(provider: str, case, device) -> dict:
     """apex FusedLayerNorm, Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode) or flash-attn."""
-    names = {"apex": ("apex.normalization", "FusedLayerNorm"), "liger": ("liger_kernel.transformers", "LigerLayerNorm"),
-             "flash-attn": ("flash_attn", "flash_attn_func")}
+    names = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
+             "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
     if provider not in names:
         return {}
     found = importable(*names[provider])
@@ -150,11 +144,6 @@ def kernel_forward(case, device):
         return sora(case.spec)
     forward = eager(case.spec, **{"norm": None, "flash": None, **external(case.provider, case, device)})
     return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
@@ -189,12 +178,12 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
 
     run = Rotation(make_inputs, step, nbytes, device)
     row = {}
-    if case.provider == "sora":
+    if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward against the fp32 eager op
         with torch.no_grad():
             probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
-            reference = eager(s, None, None)(**{name: tensor.float() for name, tensor in probe.items()})
-            row["rel_err"] = relative_error(forward(**probe), reference)
-            del reference
+            out, ref = forward(**probe).float(), eager(s, None, None)(**{k: t.float() for k, t in probe.items()})
+            row["rel_err"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            del out, ref
     return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
 
 
@@ -224,13 +213,13 @@ def measure_pack(case, batch, timer: Timer) -> dict:
     tensor_shape, scatter_dim, gather_dim = exchange_layout(case.fields["exchange"], case.spec, batch, sp)
     A, B = swap_view(case.fields["direction"], tensor_shape, sp, scatter_dim, gather_dim)
     numel = math.prod(tensor_shape)
-    nbytes = 2 * numel * dtype.itemsize
     swap = swap_leading if case.provider == "sora" else swap_leading_reference
-    run = Rotation(lambda: torch.randn(numel, device=device, dtype=dtype), lambda x: swap(x, A, B), nbytes // 2, device)
+    run = Rotation(lambda: torch.randn(numel, device=device, dtype=dtype), lambda x: swap(x, A, B),
+                   numel * dtype.itemsize, device)
     row = {"tensor": list(tensor_shape), "shape": [A, B, numel // (A * B)]}
     if case.provider == "sora":
         row["exact"] = torch.equal(swap(run.sets[0], A, B), swap_leading_reference(run.sets[0], A, B))
-    return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
+    return {**row, **bandwidth(2 * numel * dtype.itemsize, timer.kernel(run), timer)}  # read once, written once
 
 
 def compute_volume(case, batch, timer: Timer) -> dict:
@@ -275,33 +264,26 @@ def captions(model, batch, device, dtype, generator):
     return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
 
 
-def compile_fields(provider: str, mode: str | None = None) -> dict:
-    return {"compile_mode": mode or compile_mode()} if provider.endswith("compile") else {}
-
-
 def measure_temporal_branch(case, batch, timer: Timer) -> dict:
     """STDiT-XL/2's temporal branch fwd+bwd (C=1152, 16 heads; TINY's on a CPU), timed once: qkv Linear ->
     attention over frames -> proj -> gated residual. sora: frame-major throughout (K.temporal_attention,
     K.gated_residual); eager: rearrange + contiguous, attention, rearrange back, x + gate * y."""
     from sora.models.layers import Attention
 
-    device = timer.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hidden, heads = (1152, 16) if device.type == "cuda" else (TINY["hidden_size"], TINY["num_heads"])
-    T, H, W = case.spec.latent
+    device, (T, H, W) = timer.device, case.spec.latent
+    dtype, hidden, heads = (torch.bfloat16, 1152, 16) if device.type == "cuda" else (torch.float32, 64, 4)
     S = (H // 2) * (W // 2)
     attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
     randomize(attention)
     x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
     gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
     dout = torch.randn_like(x)
-    if case.provider == "sora":
-        def branch():
+    def branch():
+        if case.provider == "sora":
             return K.gated_residual(x, attention(x, temporal=T), gate)
-    else:
-        def branch():
-            x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
-            return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=batch)
+        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
+        return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=batch)
+
     wrt = [x, gate, *attention.parameters()]
     ms = timer.kernel(lambda: torch.autograd.grad(branch(), wrt, dout))
     return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
@@ -341,7 +323,8 @@ def build_vae(device, dtype, micro_batch_size):
     return vae.to(device, dtype).eval()
 
 
-WORDS = "a red panda walks slowly through falling snow in a quiet bamboo forest at dawn under soft golden light".split()
+WORDS = "a red panda walks slowly through falling snow in a quiet bamboo forest at dawn under soft golden light"
+WORDS = WORDS.split()
 
 
 def prompts(n: int) -> list[str]:
@@ -393,7 +376,7 @@ def measure_train(case, batch, timer: Timer) -> dict:
     step, model = train_step_fn(case, batch, timer.device)
     timing = timer.steps(step)
     samples_per_s = batch / (timing["ms"] * 1e-3)
-    return dict(timing, samples_per_s=samples_per_s, **compile_fields(case.provider),
+    return dict(timing, samples_per_s=samples_per_s, compile_mode=compile_mode(case.provider),
                 tokens_per_s=samples_per_s * math.prod(model.token_grid(case.spec[1].latent)))
 
 
@@ -403,7 +386,7 @@ def measure_sampling_step(case, batch, timer: Timer) -> dict:
     device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
     latent = case.spec.latent
     model = build_dit("STDiT-XL/2", latent, case.provider, device, dtype).eval()
-    forward = compiled(model) if case.provider.endswith("compile") else model
+    forward = compiled(model) if case.provider.endswith("compile") else model  # compiles the blocks in place
     y, mask = captions(model, batch, device, dtype, torch.Generator(device=device).manual_seed(1))
     scheduler = IDDPM(num_sampling_steps=steps, **CFG)
     # As sora/sample.py: one host generator per prompt, for the initial noise and every step's.
@@ -412,7 +395,7 @@ def measure_sampling_step(case, batch, timer: Timer) -> dict:
     timing = timer.steps(lambda: scheduler.sample(forward, z, y, model.y_embedder.null(batch), mask, progress=False,
                                                   generator=generators), warmup=1)
     per_step = {key: timing[key] / steps if timing[key] is not None else None for key in ("ms", "wall_ms")}
-    return dict(timing, **per_step, ms_call=timing["ms"], **compile_fields(case.provider))
+    return dict(timing, **per_step, ms_call=timing["ms"], compile_mode=compile_mode(case.provider))
 
 
 def measure_t5(case, batch, timer: Timer) -> dict:
@@ -447,13 +430,13 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
     texts = prompts(batch)
     timing = timer.steps(lambda: sample_videos(model, vae, encoder, scheduler, texts, video.latent, 0, device, dtype),
                          warmup=1)
-    return dict(timing, s_per_video=timing["ms"] / 1e3, **compile_fields(case.provider, "model"))
+    return dict(timing, s_per_video=timing["ms"] / 1e3, compile_mode=compile_mode(case.provider, "model"))
 
 
 def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights, gradients
     and EMA, as after a step's backward: time, bytes per parameter, GB/s and its share of the copy bandwidth."""
-    build_optimizer, optimizer_step = (importable("sora.train", name) for name in ("build_optimizer", "optimizer_step"))
+    build_optimizer, optimizer_step = (importable("sora.train", n) for n in ("build_optimizer", "optimizer_step"))
     drop_text_encoder()
     device = timer.device
     model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()
@@ -480,16 +463,14 @@ MEASURES = {
 
 
 def run_case(case, timer: Timer, add) -> dict:
-    """Measure a case and hand each row to add(row) as it is done; returns the last row.
-
-    The first of case.batches that fits: a batch that runs out of memory is recorded as a skipped row ("OOM at
-    batch 8") and the next is tried. A provider that cannot run here is a skipped row with the reason. Any other
-    error is recorded as a row "error: ..." and raised.
-    """
+    """Measure a case at the first of case.batches that fits, handing each row to add(row) as it is done; returns
+    the last row. Out of memory is a skipped row ("OOM at batch 8") and the next batch is tried; a provider that
+    cannot run here is a skipped row with the reason; any other error is a row "error: ...", and raised."""
     for batch in case.batches:
         row, oom = case.row(batch), False
         try:
-            cuda_only(case.provider, timer.device)
+            if timer.device.type != "cuda" and ("compile" in case.provider or case.provider in CUDA_ONLY):
+                raise Unavailable(f"CPU smoke set: {case.provider} is measured on GPUs only")
             row.update(MEASURES[case.bench](case, batch, timer))
         except Unavailable as reason:
             row.update(ms=None, skipped=str(reason))

@@ -30,7 +30,8 @@ OPEN_SORA = {(r["bench"], r["shape"]): (r["samples_per_s"], f"{r['samples_per_s'
                                         f"{' (GC)' if r['grad_checkpoint'] else ''}, {r['ktokens_per_s']}k tokens/s")
              for r in REFERENCE["training"]}
 OPEN_SORA_ENCODERS = {r["shape"]: f"encoders: baseline {r['baseline']:.2f} / {r['faster_label']} {r['faster']:.2f} "
-                                  f"samples/s" + (f" ({r['note']})" if r["note"] else "") for r in REFERENCE["encoders"]}
+                                  "samples/s" + (f" ({r['note']})" if r["note"] else "")
+                      for r in REFERENCE["encoders"]}
 _IMAGES = REFERENCE["images"]["rows"]
 OPEN_SORA_IMAGES = (" / ".join(f"{r['name']} {r['img_per_s']}" for r in _IMAGES) + " img/s ("
                     + " / ".join(f"{r['ktokens_per_s']}k" for r in _IMAGES) + " tokens/s)")
@@ -39,15 +40,11 @@ MODEL_BENCH = {"STDiT-XL/2": "stdit_train", "PixArt-XL/2": "pixart_train"}
 SPEEDUP_BASE = {"sora": "eager", "sora+compile": "eager+compile", "eager+compile": "eager"}
 
 
-def heading(bench, level="###"):
+def heading(bench):
     """A bench's table heading, note and target, from bench/cases.py."""
-    entry = BENCHES.get(bench)
-    lines = [f"{level} {entry.title if entry else bench} (`{bench}`)", ""]
-    if entry and entry.note:
-        lines += [entry.note, ""]
-    if entry and entry.target:
-        lines += [f"**Target:** {entry.target}", ""]
-    return lines
+    entry = BENCHES[bench]
+    return ([f"### {entry.title} (`{bench}`)", ""] + ([entry.note, ""] if entry.note else [])
+            + ([f"**Target:** {entry.target}", ""] if entry.target else []))
 
 
 def providers_of(rows):
@@ -60,15 +57,7 @@ def unique(values):
 
 
 def fmt(value, digits=3):
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
-
-
-def cell_skip(row):
-    return f"skipped: {row['skipped']}"
+    return "-" if value is None else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
 
 
 def shape_text(shape):
@@ -100,16 +89,14 @@ def header(summary):
 
 def kernel_cell(row):
     if row.get("ms") is None:
-        return cell_skip(row)
+        return f"skipped: {row['skipped']}"
     return f"{row['ms']:.3f} ms<br>{fmt(row['gbps'])} GB/s ({100 * row['frac_copy_bw']:.0f}%)"
 
 
 def ratio(rows_by_provider, numerator, denominator):
     """How many times faster `numerator` ran than `denominator` (time ratio), or "-"."""
     a, b = rows_by_provider.get(numerator), rows_by_provider.get(denominator)
-    if not a or not b or a.get("ms") is None or b.get("ms") is None:
-        return "-"
-    return f"{b['ms'] / a['ms']:.2f}x"
+    return "-" if not a or not b or a.get("ms") is None or b.get("ms") is None else f"{b['ms'] / a['ms']:.2f}x"
 
 
 def provider_table(group, keys, texts, extras):
@@ -120,8 +107,8 @@ def provider_table(group, keys, texts, extras):
     for key in unique(setting(row) for row in group):
         cases = {row["provider"]: row for row in group if setting(row) == key}
         first = next(iter(cases.values()))
-        body.append([cell(first) for _, cell in texts] + [kernel_cell(cases[p]) if p in cases else "-" for p in providers]
-                    + [cell(cases) for _, cell in extras])
+        body.append([cell(first) for _, cell in texts] + [kernel_cell(cases[p]) if p in cases else "-"
+                                                           for p in providers] + [cell(cases) for _, cell in extras])
     return table([header for header, _ in texts] + providers + [header for header, _ in extras], body)
 
 
@@ -148,17 +135,15 @@ def kernel_tables(group):
         lines += [f"**Target, {bench}:** {BENCHES[bench].target}", ""]
     for direction in unique(row["direction"] for row in group):
         rows = [row for row in group if row["direction"] == direction]
-        lines += [f"### {bench}, {direction}", "", *provider_table(rows, ("shape", "dtype"), KERNEL_TEXTS, KERNEL_EXTRAS),
-                  ""]
+        table_lines = provider_table(rows, ("shape", "dtype"), KERNEL_TEXTS, KERNEL_EXTRAS)
+        lines += [f"### {bench}, {direction}", "", *table_lines, ""]
     return lines
 
 
 # ---- communication, pipeline and training tables ------------------------------------------------------
 def table(columns, body):
     """A markdown table: a header row and one row per list of cells."""
-    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] + [
-        "| " + " | ".join(cells) + " |" for cells in body
-    ]
+    return ["| " + " | ".join(cells) + " |" for cells in [columns, ["---"] * len(columns), *body]]
 
 
 def gb(value):
@@ -171,9 +156,7 @@ def mb(value):
 
 def rate_ratio(row, base, key):
     """How many times `row`'s rate (key: samples_per_s, ...) is `base`'s, or "-"."""
-    if not base or row.get(key) is None or base.get(key) is None:
-        return "-"
-    return f"{row[key] / base[key]:.2f}x"
+    return "-" if not base or row.get(key) is None or base.get(key) is None else f"{row[key] / base[key]:.2f}x"
 
 
 def measured_by(rows, *fields):
@@ -184,9 +167,9 @@ def measured_by(rows, *fields):
 def train_targets(rows):
     """train_step_full's target: STDiT-XL/2 16x256 full step (T5+VAE on the fly), sora >= 1.3x Open-Sora's 7.00
     samples/s and >= 1.2x eager in the same run. Shown, not asserted."""
-    theirs, measured, body = OPEN_SORA[("stdit_train", "16x256x256")][0], measured_by(rows, "model", "shape", "encoders"), []
+    theirs, measured, body = OPEN_SORA[("stdit_train", "16x256x256")][0], measured_by(rows, *SETTING[:3]), []
     for encoders in ("T5+VAE", "none"):
-        sora, eager = (measured.get(("STDiT-XL/2", "16x256x256", encoders, provider)) for provider in ("sora", "eager"))
+        sora, eager = (measured.get(("STDiT-XL/2", "16x256x256", encoders, p)) for p in ("sora", "eager"))
         rate = {"samples_per_s": theirs}
         body.append([f"STDiT-XL/2 16x256x256, encoders {encoders}", fmt(sora["samples_per_s"]) if sora else "-",
                      f"{rate_ratio(sora or {}, rate, 'samples_per_s')} (goal >= 1.3x)",
@@ -277,7 +260,7 @@ def bench_tables(suite, rows):
             cells, shown = [], False
             for _, field, form in columns:
                 if row.get("skipped") and form not in ("text", "gc", "open_sora"):  # the reason, then dashes
-                    cells.append("-" if shown else cell_skip(row))
+                    cells.append("-" if shown else f"skipped: {row['skipped']}")
                     shown = True
                 else:
                     cells.append(FORMS[form](row, row.get(field) if field else None, measured))
@@ -313,8 +296,10 @@ def gpu_check_tables(check):
 def render_markdown(summary) -> str:
     """README.md's text: the run header, then the kernel, model, communication, pipeline, training and optimizer tables
     (a document others can quote)."""
-    rows = summary.get("rows", [])
+    rows = [row for row in summary.get("rows", []) if row.get("bench") in BENCHES]
     lines = header(summary) + [""] + (gpu_check_tables(summary["gpu_check"]) if summary.get("gpu_check") else [])
+    if len(rows) < len(summary.get("rows", [])):
+        lines += [f"{len(summary['rows']) - len(rows)} rows of benches bench/cases.py no longer has are left out.", ""]
     for suite in SUITE_TITLES:
         if any(row.get("suite") == suite for row in rows):
             lines += bench_tables(suite, [row for row in rows if row.get("suite") == suite])
@@ -345,8 +330,7 @@ def plot(summary, path, kind):
     import matplotlib.pyplot as plt
 
     kernels = kind == "kernels"
-    rows = [row for row in summary["rows"] if row.get("ms") is not None and (
-        row.get("suite") == "kernels" if kernels else row.get("suite") in ("models", "train") and row.get("samples_per_s"))]
+    rows = [row for row in summary["rows"] if row.get("ms") is not None and plotted([row], kind)]
     benches = unique(row["bench"] for row in rows)
     size = (14, 3.6 * len(benches)) if kernels else (4.5 * len(benches), 4)
     fig, axes = plt.subplots(len(benches) if kernels else 1, 1 if kernels else len(benches), figsize=size,

@@ -108,10 +108,10 @@ def kernel_tests(tmp_path, monkeypatch, planted: bool):
     """Section 2 alone on a few of the suite's kernel tests, with the layout bug planted (a pytest plugin) or not."""
     monkeypatch.setattr(gpu_check, "TINY_SELECTION", SELECTION)
     if planted:
-        (tmp_path / "planted_layout_bug.py").write_text(PLANTED)
+        (tmp_path / "planted_bug.py").write_text(PLANTED)
         monkeypatch.setenv("PYTHONPATH", str(tmp_path))
         command = gpu_check.kernel_test_command
-        monkeypatch.setattr(gpu_check, "kernel_test_command", lambda check: command(check) + ["-p", "planted_layout_bug"])
+        monkeypatch.setattr(gpu_check, "kernel_test_command", lambda check: [*command(check), "-p", "planted_bug"])
     out = tmp_path / "out"
     code = gpu_check.run(tiny_args(out, deadline=300), [Section("2 kernel tests", gpu_check.kernel_tests, True)])
     status = summary_of(out)["gpu_check"]

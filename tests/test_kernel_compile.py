@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-# The model's shapes (C=1152 in each dtype, C=4096), the odd widths, the largest C that must not spill, and
-# the all-to-all packs, temporal attention at T=16 and T=64 (head dim 72); the rest of bench/kernel_report.py's cases differ only in dtype or size.
+# The model's shapes (C=1152 in each dtype, C=4096), the odd widths, the largest C that must not spill, the
+# all-to-all packs, temporal attention at T=16 and T=64 (head dim 72); the rest of bench/kernel_report.py's cases
+# differ only in dtype or size.
 CASES = ["C=1152", "C=4096 bf16", "C=72 ", "C=8192 bf16", "all_to_all", "temporal_attention"]
 KERNELS = {"_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_gated_residual_fwd_kernel",
            "_gated_residual_bwd_kernel", "_temporal_copy_kernel", "_temporal_attention_fwd_kernel",
