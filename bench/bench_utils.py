@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 CPU_SLUG = "cpu-smoke"
 
-# do_bench budgets (ms of device time): long enough for a stable median of 1-10 ms kernels.
+# do_bench's warm-up and repetition times (ms): long enough for a stable median of 1-10 ms kernels.
 WARMUP_MS = 25
 REP_MS = 200
 # Working sets below this get several input sets to rotate through (H100's L2 is 50 MB); ours are far over.
 L2_FALLBACK_BYTES = 50 * 2**20
 # Whole steps (training, sampling, encoders): about this much time of timed calls per case.
-STEP_BUDGET_MS = 6000
+STEPS_MS = 6000
 
 
 def on_cuda() -> bool:
@@ -200,9 +200,9 @@ class Timer:
 
         return self.once(measure)
 
-    def steps(self, step, warmup: int = 2, budget_ms: float = STEP_BUDGET_MS) -> dict:
+    def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
         """A whole step (tens of ms to seconds, host work included): `warmup` untimed calls (JIT, compile,
-        handles, optimizer state), then 3-10 calls (about budget_ms of them; on a CPU 1 and 2), each timed with CUDA
+        handles, optimizer state), then 3-10 calls (about total_ms of them; on a CPU 1 and 2), each timed with CUDA
         events and synchronized, through pytest-benchmark's rounds when there is one. Returns ms (median of the
         events), wall_ms (pytest-benchmark's median, else None), rounds, peak_mem_gb (None on a CPU)."""
         cuda, times = self.device.type == "cuda", []
@@ -220,7 +220,7 @@ class Timer:
 
         for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
-        rounds = max(3, min(10, int(budget_ms / times[-1]))) if cuda else 2
+        rounds = max(3, min(10, int(total_ms / times[-1]))) if cuda else 2
         times.clear()
         if cuda:
             synchronize(self.device)
