@@ -1,2 +1,2 @@
-"""The speed suite (pytest-benchmark): `pytest bench/ --benchmark`. A package so that its test modules
-(bench.test_models, bench.test_kernels) do not collide with tests/test_models.py in one pytest run."""
+"""The speed suite (`pytest bench/ --benchmark`), the GPU check and the kernel report (bench/NOTES.md); a package,
+so that its modules import one another as bench.cases, bench.measure, ... from the repository root."""

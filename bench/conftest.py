@@ -1,9 +1,10 @@
-"""The speed suite's switches, session facts and results writer.
+"""The speed suite's switches, run facts and results writer.
 
 `pytest bench/ --benchmark` (or pytest-benchmark's own `--benchmark-only`) runs the suite; without either,
 every bench test is skipped with a reason. Rows go to bench/results/<gpu-slug>/summary.json (or --bench-out)
-as they are measured; at the end of the session README.md (tables) and plots are written beside it. On a machine without CUDA only the CPU smoke
-set runs (tiny shapes, wall clock), written to bench/results/cpu-smoke/, which git ignores.
+as they are measured; at the end of the run README.md (tables) and plots are written beside it. On a machine
+without CUDA only the CPU smoke set runs (tiny shapes, wall clock), written to bench/results/cpu-smoke/, which git
+ignores.
 """
 
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_utils import Results, bench_device, collect_env, free_memory, on_cuda
+from bench.bench_utils import Results, collect_env, on_cuda
 
 RESULTS = pytest.StashKey[Results]()
 BENCH_DIR = Path(__file__).resolve().parent
@@ -34,16 +35,14 @@ def benchmarking(config) -> bool:
 
 def pytest_configure(config):
     out = config.getoption("--bench-out", None)
-    config.stash[RESULTS] = Results(Path(out) if out else None, config.getoption("--bench-append", False))
+    config.stash[RESULTS] = Results(out and Path(out), config.getoption("--bench-append", False))
     if benchmarking(config) and on_cuda() and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 would time the Triton interpreter on the GPU: unset it for bench/")
 
 
 def pytest_collection_modifyitems(config, items):
-    if benchmarking(config):
-        return
     skip = pytest.mark.skip(reason="speed suite: run `pytest bench/ --benchmark` (or `--benchmark-only`) to measure")
-    for item in items:
+    for item in [] if benchmarking(config) else items:
         if BENCH_DIR in item.path.parents:
             item.add_marker(skip)
 
@@ -55,7 +54,7 @@ def results(request) -> Results:
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return bench_device()
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
@@ -69,46 +68,31 @@ def bench_env(results, device) -> dict:
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_on_cpu(device):
     """The CPU smoke set runs tiny ops, where handing each to a thread pool costs more than the op itself
-    (2 ms per op against 30 us on one thread, seen on a 2-core sandbox): one thread there."""
-    if device.type == "cuda":
-        yield
-        return
+    (bench/NOTES.md): one thread there."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads if device.type == "cuda" else 1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    """Each case starts from an empty allocator cache and no compiled graphs of earlier cases."""
-    yield
-    free_memory()
-
-
 def pytest_sessionfinish(session, exitstatus):
-    config = session.config
-    results = config.stash.get(RESULTS, None)
-    if results is None or not results.rows or not benchmarking(config) or results.env is None:
-        return
-    results.finish()
+    results = session.config.stash.get(RESULTS, None)
+    if benchmarking(session.config) and results is not None and results.rows and results.env is not None:
+        results.finish()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not benchmarking(config) or config.option.collectonly:
-        return
     results = config.stash.get(RESULTS, None)
+    if not benchmarking(config) or config.option.collectonly or results is None:
+        return
     write = terminalreporter.write_line
     terminalreporter.section("sora bench")
     if not on_cuda():
         write("GPU rows skipped: no CUDA device here (torch.cuda.is_available() is False), so only the CPU smoke set "
               "ran (tiny shapes, wall clock). Its numbers exercise the harness and are not results.")
-    if results is None or not results.rows:
-        write("no rows recorded")
-        return
     skipped = sum(1 for row in results.rows if row.get("skipped"))
     computed = sum(1 for row in results.rows if row.get("computed"))
-    write(f"{len(results.rows)} rows ({skipped} skipped, {computed} computed, not timed), "
-          f"copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s")
+    write(f"{len(results.rows)} rows ({skipped} skipped, {computed} computed, not timed)"
+          + (f", copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s" if results.env else ""))
     for path in results.written:
         write(f"wrote {path}")

@@ -3,21 +3,14 @@ time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump an
 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
 
-Launches are captured from the public ops, not from a copy of the launchers' tile logic: each case is a
-callable that calls a public op (forward and backward) on CPU tensors while Triton's active driver is a
-stand-in for an sm_90 device. Every `kernel[grid](...)` then goes through Triton's own JIT entry point,
-which specialises the arguments as it would on the GPU (ints equal to 1 or divisible by 16, pointers
-16-byte aligned), compiles, and returns without launching. Nothing is computed: outputs are whatever the
-allocator left, which is all a compile needs.
-
-Per launch it prints registers, spilled bytes, shared memory, the widths of global loads and stores, the
-SASS instructions a program issues (split into the loop body and the rest for loop kernels), and warp
-instructions per useful byte (bytes of every tensor the kernel is handed, each counted once). A kernel that
-issues more warp instructions per byte than an SM can issue at the rate the memory delivers bytes is
-issue-bound: the ceiling printed is SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
-
-Another kernel file adds its cases to CASES (or passes its own list to `report`); a case is a name and a
-callable that calls public ops.
+Launches are captured from the public ops (CASES: one entry per case, a name, a function that calls public ops
+forward and backward on CPU tensors, its arguments; a kernel file adds its own) while Triton's active driver is a
+stand-in for an sm_90 device: every `kernel[grid](...)` goes through Triton's own JIT entry point, which
+specialises the arguments as on the GPU, compiles, and returns without launching. Per launch it prints registers,
+spills, shared memory, the widths of global loads and stores, the SASS instructions a program issues (loop body
+and the rest), and warp instructions per useful byte (every tensor the kernel is handed, counted once); above what
+an SM can issue at the rate memory delivers bytes, a kernel is issue-bound: the ceiling printed is
+SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
 """
 
 import argparse
@@ -50,15 +43,9 @@ from sora.kernels import _common, comm  # noqa: E402
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
 # Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
 # memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
-SMS = 132
-ISSUE_PER_CLOCK = 4
-CLOCKS_GHZ = (1.755, 1.98)
-# Copy rates the targets are set against (issue 10's figures, not measured here).
-COPY_TBS = {"H100": 3.0, "H200": 4.3}
-REGISTERS_PER_SM = 65536
-WARPS_PER_SM = 64
-SHARED_PER_SM = 228 * 1024
-H100_SHARED_PER_BLOCK = 227 * 1024
+SMS, ISSUE_PER_CLOCK, CLOCKS_GHZ = 132, 4, (1.755, 1.98)
+REGISTERS_PER_SM, WARPS_PER_SM, SHARED_PER_SM, H100_SHARED_PER_BLOCK = 65536, 64, 228 * 1024, 227 * 1024
+COPY_TBS = {"H100": 3.0, "H200": 4.3}  # copy rates the targets are set against (datasheet-level, not measured here)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -89,14 +76,9 @@ class _Sm90Driver:
             usage = resources(cubin)
             return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
 
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return SM90
+    get_current_device = staticmethod(lambda: 0)
+    get_current_stream = staticmethod(lambda device: 0)
+    get_current_target = staticmethod(lambda: SM90)
 
 
 @dataclasses.dataclass
@@ -119,16 +101,10 @@ class Launch:
     blocks_per_sm: int = 0
     error: str = ""
 
-    @property
-    def channels(self) -> int:
-        return self.ints.get("C", 0)
-
-    def warp_instructions(self) -> int:
-        programs = math.prod(self.grid)
-        return (self.instructions * programs + self.loop_instructions * self.loop_trips) * self.num_warps
-
     def per_byte(self) -> float:
-        return self.warp_instructions() / self.useful_bytes
+        """Warp instructions issued per useful byte."""
+        issued = self.instructions * math.prod(self.grid) + self.loop_instructions * self.loop_trips
+        return issued * self.num_warps / self.useful_bytes
 
     def waves(self) -> float:
         """Programs per resident slot on an H100 (132 SMs): above 1, the last wave runs part-empty."""
@@ -136,7 +112,7 @@ class Launch:
 
     def loop_per_byte(self) -> float:
         """Warp instructions per byte of the loop alone: what the steady state of a long loop issues."""
-        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes if self.loop_trips else 0.0
+        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes
 
 
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
@@ -198,18 +174,14 @@ def _blocks(lines: list[str]) -> list[list[str]]:
     """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
     blocks, current = [], []
     for line in lines:
-        if line.endswith(":"):
-            if current:
-                blocks.append(current)
-            current = [line]
-            continue
+        if line.endswith(":") and current:
+            blocks.append(current)
+            current = []
         current.append(line)
         if re.search(r"\b(BRA|EXIT|RET\S*)\b", line):
             blocks.append(current)
             current = []
-    if current:
-        blocks.append(current)
-    return blocks
+    return blocks + ([current] if current else [])
 
 
 def _subroutine_length(lines: list[str], address: int) -> int:
@@ -283,13 +255,11 @@ def analyse(launch: Launch) -> Launch:
     """Fill in what the cubin and its SASS say about a compiled launch."""
     if launch.error:
         return launch
-    compiled = launch.compiled
+    compiled, sass = launch.compiled, launch.compiled.asm["sass"]
     usage = resources(compiled.asm["cubin"])
-    launch.registers = usage["REG"]
     # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
-    launch.spill_bytes = usage["STACK"] + usage["LOCAL"]
+    launch.registers, launch.spill_bytes = usage["REG"], usage["STACK"] + usage["LOCAL"]
     launch.shared_bytes = compiled.metadata.shared
-    sass = compiled.asm["sass"]
     launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
     launch.instructions, launch.loop_instructions = count_instructions(sass)
     launch.blocks_per_sm = blocks_per_sm(launch.registers, launch.num_warps, launch.shared_bytes)
@@ -302,139 +272,113 @@ def ceiling_tbs(per_byte: float) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- cases
+# STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples (1 above C=1152) keep the CPU
+# buffers small while the reduction grids still split each sample over many programs, as on the GPU.
+T, S = 16, 256
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples keep the CPU buffers
-# small while the reduction grids still split each sample over many programs, as on the GPU.
-T, S, B = 16, 256, 4
+
+def tokens(C, dtype, temporal=False):
+    """x (B, T*S, C), or the "(B S) T C" layout, random and requiring grad; B = 4, 1 above C=1152."""
+    B = 4 if C <= 1152 else 1
+    return torch.randn((B * S, T, C) if temporal else (B, T * S, C), dtype=DTYPES[dtype], requires_grad=True)
 
 
-def _modulation(B, C, dtype):
+def modulation(x):
     """shift, scale, gate as chunks of a (B, 6, C) adaLN table, as STDiT passes them."""
-    return torch.randn(B, 6, C, dtype=dtype, requires_grad=True).chunk(6, dim=1)
+    return torch.randn(x.shape[0], 6, x.shape[-1], dtype=x.dtype, requires_grad=True).chunk(6, dim=1)
 
 
-def layernorm_modulate_case(C, dtype, temporal, batch=B):
-    def run():
-        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
-        shift, scale, *_ = _modulation(batch, C, dtype)
-        K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
-    return run
+def layernorm_modulate(C, dtype, temporal):
+    x = tokens(C, dtype)
+    shift, scale, *_ = modulation(x)
+    K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
 
 
-def gated_residual_case(C, dtype, temporal, batch=B):
-    def run():
-        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
-        y = torch.randn((batch * S, T, C) if temporal else (batch, T * S, C), dtype=dtype, requires_grad=True)
-        gate = _modulation(batch, C, dtype)[2]
-        K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
-    return run
+def gated_residual(C, dtype, temporal):
+    x = tokens(C, dtype)
+    y, gate = tokens(C, dtype, temporal), modulation(x)[2]
+    K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
 
 
-def per_frame_case(op, C, dtype, modulation_dtype, frames, batch=B):
-    """layernorm_modulate or gated_residual with one modulation row per frame (frames=T: STDiT2's x_mask
-    select) or per token (frames=T*S: Wan 2.2 TI2V), as chunks of a (B, frames, 6, C) table of
-    modulation_dtype (Wan's fp32 table on bf16 tokens)."""
-    def run():
-        x = torch.randn(batch, T * S, C, dtype=dtype, requires_grad=True)
-        table = torch.randn(batch, frames, 6, C, dtype=modulation_dtype, requires_grad=True)
-        shift, scale, gate = (t.squeeze(2) for t in table.chunk(6, dim=2)[:3])
-        if op == "layernorm_modulate":
-            out = K.layernorm_modulate(x, shift, scale, frames=frames)
-        else:
-            out = K.gated_residual(x, torch.randn_like(x, requires_grad=True), gate, frames=frames)
-        out.sum().backward()
-    return run
+def per_frame(op, C, dtype, modulation_dtype, frames):
+    """layernorm_modulate or gated_residual with one modulation row per frame (frames=T: STDiT2's x_mask select)
+    or per token (frames=T*S: Wan 2.2 TI2V), as chunks of a (B, frames, 6, C) table of modulation_dtype (Wan's
+    fp32 table on bf16 tokens); B = 1 per token."""
+    x = tokens(C, dtype)[:1] if frames == T * S else tokens(C, dtype)
+    table = torch.randn(x.shape[0], frames, 6, C, dtype=DTYPES[modulation_dtype], requires_grad=True)
+    shift, scale, gate = (t.squeeze(2) for t in table.chunk(6, dim=2)[:3])
+    if op == "layernorm_modulate":
+        out = K.layernorm_modulate(x, shift, scale, frames=frames)
+    else:
+        out = K.gated_residual(x, torch.randn_like(x, requires_grad=True), gate, frames=frames)
+    out.sum().backward()
 
 
-def layout_case(C, dtype):
-    def run():
-        x = torch.randn(B, T * S, C, dtype=dtype, requires_grad=True)
-        K.to_temporal(x, T).sum().backward()  # the backward is from_temporal
-    return run
+def to_temporal(C, dtype):
+    K.to_temporal(tokens(C, dtype), T).sum().backward()  # the backward is from_temporal
 
 
-def all_to_all_case(world, heads=16, head_dim=72, dtype=torch.bfloat16):
+def all_to_all(world, heads=16, head_dim=72):
     """STDiT's Ulysses exchanges on a `world`-rank group (faked: the kernels need only its size): qkv
     (B, N, 3, H, D) scatters heads and gathers tokens, the attention output goes back."""
-    def run():
-        fake = mock.Mock(get_world_size=lambda group: world,
-                         all_to_all_single=lambda recv, send, group: recv.copy_(send))
-        with mock.patch.object(comm, "dist", fake):
-            qkv = torch.randn(2, T * S // world, 3, heads, head_dim, dtype=dtype)
-            out = K.all_to_all(qkv, None, scatter_dim=3, gather_dim=1)[:, :, 0]
-            K.all_to_all(out.contiguous(), None, scatter_dim=1, gather_dim=2)
-    return run
+    fake = mock.Mock(get_world_size=lambda group: world, all_to_all_single=lambda recv, send, group: recv.copy_(send))
+    with mock.patch.object(comm, "dist", fake):
+        qkv = torch.randn(2, T * S // world, 3, heads, head_dim, dtype=torch.bfloat16)
+        out = K.all_to_all(qkv, None, scatter_dim=3, gather_dim=1)[:, :, 0]
+        K.all_to_all(out.contiguous(), None, scatter_dim=1, gather_dim=2)
 
 
-def temporal_attention_case(frames, positions, dtype, heads=16, head_dim=72, prologue=False):
+def temporal_attention(frames, positions, dtype, heads=16, head_dim=72, prologue=False):
     """STDiT-XL/2's temporal attention: qkv (1, T*S, 3*C) as its qkv Linear writes it, C = 16 heads of 72.
     prologue: STDiT2's, RoPE then the q/k RMSNorm (the v1.1 checkpoints' order)."""
-    def run():
-        qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
-        norms = [torch.ones(head_dim, dtype=dtype, requires_grad=True) for _ in range(2)] if prologue else [None] * 2
-        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim) if prologue else None
-        K.temporal_attention(qkv, frames, heads, None, *norms, freqs).sum().backward()
-    return run
+    qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=DTYPES[dtype], requires_grad=True)
+    norms = [torch.ones(head_dim, dtype=qkv.dtype, requires_grad=True) for _ in range(2)] if prologue else [None, None]
+    freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim) if prologue else None
+    K.temporal_attention(qkv, frames, heads, None, *norms, freqs).sum().backward()
 
 
-def qk_norm_case(heads, head_dim, dtype, batch=B):
+def qk_norm(dtype, heads=16, head_dim=72):
     """STDiT2's spatial attention: q and k of the qkv Linear's (B, N, 3C) output RMS-normalized per head."""
-    def run():
-        qkv = torch.randn(batch, T * S, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
-        weights = [torch.ones(head_dim, dtype=dtype, requires_grad=True) for _ in range(2)]
-        q, k, v = K.qk_norm(qkv, heads, *weights)
-        (q.sum() + k.sum() + v.sum()).backward()
-    return run
+    qkv = torch.randn(4, T * S, 3 * heads * head_dim, dtype=DTYPES[dtype], requires_grad=True)
+    weights = [torch.ones(head_dim, dtype=DTYPES[dtype], requires_grad=True) for _ in range(2)]
+    q, k, v = K.qk_norm(qkv, heads, *weights)
+    (q.sum() + k.sum() + v.sum()).backward()
 
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _cases():
-    cases = []
-    for C, dtypes in ((1152, (torch.bfloat16, torch.float16, torch.float32)), (4096, (torch.bfloat16,)),
-                      (72, (torch.bfloat16,)), (1000, (torch.bfloat16,)), (8192, (torch.bfloat16,))):
-        batch = B if C <= 1152 else 1
-        for dtype in dtypes:
-            d = DTYPE_NAMES[dtype]
-            for temporal in (False, True):
-                kind = "temporal" if temporal else "plain"
-                cases.append((f"layernorm_modulate C={C} {d} {kind}", layernorm_modulate_case(C, dtype, temporal, batch)))
-                cases.append((f"gated_residual C={C} {d} {kind}", gated_residual_case(C, dtype, temporal, batch)))
-        cases.append((f"to_temporal C={C} {DTYPE_NAMES[dtypes[0]]}", layout_case(C, dtypes[0])))
+# One entry per case: its name, the function that calls the public op(s), and the arguments. A new kernel file adds
+# its function and entries here (or passes its own list to `capture`).
+WIDTHS = [(1152, "bf16"), (1152, "fp16"), (1152, "fp32"), (4096, "bf16"), (72, "bf16"), (1000, "bf16"), (8192, "bf16")]
+CASES = [
+    *[(f"{op.__name__} C={C} {dtype} {'temporal' if temporal else 'plain'}", op, (C, dtype, temporal))
+      for C, dtype in WIDTHS for temporal in (False, True) for op in (layernorm_modulate, gated_residual)],
+    *[(f"to_temporal C={C} {dtype}", to_temporal, (C, dtype)) for C, dtype in WIDTHS if dtype == "bf16"],
     # Per-frame (T rows per sample) and per-token (Wan 2.2 TI2V: fp32 rows on bf16 tokens) modulation.
-    for op in ("layernorm_modulate", "gated_residual"):
-        cases.append((f"{op} C=1152 bf16 per-frame", per_frame_case(op, 1152, torch.bfloat16, torch.bfloat16, T)))
-        cases.append((f"{op} C=1152 bf16 fp32-per-token", per_frame_case(op, 1152, torch.bfloat16, torch.float32,
-                                                                         T * S, batch=1)))
-    for world in (2, 4):
-        cases.append((f"all_to_all world={world} bf16", all_to_all_case(world)))
+    *[(f"{op} C=1152 bf16 per-frame", per_frame, (op, 1152, "bf16", "bf16", T))
+      for op in ("layernorm_modulate", "gated_residual")],
+    *[(f"{op} C=1152 bf16 fp32-per-token", per_frame, (op, 1152, "bf16", "fp32", T * S))
+      for op in ("layernorm_modulate", "gated_residual")],
+    ("all_to_all world=2 bf16", all_to_all, (2,)),
+    ("all_to_all world=4 bf16", all_to_all, (4,)),
     # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).
-    for frames, positions, dtype in ((16, S, torch.bfloat16), (16, S, torch.float16), (64, 64, torch.bfloat16),
-                                     (16, S, torch.float32)):
-        cases.append((f"temporal_attention T={frames} D=72 {DTYPE_NAMES[dtype]}",
-                      temporal_attention_case(frames, positions, dtype)))
+    ("temporal_attention T=16 D=72 bf16", temporal_attention, (16, S, "bf16")),
+    ("temporal_attention T=16 D=72 fp16", temporal_attention, (16, S, "fp16")),
+    ("temporal_attention T=64 D=72 bf16", temporal_attention, (64, 64, "bf16")),
+    ("temporal_attention T=16 D=72 fp32", temporal_attention, (16, S, "fp32")),
     # STDiT2: the same with RoPE and qk-norm in the prologue, and the spatial attention's qk-norm.
-    for frames, positions, dtype in ((16, S, torch.bfloat16), (64, 64, torch.bfloat16), (16, S, torch.float32)):
-        cases.append((f"temporal_attention+rope+qk_norm T={frames} D=72 {DTYPE_NAMES[dtype]}",
-                      temporal_attention_case(frames, positions, dtype, prologue=True)))
-    for dtype in (torch.bfloat16, torch.float32):
-        cases.append((f"qk_norm C=1152 D=72 {DTYPE_NAMES[dtype]}", qk_norm_case(16, 72, dtype)))
-    return cases
-
-
-CASES = _cases()
+    *[(f"temporal_attention+rope+qk_norm T={t} D=72 {dtype}", temporal_attention, (t, positions, dtype, 16, 72, True))
+      for t, positions, dtype in ((16, S, "bf16"), (64, 64, "bf16"), (16, S, "fp32"))],
+    *[(f"qk_norm C=1152 D=72 {dtype}", qk_norm, (dtype,)) for dtype in ("bf16", "fp32")],
+]
 
 
 def capture(cases) -> list[Launch]:
-    """Run each (name, callable) case and return its launches, compiled and analysed."""
+    """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
     launches = []
-    for name, run in cases:
-        found = []
-        with sm90_capture(name, found):
-            run()
-        launches += [analyse(launch) for launch in found]
-    return launches
+    for name, run, args in cases:
+        with sm90_capture(name, launches):
+            run(*args)
+    return [analyse(launch) for launch in launches]
 
 
 def _constexprs(launch: Launch) -> str:
@@ -443,82 +387,46 @@ def _constexprs(launch: Launch) -> str:
         f" {k}" for k, v in shown.items() if v is True and k in ("TEMPORAL", "TO_TEMPORAL"))
 
 
+COLUMNS = ["case", "kernel", "tile", "warps", "grid", "regs", "spill B", "smem B", "blocks/SM", "waves", "LDG bits",
+           "STG bits", "instr/program", "loop instr", "warp-instr/B", "loop warp-instr/B", "issue ceiling TB/s"]
+
+
 def table(launches: list[Launch]) -> str:
     """A markdown table, one row per launch."""
-    rows = ["| case | kernel | tile | warps | grid | regs | spill B | smem B | blocks/SM | waves | LDG bits | STG bits "
-            "| instr/program | loop instr | warp-instr/B | loop warp-instr/B | issue ceiling TB/s |",
-            "|" + "---|" * 17]
+    body = []
     for launch in launches:
-        name = launch.kernel.strip("_").replace("_kernel", "")
+        cells = [launch.case, launch.kernel.strip("_").replace("_kernel", ""), _constexprs(launch), launch.num_warps]
         if launch.error:
-            rows.append(f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | "
-                        f"{launch.grid} | FAILED: {launch.error.splitlines()[0]} |" + " |" * 11)
+            body.append(cells + [launch.grid, f"FAILED: {launch.error.splitlines()[0]}"] + [""] * 11)
             continue
-        per_byte = launch.per_byte()
-        low, high = ceiling_tbs(per_byte)
-        loop = f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-"
-        rows.append(
-            f"| {launch.case} | {name} | {_constexprs(launch)} | {launch.num_warps} | {'x'.join(map(str, launch.grid))} "
-            f"| {launch.registers} | {launch.spill_bytes} | {launch.shared_bytes} | {launch.blocks_per_sm} | {launch.waves():.2f} "
-            f"| {launch.loads} | {launch.stores} | {launch.instructions} | {launch.loop_instructions or '-'} "
-            f"| {per_byte:.3f} | {loop} | {low:.1f}-{high:.1f} |"
-        )
-    return "\n".join(rows)
-
-
-def _keyed(launches: list[dict]) -> dict:
-    """Launches by (case, kernel, how many of that kernel the case launched before it)."""
-    seen, keyed = {}, {}
-    for launch in launches:
-        key = launch["case"], launch["kernel"]
-        seen[key] = seen.get(key, -1) + 1
-        keyed[(*key, seen[key])] = launch
-    return keyed
-
-
-def comparison(before: list[dict], after: list[dict]) -> str:
-    """Before -> after per launch (matched by case, kernel and order): warps, registers, spills, warp-instr/byte."""
-    old = _keyed(before)
-    rows = ["| case | kernel | warps | regs | spill B | warp-instr/B | loop warp-instr/B |", "|" + "---|" * 7]
-    for key, launch in _keyed(after).items():
-        was = old.get(key)
-        if was is None or launch["error"] or was["error"]:
-            continue
-
-        def pair(field, fmt="{}"):
-            a, b = was[field], launch[field]
-            a, b = (fmt.format(v) if v else "-" for v in (a, b))
-            return a if a == b else f"{a} -> {b}"
-
-        name = launch["kernel"].strip("_").replace("_kernel", "")
-        rows.append(f"| {launch['case']} | {name} | {pair('num_warps')} | {pair('registers')} | {pair('spill_bytes')} "
-                    f"| {pair('per_byte', '{:.3f}')} | {pair('loop_per_byte', '{:.3f}')} |")
-    return "\n".join(rows)
+        low, high = ceiling_tbs(launch.per_byte())
+        body.append(cells + ["x".join(map(str, launch.grid)), launch.registers, launch.spill_bytes,
+                             launch.shared_bytes, launch.blocks_per_sm, f"{launch.waves():.2f}", launch.loads,
+                             launch.stores, launch.instructions, launch.loop_instructions or "-",
+                             f"{launch.per_byte():.3f}", f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-",
+                             f"{low:.1f}-{high:.1f}"])
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
     parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
-    parser.add_argument("--compare", default=None, metavar="JSON",
-                        help="print before -> after against the launches another run wrote with --json")
     args = parser.parse_args(argv)
-    cases = [(name, run) for name, run in CASES if not args.k or any(k in name for k in args.k)]
+    cases = [case for case in CASES if not args.k or any(k in case[0] for k in args.k)]
     if not cases:
         print(f"no case matches -k {args.k!r}", file=sys.stderr)
         return 2
     launches = capture(cases)
     print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
-          f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, H200 ~{COPY_TBS['H200']} TB/s\n")
-    fields = [f.name for f in dataclasses.fields(Launch)]
-    found = [{**{f: getattr(launch, f) for f in fields}, "per_byte": None if launch.error else launch.per_byte(),
-              "loop_per_byte": None if launch.error else launch.loop_per_byte(),
-              "waves": None if launch.error else launch.waves()} for launch in launches]
-    if args.compare:
-        print(comparison(json.loads(Path(args.compare).read_text()), found))
-    else:
-        print(table(launches))
+          f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, "
+          f"H200 ~{COPY_TBS['H200']} TB/s\n")
+    print(table(launches))
     if args.json:
+        fields = [f.name for f in dataclasses.fields(Launch)]
+        found = [{**{f: getattr(launch, f) for f in fields}, **{key: None if launch.error else getattr(launch, key)()
+                                                                for key in ("per_byte", "loop_per_byte", "waves")}}
+                 for launch in launches]
         Path(args.json).write_text(json.dumps(found, indent=1))
     return 1 if any(launch.error for launch in launches) else 0
 

@@ -12,11 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
     sys.path.insert(0, str(REPO))
 
-from bench.bench_utils import Results, all_to_all_volume, kernel_bytes, row_key  # noqa: E402
+from bench.bench_utils import Results, row_key  # noqa: E402
+from bench.cases import ATTENTION_SHAPES, BENCHES, all_to_all_volume, cases, kernel_bytes  # noqa: E402
 from bench.report import OPEN_SORA_COLUMN, main, render_markdown, write_report  # noqa: E402
-from bench.test_attention import GPU_SHAPES as ATTENTION_SHAPES  # noqa: E402
-from bench.test_attention import Shape as AttentionShape  # noqa: E402
-from bench.test_attention import attention_bytes  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,8 +41,9 @@ def model_row(bench, provider, batch, ms=None, skipped=None, shape="16x256x256")
 def summary():
     return {
         "device": {"name": "Test GPU 80GB", "sm_count": 132, "memory_gb": 85.0, "driver": "580.1"},
-        "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "commit": "abc123-dirty", "date": "2026-01-01T00:00:00+00:00",
-        "copy_bandwidth_gbps": 3000.0, "clocks": {"sm_mhz": 1980, "mem_mhz": 2619, "sm_max_mhz": 1980, "mem_max_mhz": 2619},
+        "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "commit": "abc123-dirty",
+        "date": "2026-01-01T00:00:00+00:00", "copy_bandwidth_gbps": 3000.0,
+        "clocks": {"sm_mhz": 1980, "mem_mhz": 2619, "sm_max_mhz": 1980, "mem_max_mhz": 2619},
         "timing": "do_bench median", "smoke": False,
         "rows": [
             {**kernel_row("sora", ms=1.75), "rel_err": 0.00312},
@@ -52,9 +51,7 @@ def summary():
             kernel_row("torch.compile", ms=2.25),
             kernel_row("apex", skipped="apex not importable"),
             kernel_row("sora", skipped="OOM", dtype="fp32", direction="fwd+bwd"),
-            model_row("stdit_train", "sora", 8, skipped="OOM at batch 8"),
-            model_row("stdit_train", "sora", 4, ms=800.0),
-            model_row("stdit_train", "eager", 4, ms=1000.0),
+            {**model_row("temporal_branch", "sora", 8, skipped="OOM at batch 8"), "direction": "fwd+bwd"},
             {**model_row("temporal_branch", "sora", 8, ms=2.0), "direction": "fwd+bwd"},
             {**model_row("temporal_branch", "eager", 8, ms=3.0), "direction": "fwd+bwd"},
         ],
@@ -73,13 +70,12 @@ def test_report_tables_hold_the_rows_values_and_skip_reasons(summary, tmp_path):
     assert "| 3.1e-03 |" in text  # the sora row's error against the reference
     assert "skipped: apex not importable" in text
     assert "### layernorm_modulate, fwd+bwd" in text and "skipped: OOM" in text
-    # model rows: samples/s 4 / 0.8 s = 5, tokens/s 5 * 4096, the OOM row, speedup, Open-Sora's figure as theirs
-    assert "| 16x256x256 | sora | 4 | 800.0 | 5 | 20,480 | 61.2 | 1.25x vs eager |" in text
-    assert "skipped: OOM at batch 8" in text
-    assert OPEN_SORA_COLUMN in text and "7.00 samples/s, 28k tokens/s" in text
-    assert "AdamW step is EXCLUDED" in text
-    assert "| 16x256x256 | sora | 8 | 2.00 | 16,384,000 | 1.50x vs eager |" in text  # temporal branch
+    # temporal branch rows: the OOM row, ms, tokens/s, the speedup; its title and target from bench/cases.py
+    assert "| 16x256x256 | sora | 8 | skipped: OOM at batch 8 | - | - |" in text
+    assert "| 16x256x256 | sora | 8 | 2.00 | 16,384,000 | 1.50x vs eager |" in text
     assert "### STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> " in text
+    assert f"**Target:** {BENCHES['temporal_branch'].target}" in text
+    assert f"**Target, layernorm_modulate:** {BENCHES['layernorm_modulate'].target}" in text
     assert "3000 GB/s" in text or "3,000 GB/s" in text
     assert "`abc123-dirty`" in text and "SM 1980 MHz" in text
     for name in ("kernels_gbps.png", "models_samples.png"):
@@ -95,7 +91,8 @@ def pipeline_summary(summary):
 
     def train(bench, model, shape, encoders, provider, batch, ms=None, skipped=None, **extra):
         row = {"suite": "train", "bench": bench, "model": model, "provider": provider, "shape": shape,
-               "batch_size": batch, "encoders": encoders, "optimizer_step": True, "ms": ms, "skipped": skipped, **extra}
+               "batch_size": batch, "encoders": encoders, "optimizer_step": True, "ms": ms, "skipped": skipped,
+               "dtype": "bf16 autocast, fp32 weights", **extra}
         if ms is not None:
             samples = batch / (ms * 1e-3)
             row.update(samples_per_s=samples, tokens_per_s=samples * 4096, peak_mem_gb=70.0)
@@ -140,18 +137,18 @@ def test_report_renders_communication_pipeline_and_training_tables(summary, tmp_
     text = render_markdown(pipeline_summary(summary))
     # all_to_all_pack: the kernel cell (2265 GB/s is 76% of 3000), the ratio to torch, the exactness check, an OOM
     assert "| 64x512 | 2 | qkv | pack | 196608 x 2 x 576 | 2 | 226 | 0.200 ms<br>2,265 GB/s (76%) |" in text
-    assert "| 2.00x | yes |" in text and "skipped: OOM" in text and "Target: sora >= 80% of copy bandwidth" in text
+    assert "| 2.00x | yes |" in text and "skipped: OOM" in text and "**Target:** sora >= 80% of copy bandwidth" in text
     # the computed volume: 151 MB per layer, 8.46 GB per step (12.7 with GC), at the assumed 450 GB/s
     assert "computed, not timed" in text and "assumed" in text
     assert "| 64x512 | 2 | 32,768 | 113 | 37.7 | 151 | 8.46 | 12.7 | 18.8 | 28.2 |" in text
     # sampling: ms per step and the speedup; T5 throughput; the VAE's OOM; end to end in seconds per video
-    assert "| 16x256x256 | sora | 2 (4) | fp16 | 50.0 | 5 | 1.20x vs eager |" in text
+    assert "| 16x256x256 | sora | 2 | 4 | fp16 | 50.0 | 5 | 1.20x vs eager |" in text
     assert "| T5-v1.1-XXL encoder | 120 tokens | 32 | bf16 | 64.0 | 500 | 60,000 | 12.5 |" in text
     assert "| 512x512 | 64 | 64 | fp16 | skipped: OOM | - | - |" in text
     assert "| 16x256x256 | sora | 100 | fp16 | 4.00 | - | 1.25x vs eager |" in text
     # training: optimizer step included, samples/s 4 / 0.4 s = 10, 1.25x eager, 10 / 7.00 = 1.43x Open-Sora's
     assert "AdamW step (lr 2e-5, weight decay 0) and the fp32 EMA update are all INCLUDED" in text
-    assert ("| STDiT-XL/2 | 16x256x256 | T5+VAE | sora | 4 | 400.0 | 10 | 40,960 | 70 | 1.25x | 1.43x | "
+    assert ("| STDiT-XL/2 | 16x256x256 | T5+VAE | sora | 4 | 400.0 | 10 | 40,960 | 70 | 1.25x vs eager | 1.43x | "
             "7.00 samples/s, 28k tokens/s; encoders: baseline 6.16 / with faster T5 7.00 samples/s |") in text
     assert "skipped: OOM at batch 8" in text
     assert "| PixArt-XL/2 | 64x512x512 (GC) | none | sora | 1 | skipped: sora.train not importable here" in text
@@ -165,7 +162,7 @@ def test_report_renders_communication_pipeline_and_training_tables(summary, tmp_
 
 
 def test_report_renders_optimizer_step_rows(summary):
-    """bench/test_pipeline.py's optimizer_step rows: 52 bytes x 724M parameters in 20 ms is 1,882 GB/s, 63% of
+    """The optimizer_step rows: 52 bytes x 724M parameters in 20 ms is 1,882 GB/s, 63% of
     the 3000 GB/s copy bandwidth, short of the 70% target; a skipped row keeps its reason."""
     row = {"suite": "optimizer", "bench": "optimizer_step", "model": "STDiT-XL/2", "provider": "sora",
            "shape": "parameters", "dtype": "fp32", "optimizer": "AdamW fused", "ms": 20.0, "skipped": None,
@@ -174,9 +171,9 @@ def test_report_renders_optimizer_step_rows(summary):
     skipped = {**row, "model": "STDiT (tiny)", "ms": None, "gbps": None, "frac_copy_bw": None,
                "skipped": "sora.train not importable here (No module named 'av')"}
     text = render_markdown({**summary, "rows": [row, skipped]})
-    assert "## Optimizer step (`optimizer_step`)" in text and "target: at least 70% of the copy bandwidth" in text
+    assert "### Optimizer step (`optimizer_step`)" in text and "**Target:** at least 70% of the copy bandwidth" in text
     assert "| STDiT-XL/2 | AdamW fused | fp32 | 724 | 52 | 20.00 | 1,882 | 63% | not met |" in text
-    assert "| STDiT (tiny) | AdamW fused | fp32 | 724 | 52 | skipped: sora.train not importable here" in text
+    assert "| STDiT (tiny) | AdamW fused | fp32 | skipped: sora.train not importable here" in text
     met = render_markdown({**summary, "rows": [{**row, "ms": 15.0, "gbps": 2509.9, "frac_copy_bw": 0.837}]})
     assert "| 15.00 | 2,510 | 84% | met |" in met
 
@@ -226,12 +223,12 @@ def test_temporal_attention_minimum_bytes():
     """bench/NOTES.md: forward reads qkv (3 tokens of C) and writes out (1); backward reads qkv and dout, writes
     d(qkv) (7). At STDiT-XL/2 16x256 (B=64, 16 frames of 256 positions, C=1152) in bf16: 2.416 GB forward,
     6.644 GB forward and backward, the floors' bytes in the notes."""
-    shape = AttentionShape("tiny", B=2, T=3, S=4, C=8, heads=2)
     tokens = 2 * 12 * 8 * 2
-    assert attention_bytes("fwd", shape, 2) == 4 * tokens
-    assert attention_bytes("fwd+bwd", shape, 2) == 11 * tokens
-    assert [round(attention_bytes("fwd", s, 2) / 1e9, 3) for s in ATTENTION_SHAPES] == [2.416] * 3
-    assert [round(attention_bytes("fwd+bwd", s, 2) / 1e9, 3) for s in ATTENTION_SHAPES] == [6.644] * 3
+    assert kernel_bytes("temporal_attention", "fwd", 2, 12, 8, 2) == 4 * tokens
+    assert kernel_bytes("temporal_attention", "fwd+bwd", 2, 12, 8, 2) == 11 * tokens
+    for direction, gigabytes in (("fwd", 2.416), ("fwd+bwd", 6.644)):
+        assert [round(kernel_bytes("temporal_attention", direction, s.B, s.N, s.C, 2) / 1e9, 3)
+                for s, _ in ATTENTION_SHAPES[True]] == [gigabytes] * 3
 
 
 def test_all_to_all_volume():
@@ -286,5 +283,19 @@ def test_benchmark_switch():
     for flag in ("--benchmark", "--benchmark-only"):
         collected = run_pytest(flag, "--co", "-k", "to_temporal or train_step_full or all_to_all_volume")
         assert collected.returncode == 0, collected.stdout + collected.stderr
-        assert "test_kernel[to_temporal-fwd-" in collected.stdout
-        assert "test_train[train_step_full-STDiT-" in collected.stdout and "test_all_to_all_volume[" in collected.stdout
+        assert "test_bench[to_temporal-fwd-" in collected.stdout
+        assert "test_bench[train_step_full-STDiT-" in collected.stdout
+        assert "test_bench[all_to_all_volume-" in collected.stdout
+
+
+def test_the_table_of_cases_is_whole():
+    """Every case has a unique test id, a bench in BENCHES and a measuring function; every bench has cases on a
+    GPU and in the CPU smoke set."""
+    from bench.measure import MEASURES
+
+    for cuda in (True, False):
+        table = cases(cuda)
+        ids = [str(case) for case in table]
+        assert len(ids) == len(set(ids))
+        assert {case.bench for case in table} == set(BENCHES) == set(MEASURES)
+        assert all(case.batches for case in table)

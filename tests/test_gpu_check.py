@@ -1,6 +1,7 @@
 """bench/gpu_check.py's promises, on a CPU and fast: the deadline cuts a section and everything done is still
-written, a mismatch is named and makes the exit code non-zero, bad arguments exit 2 with one line.
-(CI runs the whole script with --tiny; these tests run a section or two of it.)"""
+written, a failing kernel test is named and makes the exit code non-zero, bad arguments exit 2 with one line; and
+its plan: the target rows first, the rest while time remains. (CI runs the whole script with --tiny; these tests
+run a section or two of it.)"""
 
 import json
 import os
@@ -16,10 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
     sys.path.insert(0, str(REPO))
 
-import sora.kernels as K  # noqa: E402
-from sora.kernels import layout  # noqa: E402
-from bench import gpu_check  # noqa: E402
-from bench.gpu_check import OpCase, Section  # noqa: E402
+from bench import gpu_check, measure  # noqa: E402
+from bench.bench_utils import Timer  # noqa: E402
+from bench.cases import Case, by_priority  # noqa: E402
+from bench.gpu_check import Section  # noqa: E402
 
 
 def tiny_args(out, deadline=60.0):
@@ -93,83 +94,107 @@ def test_sigterm_stops_the_run_and_the_output_is_still_written(tmp_path):
     assert [r["shape"] for r in summary["rows"]] == ["before SIGTERM"]
 
 
-def test_a_planted_mismatch_is_named_and_fails_the_run(tmp_path, monkeypatch):
-    # The layout kernel's launcher, shared by to_temporal, from_temporal and all_to_all's pack: channels reversed.
+# The layout kernel's launcher, shared by to_temporal, from_temporal and all_to_all's pack: channels reversed.
+PLANTED = """
+def pytest_sessionstart(session):
+    from sora.kernels import layout
     real = layout._launch
-    monkeypatch.setattr(layout, "_launch", lambda *args, **kwargs: real(*args, **kwargs).flip(-1))
-    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("gated_residual", torch.float32, 72, False)]
-    monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
-    monkeypatch.setattr(gpu_check, "kernels_on_off_check", lambda check: None)
-    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", gpu_check.correctness, required=True)])
-    assert code == 1
-    status = summary_of(tmp_path)["gpu_check"]
-    failed = {check["name"] for check in status["checks"] if not check["ok"]}
-    assert {"to_temporal fp32 C=72 temporal: out", "to_temporal fp32 C=72 temporal: dx"} <= failed
-    assert any(name.startswith("all_to_all pack") for name in failed)  # the pack launches the same kernel
-    assert not any(name.startswith("gated_residual") for name in failed)
-    passed = [check for check in status["checks"] if check["name"].startswith("gated_residual")]
-    assert len(passed) == 4 and all(check["err"] < 1e-6 for check in passed)  # out, dx, dy, dtable
-    assert any("to_temporal fp32 C=72 temporal: out" in failure for failure in status["failures"])
-    assert status["exit_code"] == 1 and "**Failures:**" in (tmp_path / "README.md").read_text()
+    layout._launch = lambda *args, **kwargs: real(*args, **kwargs).flip(-1)
+"""
+SELECTION = "round_trip and float32 and shape0 or layernorm_modulate_matches_reference and chunk and float32 and plain"
 
 
-def test_a_planted_attention_bug_is_named_and_fails_the_run(tmp_path, monkeypatch):
-    """temporal_attention ignoring its scale: the case with a scale fails (out and dqkv), the one without passes."""
-    real = K.temporal_attention
-    monkeypatch.setattr(K, "temporal_attention", lambda qkv, T, heads, scale=None: real(qkv, T, heads))
-    plain, scaled = gpu_check.TINY_ATTENTION[1], gpu_check.TINY_ATTENTION[2]
-    assert plain.scale is None and scaled.scale is not None and scaled.strided
-    cases = [OpCase("temporal_attention", torch.float32, shape.heads * shape.D, True, shape)
-             for shape in (plain, scaled)]
-    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", lambda check: gpu_check.op_checks(check, cases),
-                                                       required=True)])
-    assert code == 1
-    status = summary_of(tmp_path)["gpu_check"]
-    verdicts = {check["name"]: check["ok"] for check in status["checks"]}
-    assert verdicts == {
-        "temporal_attention fp32 B=2 T=16 S=5 H=2 D=72: out": True,
-        "temporal_attention fp32 B=2 T=16 S=5 H=2 D=72: dqkv": True,
-        "temporal_attention fp32 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: out": False,
-        "temporal_attention fp32 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: dqkv": False,
-    }
+def kernel_tests(tmp_path, monkeypatch, planted: bool):
+    """Section 2 alone on a few of the suite's kernel tests, with the layout bug planted (a pytest plugin) or not."""
+    monkeypatch.setattr(gpu_check, "TINY_SELECTION", SELECTION)
+    if planted:
+        (tmp_path / "planted_bug.py").write_text(PLANTED)
+        monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+        command = gpu_check.kernel_test_command
+        monkeypatch.setattr(gpu_check, "kernel_test_command", lambda check: [*command(check), "-p", "planted_bug"])
+    out = tmp_path / "out"
+    code = gpu_check.run(tiny_args(out, deadline=300), [Section("2 kernel tests", gpu_check.kernel_tests, True)])
+    status = summary_of(out)["gpu_check"]
+    return code, status, {check["name"]: check["outcome"] for check in status["checks"]}
 
 
-def test_the_gpu_plan_checks_and_times_temporal_attention(monkeypatch):
-    """Without a GPU the GPU plan still runs as far as its lists: STDiT-XL/2's 16 heads of 72 at T=16 and 64 in
-    every dtype, odd S and a strided qkv in the correctness cases; its 16x256 row in section 3 for sora, torch
-    and torch.compile, 16x512 and 64x512 in section 5."""
-    cases = [case for case in gpu_check.correctness_cases(tiny=False) if case.op == "temporal_attention"]
-    stdit = {(case.attention.T, case.dtype) for case in cases if (case.attention.heads, case.attention.D) == (16, 72)}
-    assert stdit == {(T, dtype) for T in (16, 64) for dtype in gpu_check.CHECK_DTYPES}
-    assert any(case.attention.S % 2 for case in cases) and any(case.attention.strided for case in cases)
-    assert all(case.C == case.attention.heads * case.attention.D for case in cases)
-    calls = []
-    monkeypatch.setattr(gpu_check, "kernel_rows", lambda check, shape_dtypes, providers, reserve=0.0,
-                        attention_shape_dtypes=(): calls.append((providers, attention_shape_dtypes)))
-    check = type("GpuCheck", (), {"tiny": False})()
-    gpu_check.target_kernel_rows(check)
-    timed = [(provider, shape.video, shape.B, shape.T, shape.heads, shape.C, dtype)
-             for providers, attention in calls for shape, dtype in attention for provider in providers]
-    assert timed == [(provider, "16x256", 64, 16, 16, 1152, torch.bfloat16)
-                     for provider in ("sora", "torch", "torch.compile")]
-    calls.clear()
-    gpu_check.more_kernel_rows(check)
-    larger = [(shape.video, shape.T) for _, attention in calls for shape, _ in attention]
-    assert larger == [("16x512", 16), ("64x512", 64)]
+def test_a_planted_kernel_bug_is_named_and_fails_the_run(tmp_path, monkeypatch):
+    code, status, outcomes = kernel_tests(tmp_path, monkeypatch, planted=True)
+    assert code == 1 and status["exit_code"] == 1
+    layout = {name: outcome for name, outcome in outcomes.items() if "round_trip" in name}
+    norm = {name: outcome for name, outcome in outcomes.items() if "layernorm_modulate" in name}
+    assert layout and set(layout.values()) == {"FAILED"}
+    assert norm and set(norm.values()) == {"PASSED"}
+    assert any(f"kernel test {name} FAILED" in failure for name in layout for failure in status["failures"])
+    assert "**Failures:**" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_unplanted_checks_pass(tmp_path, monkeypatch):
-    """The same run without the planted bug: every check passes (so the test above fails for the bug alone)."""
-    cases = [OpCase("to_temporal", torch.float32, 72, True), OpCase("layernorm_modulate", torch.bfloat16, 1000, True),
-             OpCase("temporal_attention", torch.bfloat16, 80, True, gpu_check.TINY_ATTENTION[2])]
-    monkeypatch.setattr(gpu_check, "correctness_cases", lambda tiny: cases)
-    code = gpu_check.run(tiny_args(tmp_path), [Section("2 correctness", gpu_check.correctness, required=True)])
-    status = summary_of(tmp_path)["gpu_check"]
+def test_unplanted_kernel_tests_pass(tmp_path, monkeypatch):
+    """The same run without the planted bug: every test passes (so the test above fails for the bug alone)."""
+    code, status, outcomes = kernel_tests(tmp_path, monkeypatch, planted=False)
     assert code == 0, status["failures"]
-    names = [check["name"] for check in status["checks"]]
-    assert "layernorm_modulate bf16 C=1000 temporal: dtable" in names
-    assert "temporal_attention bf16 B=2 T=3 S=5 H=2 D=40 scale=0.3 strided qkv: dqkv" in names
-    assert any(name.startswith("STDiT (tiny, fp32) kernels on vs off") for name in names)
+    assert len(outcomes) == 3 and set(outcomes.values()) == {"PASSED"}
+    assert "tests/test_kernels.py::test_layout_round_trip" in {check["test"] for check in status["checks"]}
+
+
+def test_the_kernel_tests_stop_at_their_reserve(tmp_path):
+    """At a deadline of 6 s the tests get 3 (half) and are stopped there, leaving the rest of the time to the rows."""
+    started = time.monotonic()
+    code = gpu_check.run(tiny_args(tmp_path, deadline=6), [Section("2 kernel tests", gpu_check.kernel_tests, True)])
+    assert time.monotonic() - started < 6
+    assert code == 3
+    assert summary_of(tmp_path)["gpu_check"]["sections"]["2 kernel tests"]["status"] == "cut: time kept for the rows"
+
+
+def test_the_gpu_plan_puts_the_targets_first():
+    """Priority 1-3 (required): the kernel rows at STDiT-XL/2 16x256 in bf16 (temporal_attention's too) for sora
+    and torch, the 16x256 training step, temporal branch and sampling step for sora and eager, the optimizer
+    step, torch.compile's 16x256 kernel rows; then, while time remains, 16x512 and 64x512, the step with T5 + VAE
+    and end-to-end sampling (sora, 100 IDDPM steps, fp16), the 16x512 step."""
+    required = [(case.bench, case.fields.get("video") or case.fields.get("shape"), case.provider)
+                for case in by_priority(True, 1, 3)]
+    for provider in ("sora", "torch", "torch.compile"):
+        assert required.count(("temporal_attention", "16x256", provider)) == 2  # fwd, fwd+bwd
+        assert required.count(("layernorm_modulate", "16x256", provider)) == 2
+    for bench in ("train_step_full", "temporal_branch", "sampling_step"):
+        assert {(b, p) for b, shape, p in required if b == bench} == {(bench, "sora"), (bench, "eager")}
+    assert ("optimizer_step", "parameters", "sora") in required
+    assert required.index(("train_step_full", "16x256x256", "sora")) < required.index(
+        ("layernorm_modulate", "16x256", "torch.compile"))
+    later = by_priority(True, 4, 99)
+    attention = [case.fields["video"] for case in later if case.bench == "temporal_attention"]
+    assert set(attention) == {"16x512", "64x512"}
+    pipeline = [case.row(case.batches[0]) for case in later if case.suite != "kernels"]
+    planned = [(r["bench"], r["model"], r["shape"], r.get("encoders"), r["provider"], r["batch_size"])
+               for r in pipeline]
+    assert planned == [("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
+                       ("sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1),
+                       ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "sora", 2),
+                       ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "eager", 2)]
+    assert pipeline[1]["steps"] == 100 and pipeline[1]["dtype"] == "fp16"
+
+
+def test_run_case_tries_the_next_batch_after_oom_and_skips_what_cannot_run(monkeypatch):
+    """The one measuring function: OOM at batch 8 is a skipped row and batch 4 is measured; a missing package
+    (Unavailable) is a skipped row with the reason; any other error is an error row, and raised."""
+    def fake(case, batch, timer):
+        if batch == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"ms": 2.0}
+
+    monkeypatch.setitem(measure.MEASURES, "latte_train", fake)
+    timer = Timer(torch.device("cpu"), 1.0)
+    rows = []
+    measure.run_case(Case("latte_train", "sora", None, {"shape": "16x256x256"}, (8, 4)), timer, rows.append)
+    assert [(r["batch_size"], r["ms"], r["skipped"]) for r in rows] == [(8, None, "OOM at batch 8"), (4, 2.0, None)]
+    monkeypatch.setitem(measure.MEASURES, "latte_train",
+                        lambda case, batch, timer: measure.importable("sora.no_such_module", "x"))
+    skipped = measure.run_case(Case("latte_train", "sora", None), timer, rows.append)
+    assert skipped["ms"] is None and skipped["skipped"].startswith("sora.no_such_module not importable here")
+    monkeypatch.setitem(measure.MEASURES, "latte_train", lambda case, batch, timer: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        measure.run_case(Case("latte_train", "sora", None), timer, rows.append)
+    assert rows[-1]["skipped"] == "error: ZeroDivisionError: division by zero"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -192,25 +217,3 @@ def test_without_cuda_only_tiny_runs(tmp_path, capsys):
     assert gpu_check.run(gpu_check.parse_args(["--out", str(tmp_path)])) == 2
     assert "no CUDA device here" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
-
-
-def test_the_gpu_plan_times_the_pipeline_targets(monkeypatch):
-    """Section 5 runs issue 12's pipeline rows as bench/test_pipeline.py records them: train_step_full for
-    STDiT-XL/2 at 16x256 pre-encoded, then with T5 + VAE, then sample_e2e at 16x256 with 100 IDDPM steps."""
-    rows = []
-    monkeypatch.setattr(gpu_check, "measured_row", lambda check, row, measure: rows.append(row) or False)
-    check = type("GpuCheck", (), {"tiny": False, "device": torch.device("cuda"), "tick": lambda self: None})()
-    gpu_check.pipeline_rows(check)
-    planned = [(row["suite"], row["bench"], row["model"], row["shape"], row.get("encoders"), row["provider"],
-                row["batch_size"]) for row in rows]
-    assert planned == [("train", "train_step_full", "STDiT-XL/2", "16x256x256", "none", "sora", 8),
-                       ("train", "train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
-                       ("pipeline", "sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1)]
-    assert rows[-1]["steps"] == 100 and rows[-1]["dtype"] == "fp16"
-
-
-def test_a_missing_pipeline_package_skips_the_row(monkeypatch):
-    """Without diffusers or transformers on the device the T5 + VAE rows are skipped with the reason, not failed."""
-    monkeypatch.setattr(gpu_check, "PIPELINE_MODULES", ("sora.no_such_module",))
-    with pytest.raises(gpu_check.Unavailable, match="sora.no_such_module not importable here"):
-        gpu_check.pipeline_modules()

@@ -1,0 +1,491 @@
+"""How each bench of bench/cases.py is measured (MEASURES), and run_case: the one function that measures a case
+and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike.
+
+Providers: `sora` (the Triton kernels, enable_layernorm_kernel=True), `torch` / `eager` (Open-Sora v1 with the
+kernels off), `torch.compile` / `+compile` (the same under default inductor; models per transformer block), apex,
+Liger, flash-attn. Nothing is downloaded: T5-v1.1-XXL's encoder and Stable Diffusion's VAE are built from their
+published configs, every model with random weights. On a CPU the same code runs tiny sizes: the smoke set.
+"""
+
+import copy
+import importlib
+import itertools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import sora.kernels as K
+from bench.bench_utils import Rotation, Timer, free_memory, is_oom, randomize
+from bench.cases import (CFG, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS, all_to_all_volume,
+                         kernel_bytes)
+from sora.kernels.layout import swap_leading, swap_leading_reference
+from sora.schedulers import IDDPM
+
+EPS = 1e-6
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
+# DeepFloyd/t5-v1_1-xxl's config.json, the encoder's part: 4.76B parameters (9.5 GB in bf16).
+T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.1,
+                     tie_word_embeddings=False)
+# stabilityai/sd-vae-ft-ema's config.json (AutoencoderKL): 8x spatial downsampling to 4 latent channels.
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                     layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=256,
+                     scaling_factor=0.18215)
+SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
+LR, GRAD_CLIP, EMA_DECAY = 2e-5, 1.0, 0.9999  # Open-Sora v1's training configs
+# Frames per VAE call when encoding on the fly (Open-Sora's configs: 128 or 64); 32 leaves room for T5 and the EMA.
+TRAIN_VAE_MICRO_BATCH = 32
+CUDA_ONLY = ("apex", "liger", "flash-attn")  # with torch.compile's providers: skipped on a CPU
+LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message is the row's skip reason."""
+
+
+def importable(module: str, name: str):
+    """module.name, or Unavailable naming the package missing here (pip install ".[bench]")."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise Unavailable(f"{module} not importable here ({error})") from None
+
+
+def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | None:
+    """How the model benches apply torch.compile for a +compile provider (None for the others): "blocks" (default:
+    each transformer block, PyTorch's regional compilation) or "model" (torch.compile(model)), SORA_BENCH_COMPILE."""
+    mode = mode or os.environ.get("SORA_BENCH_COMPILE", "blocks")
+    if mode not in ("blocks", "model"):
+        raise ValueError(f"SORA_BENCH_COMPILE must be 'blocks' or 'model', got {mode!r}")
+    return mode if provider.endswith("compile") else None
+
+
+# ---- kernels: one entry of KERNEL_OPS per op ------------------------------------------------------------------------
+def temporal(s, x):
+    return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
+
+
+def layernorm_modulate_op(temporal_layout: bool):
+    def eager(s, norm, flash):
+        def forward(x, shift, scale):
+            y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
+            return temporal(s, y) if temporal_layout else y
+        return forward
+
+    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1),
+                                  scale=randn(s.B, 1, s.C, scale=0.1)),
+            lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS,
+                                                                   temporal=s.T if temporal_layout else None),
+            eager, temporal_layout)
+
+
+def gated_residual_op(temporal_layout: bool):
+    def eager(s, norm, flash):
+        return lambda x, y, gate: x + gate * (rearrange(y, "(B S) T C -> B (T S) C", B=s.B) if temporal_layout else y)
+
+    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), gate=randn(s.B, 1, s.C, scale=0.1),
+                                  y=randn(*((s.B * s.S, s.T, s.C) if temporal_layout else (s.B, s.N, s.C)))),
+            lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T if temporal_layout else None),
+            eager, False)
+
+
+def eager_temporal_attention(s, norm, flash):
+    def forward(qkv):
+        q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
+        if flash is None:
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        else:
+            out = flash(q, k, v)
+        return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
+    return forward
+
+
+# bench -> (its inputs (random, never zeros; randn(*shape, scale=1.0)), sora's call, the eager path Open-Sora v1 runs
+# with the kernels off (LayerNorm `norm`, else F.layer_norm; attention `flash`, else SDPA; layout copies included),
+# whether the output is in the "(B S) T C" layout). A new op: one entry here, its providers and byte formula in
+# bench/cases.py.
+KERNEL_OPS = {
+    "layernorm_modulate": layernorm_modulate_op(False),
+    "layernorm_modulate_temporal": layernorm_modulate_op(True),
+    "gated_residual": gated_residual_op(False),
+    "gated_residual_temporal": gated_residual_op(True),
+    "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
+                    lambda s, norm, flash: lambda x: temporal(s, x), True),
+    "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
+                           lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads), eager_temporal_attention,
+                           False),
+}
+
+
+def external(provider: str, case, device) -> dict:
+    """apex FusedLayerNorm, Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode) or flash-attn."""
+    names = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
+             "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
+    if provider not in names:
+        return {}
+    found = importable(*names[provider])
+    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
+    if provider == "apex":
+        return dict(norm=found(C, eps=EPS, elementwise_affine=False).to(device))
+    if provider == "liger":
+        return dict(norm=found(C, eps=EPS).to(device=device, dtype=dtype).requires_grad_(False))
+    return dict(flash=found)
+
+
+def kernel_forward(case, device):
+    _, sora, eager, _ = KERNEL_OPS[case.bench]
+    if case.provider == "sora":
+        return sora(case.spec)
+    forward = eager(case.spec, **{"norm": None, "flash": None, **external(case.provider, case, device)})
+    return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
+
+
+def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return dict(ms=ms, gbps=gbps, frac_copy_bw=gbps / timer.copy_bandwidth_gbps, bytes=nbytes)
+
+
+def measure_kernel(case, batch, timer: Timer) -> dict:
+    """One op, one direction, timed once (do_bench median after a warm-up of Triton's JIT and torch.compile's
+    graphs): ms, GB/s of the minimum bytes and its share of the copy bandwidth; for sora its forward's rel_err
+    against the fp32 eager op. fwd+bwd takes fresh gradients with torch.autograd.grad (nothing accumulates)."""
+    s, device = case.spec, timer.device
+    dtype = DTYPES[case.fields["dtype"]]
+    backward = case.fields["direction"] == "fwd+bwd"
+    nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
+    forward = kernel_forward(case, device)
+
+    inputs_of, _, eager, temporal_out = KERNEL_OPS[case.bench]
+
+    def randn(*shape, scale=1.0):
+        tensor = torch.randn(shape, device=device, dtype=dtype)
+        return (tensor.mul_(scale) if scale != 1.0 else tensor).requires_grad_(backward)  # in place: no copy
+
+    def make_inputs():
+        out_shape = (s.B * s.S, s.T, s.C) if temporal_out else (s.B, s.N, s.C)
+        return inputs_of(s, randn), torch.randn(out_shape, device=device, dtype=dtype) if backward else None
+
+    def step(inputs_dout):
+        inputs, dout = inputs_dout
+        out = forward(**inputs)
+        return torch.autograd.grad(out, list(inputs.values()), dout) if backward else out
+
+    run = Rotation(make_inputs, step, nbytes, device)
+    row = {}
+    if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward against the fp32 eager op
+        with torch.no_grad():
+            probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
+            out, ref = forward(**probe).float(), eager(s, None, None)(**{k: t.float() for k, t in probe.items()})
+            row["rel_err"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            del out, ref
+    return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
+
+
+# ---- communication ----------------------------------------------------------------------------------------------
+def exchange_layout(exchange: str, shape, batch: int, sp: int):
+    """(the tensor one rank exchanges, scatter_dim, gather_dim), as Attention.forward calls K.all_to_all:
+    "qkv" (B*S, T/sp, 3, H, D) scatters heads and gathers frames, "out" (B*S, T, H/sp, D) goes back."""
+    s, D = shape, shape.C // shape.heads
+    if exchange == "qkv":
+        return (batch * s.S, s.T // sp, 3, s.heads, D), 3, 1
+    return (batch * s.S, s.T, s.heads // sp, D), 1, 2
+
+
+def swap_view(direction: str, tensor_shape, sp: int, scatter_dim: int, gather_dim: int):
+    """(A, B) of the swap (A, B, M) -> (B, A, M) that sora.kernels.comm._exchange makes for the pack or unpack."""
+    if direction == "pack":  # x viewed (P, W, M) -> send buffer (W, P, M)
+        return math.prod(tensor_shape[:scatter_dim]), sp
+    chunk = list(tensor_shape)
+    chunk[scatter_dim] //= sp
+    return sp, math.prod(chunk[:gather_dim])  # receive buffer (W, P', M') -> (P', W, M')
+
+
+def measure_pack(case, batch, timer: Timer) -> dict:
+    """The pack or unpack around all_to_all_single: sora (the Triton swap_leading, as _exchange calls it) or
+    torch (its reference, view + transpose + contiguous); read and written once. `exact`: sora == torch bit for bit."""
+    device, dtype, sp = timer.device, DTYPES[case.fields["dtype"]], case.fields["sp"]
+    tensor_shape, scatter_dim, gather_dim = exchange_layout(case.fields["exchange"], case.spec, batch, sp)
+    A, B = swap_view(case.fields["direction"], tensor_shape, sp, scatter_dim, gather_dim)
+    numel = math.prod(tensor_shape)
+    swap = swap_leading if case.provider == "sora" else swap_leading_reference
+    run = Rotation(lambda: torch.randn(numel, device=device, dtype=dtype), lambda x: swap(x, A, B),
+                   numel * dtype.itemsize, device)
+    row = {"tensor": list(tensor_shape), "shape": [A, B, numel // (A * B)]}
+    if case.provider == "sora":
+        row["exact"] = torch.equal(swap(run.sets[0], A, B), swap_leading_reference(run.sets[0], A, B))
+    return {**row, **bandwidth(2 * numel * dtype.itemsize, timer.kernel(run), timer)}  # read once, written once
+
+
+def compute_volume(case, batch, timer: Timer) -> dict:
+    """Bytes per rank of one temporal attention's exchanges per layer and per step, and the time at the assumed
+    link bandwidth: arithmetic, not timed (computed=True, no ms)."""
+    s, fields = case.spec, case.fields
+    volume = timer.once(lambda: all_to_all_volume(s.S, s.T, s.C, fields["sp"], elem=2, depth=fields["depth"]))
+    per_ms = fields["link_gbps_assumed"] * 1e6
+    return dict(volume, step_comm_ms=volume["step_bytes"] / per_ms, step_comm_ms_gc=volume["step_bytes_gc"] / per_ms,
+                computed=True, ms=None)
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False, **kwargs):
+    """A diffusion transformer for latents (T, H, W) with random weights in dtype (tiny on a CPU)."""
+    cfg = dict(type=model_type, input_size=latent, enable_flashattn=True,
+               enable_layernorm_kernel=provider.startswith("sora"), grad_checkpoint=grad_checkpoint, **kwargs)
+    if device.type != "cuda":
+        cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
+    from sora.models import build_model
+
+    with device:  # parameters created (and initialised) on the device: much faster than on the host
+        model = build_model(cfg)
+    model.to(device=device, dtype=dtype)
+    randomize(model)
+    return model
+
+
+def compiled(model):
+    if compile_mode() == "model":
+        return torch.compile(model, dynamic=False)
+    for block in model.blocks:  # block 0 (temporal position embedding) and the others: two graphs
+        block.compile(dynamic=False)
+    return model
+
+
+def captions(model, batch, device, dtype, generator):
+    """What T5 hands the model for `batch` prompts: y (B, 1, L, C) and an int64 mask of 20-100 real tokens of 120."""
+    L, C = model.y_embedder.y_embedding.shape
+    y = torch.randn(batch, 1, L, C, device=device, dtype=dtype, generator=generator)
+    lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
+    return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
+
+
+def measure_temporal_branch(case, batch, timer: Timer) -> dict:
+    """STDiT-XL/2's temporal branch fwd+bwd (C=1152, 16 heads; TINY's on a CPU), timed once: qkv Linear ->
+    attention over frames -> proj -> gated residual. sora: frame-major throughout (K.temporal_attention,
+    K.gated_residual); eager: rearrange + contiguous, attention, rearrange back, x + gate * y."""
+    from sora.models.layers import Attention
+
+    device, (T, H, W) = timer.device, case.spec.latent
+    dtype, hidden, heads = (torch.bfloat16, 1152, 16) if device.type == "cuda" else (torch.float32, 64, 4)
+    S = (H // 2) * (W // 2)
+    attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
+    randomize(attention)
+    x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
+    gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
+    dout = torch.randn_like(x)
+    def branch():
+        if case.provider == "sora":
+            return K.gated_residual(x, attention(x, temporal=T), gate)
+        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
+        return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=batch)
+
+    wrt = [x, gate, *attention.parameters()]
+    ms = timer.kernel(lambda: torch.autograd.grad(branch(), wrt, dout))
+    return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
+
+
+# T5-XXL (9.5 GB), built once per run and kept for the cases that encode text; the others drop it first, so the
+# batch that fits does not depend on which cases ran before.
+RESIDENT = {}
+
+
+def text_encoder(device):
+    if "t5" not in RESIDENT:
+        T5Encoder = importable("sora.models.text_encoder", "T5Encoder")
+        from sora.models.text_encoder import TINY_T5_CONFIG
+
+        cuda = device.type == "cuda"
+        with device:  # 4.76B parameters initialised on the GPU, not the host
+            RESIDENT["t5"] = T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG, device=device,
+                                       model_max_length=120 if cuda else TINY["model_max_length"],
+                                       dtype=torch.bfloat16 if cuda else torch.float32)
+    return RESIDENT["t5"]
+
+
+def drop_text_encoder():
+    if RESIDENT.pop("t5", None) is not None:
+        free_memory()
+
+
+def build_vae(device, dtype, micro_batch_size):
+    """Stable Diffusion's VAE per frame (TINY_VAE_CONFIG on a CPU), seeded random weights."""
+    VideoAutoencoderKL = importable("sora.models.vae", "VideoAutoencoderKL")
+    from sora.models.vae import TINY_VAE_CONFIG
+
+    with device:
+        vae = VideoAutoencoderKL(config=SD_VAE_CONFIG if device.type == "cuda" else TINY_VAE_CONFIG,
+                                 micro_batch_size=micro_batch_size)
+    return vae.to(device, dtype).eval()
+
+
+WORDS = "a red panda walks slowly through falling snow in a quiet bamboo forest at dawn under soft golden light"
+WORDS = WORDS.split()
+
+
+def prompts(n: int) -> list[str]:
+    """n prompts of 10 to 73 words: ByT5 has one token per byte, so most fill the 120 tokens and some are cut."""
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(10 + 9 * (i % 8))) for i in range(n)]
+
+
+def train_step_fn(case, batch, device):
+    """sora.train.train_step for a training case at batch, ready to call: the model, its EMA, AdamW (fused on
+    CUDA), IDDPM, and the batch (raw videos and prompts with encoders, else what sora.preprocess stores: the
+    posterior's mean and std, captions or class ids). Returns (step, model)."""
+    build_optimizer, train_step = (importable("sora.train", name) for name in ("build_optimizer", "train_step"))
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model_type, video = case.spec
+    encoders = {}
+    if case.fields["encoders"] == "T5+VAE":
+        encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH), text_encoder=text_encoder(device))
+    else:
+        drop_text_encoder()
+    model = build_dit(model_type, video.latent, case.provider, device, torch.float32,
+                      grad_checkpoint=video.grad_checkpoint, **LABEL_MODELS.get(model_type, {})).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    forward = compiled(model) if case.provider.endswith("compile") else model  # the EMA is never compiled
+    optimizer = build_optimizer(model, LR)
+    generator = torch.Generator(device=device).manual_seed(1)
+    if encoders:
+        raw = torch.rand(batch, 3, video.frames, video.height, video.width, device=device, generator=generator)
+        inputs = {"video": (raw * 2 - 1).to(dtype), "text": prompts(batch)}
+    else:
+        mean = torch.randn(batch, model.in_channels, *video.latent, device=device, generator=generator)
+        inputs = {"mean": (mean / SD_SCALING_FACTOR).to(dtype), "std": torch.full_like(mean, 0.1, dtype=dtype)}
+        if model_type in LABEL_MODELS:
+            inputs["y"] = torch.randint(0, model.num_classes, (batch,), device=device, generator=generator)
+        else:
+            inputs["y"], inputs["mask"] = captions(model, batch, device, dtype, generator)
+    diffusion, seeds = IDDPM(), itertools.count()  # Open-Sora's training scheduler: 1000 steps, hybrid loss
+
+    def step():
+        train_step(model, ema, optimizer, diffusion, inputs, torch.Generator().manual_seed(next(seeds)),
+                   latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=torch.bfloat16 if cuda else None,
+                   grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, **encoders)
+
+    return step, model
+
+
+def measure_train(case, batch, timer: Timer) -> dict:
+    """One training step (train_step_fn): time, samples/s, tokens/s, peak memory."""
+    step, model = train_step_fn(case, batch, timer.device)
+    timing = timer.steps(step)
+    samples_per_s = batch / (timing["ms"] * 1e-3)
+    return dict(timing, samples_per_s=samples_per_s, compile_mode=compile_mode(case.provider),
+                tokens_per_s=samples_per_s * math.prod(model.token_grid(case.spec[1].latent)))
+
+
+def measure_sampling_step(case, batch, timer: Timer) -> dict:
+    """IDDPM.sample with classifier-free guidance, steps_per_call steps per timed call; ms per step."""
+    drop_text_encoder()
+    device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
+    latent = case.spec.latent
+    model = build_dit("STDiT-XL/2", latent, case.provider, device, dtype).eval()
+    forward = compiled(model) if case.provider.endswith("compile") else model  # compiles the blocks in place
+    y, mask = captions(model, batch, device, dtype, torch.Generator(device=device).manual_seed(1))
+    scheduler = IDDPM(num_sampling_steps=steps, **CFG)
+    # As sora/sample.py: one host generator per prompt, for the initial noise and every step's.
+    generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+    z = torch.stack([torch.randn(model.in_channels, *latent, generator=g) for g in generators]).to(device, dtype)
+    timing = timer.steps(lambda: scheduler.sample(forward, z, y, model.y_embedder.null(batch), mask, progress=False,
+                                                  generator=generators), warmup=1)
+    per_step = {key: timing[key] / steps if timing[key] is not None else None for key in ("ms", "wall_ms")}
+    return dict(timing, **per_step, ms_call=timing["ms"], compile_mode=compile_mode(case.provider))
+
+
+def measure_t5(case, batch, timer: Timer) -> dict:
+    encoder = text_encoder(timer.device)
+    texts = prompts(batch)
+    timing = timer.steps(lambda: encoder.encode(texts))
+    prompts_per_s = batch / (timing["ms"] * 1e-3)
+    return dict(timing, prompts_per_s=prompts_per_s, tokens_per_s=prompts_per_s * int(case.fields["shape"].split()[0]),
+                params=sum(p.numel() for p in encoder.model.parameters()))
+
+
+def measure_vae_decode(case, frames, timer: Timer) -> dict:
+    drop_text_encoder()
+    device, dtype = timer.device, DTYPES[case.fields["dtype"]]
+    vae = build_vae(device, dtype, case.fields["micro_batch_size"])
+    side = case.spec // vae.patch_size[1]
+    z = torch.randn(1, vae.out_channels, frames, side, side, device=device, dtype=dtype)
+    timing = timer.steps(torch.no_grad()(lambda: vae.decode(z)))
+    return dict(timing, frames_per_s=frames / (timing["ms"] * 1e-3))
+
+
+def measure_sample_e2e(case, batch, timer: Timer) -> dict:
+    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch): T5 encode, IDDPM steps with
+    CFG, VAE decode, the video copied to the host; s per video."""
+    sample_videos = importable("sora.sample", "sample_videos")
+    device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
+    encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
+    model = build_dit("STDiT-XL/2", video.latent, case.provider, device, dtype).eval()
+    if case.provider.endswith("compile"):
+        model = torch.compile(model)  # as sora.sample.run does for --compile true
+    scheduler = IDDPM(num_sampling_steps=case.fields["steps"], **CFG)
+    texts = prompts(batch)
+    timing = timer.steps(lambda: sample_videos(model, vae, encoder, scheduler, texts, video.latent, 0, device, dtype),
+                         warmup=1)
+    return dict(timing, s_per_video=timing["ms"] / 1e3, compile_mode=compile_mode(case.provider, "model"))
+
+
+def measure_optimizer_step(case, batch, timer: Timer) -> dict:
+    """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights, gradients
+    and EMA, as after a step's backward: time, bytes per parameter, GB/s and its share of the copy bandwidth."""
+    build_optimizer, optimizer_step = (importable("sora.train", n) for n in ("build_optimizer", "optimizer_step"))
+    drop_text_encoder()
+    device = timer.device
+    model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = build_optimizer(model, LR)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, device=device, generator=generator)
+    timing = timer.steps(lambda: optimizer_step(model, ema, optimizer, GRAD_CLIP, EMA_DECAY))
+    params = sum(p.numel() for p in model.parameters())
+    numbers = bandwidth(OPTIMIZER_BYTES_PER_PARAM * params, timing["ms"], timer)
+    return dict(timing, **numbers, params=params, bytes_per_param=OPTIMIZER_BYTES_PER_PARAM)
+
+
+MEASURES = {
+    **{bench: measure_kernel for bench in KERNEL_OPS},
+    "all_to_all_pack": measure_pack,
+    "all_to_all_volume": compute_volume,
+    "temporal_branch": measure_temporal_branch,
+    **{bench: measure_train for bench in ("train_step_full", "dit_image_train", "latte_train")},
+    "sampling_step": measure_sampling_step, "t5_encode": measure_t5, "vae_decode": measure_vae_decode,
+    "sample_e2e": measure_sample_e2e, "optimizer_step": measure_optimizer_step,
+}
+
+
+def run_case(case, timer: Timer, add) -> dict:
+    """Measure a case at the first of case.batches that fits, handing each row to add(row) as it is done; returns
+    the last row. Out of memory is a skipped row ("OOM at batch 8") and the next batch is tried; a provider that
+    cannot run here is a skipped row with the reason; any other error is a row "error: ...", and raised."""
+    for batch in case.batches:
+        row, oom = case.row(batch), False
+        try:
+            if timer.device.type != "cuda" and ("compile" in case.provider or case.provider in CUDA_ONLY):
+                raise Unavailable(f"CPU smoke set: {case.provider} is measured on GPUs only")
+            row.update(MEASURES[case.bench](case, batch, timer))
+        except Unavailable as reason:
+            row.update(ms=None, skipped=str(reason))
+        except Exception as error:
+            if not is_oom(error):
+                message = (str(error).strip().splitlines() or [""])[0]
+                row.update(ms=None, skipped=f"error: {type(error).__name__}: {message}"[:300])
+                add(row)
+                raise
+            oom = True
+            row.update(ms=None, skipped="OOM" if batch is None else f"OOM at batch {batch}")
+        # Outside the except blocks: the traceback (and the tensors its frames hold) is gone by now.
+        free_memory()
+        row.setdefault("skipped", None)
+        add(row)
+        if not oom:
+            break
+    return row
