@@ -33,6 +33,8 @@ def read_prompts(cfg):
         return list(cfg.prompt)
     if not cfg.prompt_path:
         raise ValueError("no prompts: give --prompt \"...\" or --prompt-path FILE (one prompt per line)")
+    if os.path.isdir(cfg.prompt_path):
+        raise ValueError(f"prompt file {cfg.prompt_path!r} is a folder; expected a text file, one prompt per line")
     if not os.path.isfile(cfg.prompt_path):
         raise FileNotFoundError(f"prompt file {cfg.prompt_path!r} does not exist")
     with open(cfg.prompt_path, encoding="utf-8") as f:

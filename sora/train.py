@@ -71,6 +71,7 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
         if encoded is None:
             dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root,
                                                seed=cfg.seed)
+            dataset.check_readable()
         sampler = VariableVideoBatchSampler(dataset, cfg.bucket_config, num_replicas=dp_size, rank=dp_rank,
                                             seed=cfg.seed, drop_last=True)
         if len(sampler.group_by_bucket()) == 0:
@@ -81,6 +82,7 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
         dataset = VideoTextDataset(cfg.data_path, num_frames=cfg.num_frames, frame_interval=cfg.frame_interval,
                                    image_size=cfg.image_size, root=cfg.root,
                                    use_image_transform=cfg.use_image_transform, seed=cfg.seed)
+        dataset.check_readable()
     if len(dataset) < cfg.batch_size * dp_size:
         raise ValueError(
             f"{cfg.data_path} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size} on each of "
@@ -370,6 +372,7 @@ def run(cfg):
                file=sys.stdout, dynamic_ncols=True)
     meter = Meter()
     remaining = None if cfg.max_steps is None else max(cfg.max_steps - global_step, 0)
+    last_save = load
     try:
         with logging_redirect_tqdm():  # log lines above the bar, not through it
             batches = epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit)
@@ -391,8 +394,15 @@ def run(cfg):
                                    global_step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{samples_per_s:.3g}", refresh=False)
                 if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or global_step == cfg.max_steps):
-                    log.info("saved %s", save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step,
-                                              global_step, dp_size, sampler_unit, cfg.ema_decay))
+                    last_save = save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step, global_step,
+                                     dp_size, sampler_unit, cfg.ema_decay)
+                    log.info("saved %s", last_save)
+    except KeyboardInterrupt:
+        bar.close()
+        if runtime.is_main:
+            print(f"interrupted at global step {global_step}; last checkpoint: {last_save or 'none saved'}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         bar.close()
         logger.close()

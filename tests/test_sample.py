@@ -141,7 +141,11 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
     (["--image-size", "72,64"], r"image_size \(72, 64\) must be divisible by 16 \(the VAE.s 8x downsampling times the model.s patch 2\)"),
     (["--model.patch_size", "[2,2,2]", "--num-frames", "7"], "num_frames=7 must be divisible by the model's temporal patch size 2"),
     (["--scheduler.type", "ddim"], "unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
-    (["--ckpt-path", "nowhere.pth"], "checkpoint 'nowhere.pth' does not exist"),
+    (["--ckpt-path", "nowhere.pth"], "^error: model.from_pretrained 'nowhere.pth': no such file or folder$"),
+    (["--ckpt-path", "RUN"], "is a training run folder .what --load takes., not a checkpoint: give one of its "
+                             "checkpoint folders, e.g. '.*RUN/epoch1-global_step20' .the newest.$"),
+    (["--ckpt-path", "RUN/epoch1-global_step20/model"], "is a folder without ema.pt, not a training checkpoint"),
+    (["--prompt-path", "RUN"], "prompt file '.*RUN' is a folder; expected a text file, one prompt per line$"),
     (["--ckpt-path", "WRONG"], "does not match the model"),
     (["--dtype", "fp8"], "dtype"),
     (["--num-sampling-step", "4"], "did you mean"),
@@ -149,7 +153,10 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "EMPTY").write_text("\n\n")
     torch.save({"something.weight": torch.ones(2)}, tmp_path / "WRONG")
-    flags = [str(tmp_path / f) if f in ("EMPTY", "WRONG") else f for f in flags]
+    for step in (5, 20):  # a run folder, as --load takes, with two complete checkpoints
+        (tmp_path / f"RUN/epoch1-global_step{step}/model").mkdir(parents=True)
+        (tmp_path / f"RUN/epoch1-global_step{step}/ema.pt").write_bytes(b"")
+    flags = [str(tmp_path / f) if f.startswith(("EMPTY", "WRONG", "RUN")) else f for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), *flags])
     assert exit_info.value.code == 2

@@ -221,6 +221,8 @@ def test_zero2_on_two_ranks_resumes_on_one(tmp_path, clips):
 @pytest.mark.parametrize("flags, message", [
     (["--data-path", "missing.csv"], "missing.csv"),
     (["--data-path", "NO_TEXT"], "text"),
+    (["--data-path", "FOLDER"], "dataset .*FOLDER is a folder without index.json; expected a CSV of path,text rows "
+                                "or a folder written by python -m sora.preprocess$"),
     (["--bucket-config", "{'360p': {8: (1.0, 2)}}"], "no sample of .* fits any bucket"),
     (["--bucket-config", "{'361p': {8: (1.0, 2)}}"], "361p"),
     (["--sp-size", "2"], "sp_size=2 needs plugin='zero2-seq'"),
@@ -233,7 +235,8 @@ def test_zero2_on_two_ranks_resumes_on_one(tmp_path, clips):
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, clips, capsys, flags, message):
     (tmp_path / "NO_TEXT").write_text("path\nclip_0000.mp4\n")
-    flags = [str(tmp_path / f) if f == "NO_TEXT" else f for f in flags]
+    (tmp_path / "FOLDER").mkdir()
+    flags = [str(tmp_path / f) if f in ("NO_TEXT", "FOLDER") else f for f in flags]
     if "--data-path" not in flags:
         flags = ["--data-path", str(clips), *flags]
     with pytest.raises(SystemExit) as exit_info:

@@ -179,11 +179,15 @@ def gated_residual(x, y, gate, temporal=None):
     """x + gate * y for the (B, N, C) residual stream x.
 
     gate: (B, 1, C), (1, 1, C), (B, C), (1, C) or (C,). y: (B, N, C), or with temporal=T the temporal-attention
-    layout (B*S, T, C) with S = N / T. Differentiable in x, y and gate; output dtype is x.dtype.
+    layout (B*S, T, C) with S = N / T. Differentiable in x, y and gate; output dtype is x.dtype, so y may not be
+    of a wider dtype than x (it would be rounded to x's silently).
     """
     check_tokens("x", x)
     check_tokens("y", y)
     check_same("y", y, "x", x)
+    if torch.promote_types(x.dtype, y.dtype) != x.dtype:
+        raise ValueError(f"y is {y.dtype}, wider than x ({x.dtype}), and the output is x's dtype: cast y to "
+                         f"{x.dtype}, or x to {y.dtype}")
     T = frame_count(temporal, x)
     expected = layout_shape(x.shape, temporal)
     if tuple(y.shape) != expected:

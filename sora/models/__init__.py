@@ -4,14 +4,20 @@ A preset (STDiT-XL/2, as DiT's `DiT_XL_2`) is its class with some arguments fixe
 `functools.partial`, built and checked by `sora.registry.build` like every other config type.
 """
 
+import functools
 import inspect
+import logging
 from functools import partial
 
+from sora.models.checkpoint import load_checkpoint
 from sora.models.dit import XL_2x2, DiT
 from sora.models.latte import Latte
+from sora.models.layers import _flash_attn_func
 from sora.models.pixart import PixArt
 from sora.models.stdit import XL_2, STDiT
 from sora.registry import build, options
+
+log = logging.getLogger(__name__)
 
 MODELS = {
     "STDiT": STDiT,
@@ -48,11 +54,25 @@ def model_patch_size(cfg: dict):
 
 
 def build_model(cfg: dict, **overrides):
-    """Build a model from a config's `model` dict (`type` plus keyword arguments); `overrides` win.
+    """Build a model from a config's `model` dict (`type` plus keyword arguments, and `from_pretrained`: a
+    checkpoint loaded into it, see sora.models.checkpoint); `overrides` win.
 
     Unknown type or argument: ValueError listing the valid ones.
     """
-    return build(MODELS, {**dict(cfg), **overrides}, "model")
+    kwargs = {**dict(cfg), **overrides}
+    path = kwargs.pop("from_pretrained", None)
+    if kwargs.get("enable_flashattn") and _flash_attn_func() is None:
+        _say_once("enable_flashattn=True, but flash-attn is not installed: attention runs on torch's "
+                  "scaled_dot_product_attention (its flash and memory-efficient kernels on a GPU)")
+    model = build(MODELS, kwargs, "model")
+    if path is not None:
+        load_checkpoint(model, path)
+    return model
+
+
+@functools.cache
+def _say_once(message):
+    log.warning(message)
 
 
 __all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "PixArt", "DiT", "Latte"]
