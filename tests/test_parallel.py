@@ -30,6 +30,7 @@ def exchange_worker(rank, world, out):
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_matches_definition(tmp_path, world):
     run(exchange_worker, world, tmp_path)
@@ -82,6 +83,7 @@ def stdit_worker(rank, world, out, kernel):
     torch.save({"output": output.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, kernel", [(2, True), (4, False)])
 def test_sequence_parallel_stdit_equals_one_process(tmp_path, world, kernel):
     run(stdit_worker, world, tmp_path, kernel)

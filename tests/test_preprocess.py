@@ -110,6 +110,7 @@ def preprocess_worker(rank, world, out, csv):
     preprocess(csv, f"{out}/encoded", "--shard-size", "2")
 
 
+@pytest.mark.slow
 def test_ranks_share_the_shards(tmp_path, clips):
     """Under torchrun (2 gloo processes) shard k is encoded by rank k mod 2; the set equals one process's."""
     spawn_run(preprocess_worker, 2, tmp_path / "two", str(clips))

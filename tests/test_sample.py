@@ -114,16 +114,25 @@ def test_autoencoder_kl_and_one_frame_png(tmp_path):
     assert sorted(os.listdir(out)) == ["sample_0000.png", "sample_0001.png"]
 
 
-def dp_worker(rank, world, out, sp_size):
+# What sharing prompts and sequence parallelism need, and no more: two frames to split, two heads to trade, two
+# steps, the eager path (the kernels under sequence parallelism are tests/test_parallel.py's).
+RANKS = ["--num-frames", "2", "--image-size", "16,16", "--num-sampling-steps", "2", "--model.depth", "1",
+         "--model.hidden_size", "32", "--model.num_heads", "2", "--model.enable_layernorm_kernel", "false",
+         "--batch-size", "1", "--prompt", "a red square moving left", "--prompt", "a blue circle moving up"]
+
+
+def ranks_worker(rank, world, out):
+    """Both layouts of two processes in one start: two data-parallel ranks (one prompt each), then one
+    sequence-parallel group of two ranks (both prompts)."""
     keep_videos_worker_side(out)
-    main(run, "sample", [TINY, "--save-dir", f"{out}/videos", *FAST, "--sp-size", str(sp_size), "--batch-size", "1",
-                         "--prompt", "a red square moving left", "--prompt", "a blue circle moving up"])
+    for layout, sp_size in (("dp", 1), ("sp", 2)):
+        main(run, "sample", [TINY, "--save-dir", f"{out}/{layout}/videos", *RANKS, "--sp-size", str(sp_size)])
 
 
+@pytest.mark.slow
 def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
-    sample(tmp_path, "--batch-size", "1", name="single")
-    spawn_run(dp_worker, 2, tmp_path / "dp", 1)  # two data-parallel ranks: one prompt each
-    spawn_run(dp_worker, 2, tmp_path / "sp", 2)  # one sequence-parallel group of two ranks: same videos
+    sample(tmp_path, *RANKS, name="single")
+    spawn_run(ranks_worker, 2, tmp_path)
     for name in ("sample_0000", "sample_0001"):
         assert (tmp_path / "dp/videos" / f"{name}.mp4").is_file()
         assert torch.equal(torch.load(tmp_path / "dp/videos" / f"{name}.pt"), videos[name])

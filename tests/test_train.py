@@ -193,6 +193,7 @@ def sp_worker(rank, world, out, clips, plugin):
                         "--max-steps", "3", "--ckpt-every", "3", "--plugin", plugin, "--sp-size", str(world if plugin == "zero2-seq" else 1)])
 
 
+@pytest.mark.slow
 def test_sequence_parallel_training_equals_one_process(tmp_path, clips):
     """zero2-seq with sp=2 on 2 ranks (FSDP2 over both, one data-parallel rank): the same losses as one process."""
     single = losses(train(tmp_path, clips, "--max-steps", "3", "--ckpt-every", "0", outputs="single"))
@@ -202,6 +203,7 @@ def test_sequence_parallel_training_equals_one_process(tmp_path, clips):
         assert parallel[step] == pytest.approx(loss, rel=1e-4), step
 
 
+@pytest.mark.slow
 def test_zero2_on_two_ranks_resumes_on_one(tmp_path, clips):
     """FSDP2 across 2 ranks writes a sharded checkpoint; a single process resumes from it."""
     spawn_run(sp_worker, 2, tmp_path / "dp", str(clips), "zero2")
