@@ -214,3 +214,13 @@ def test_a_missing_pipeline_package_skips_the_row(monkeypatch):
     monkeypatch.setattr(gpu_check, "PIPELINE_MODULES", ("sora.no_such_module",))
     with pytest.raises(gpu_check.Unavailable, match="sora.no_such_module not importable here"):
         gpu_check.pipeline_modules()
+
+
+def test_tiny_says_its_numbers_are_the_interpreters_and_how_to_measure_on_a_gpu(tmp_path, capsys):
+    code = gpu_check.run(tiny_args(tmp_path), [Section("one row", lambda check: check.add_row(row("x")), True)])
+    assert code == 0
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines[1].startswith("on a CPU under the Triton interpreter: these numbers check the harness, they are "
+                               "not results")
+    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 420 s "
+                                "deadline) or pytest bench/ --benchmark")
