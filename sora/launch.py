@@ -57,6 +57,17 @@ def setup(cfg):
     return Runtime(rank, world_size, device, dtype)
 
 
+def check_writable(folder, key):
+    """Create `folder` if needed and write a file into it, so that an unwritable output folder (config key
+    `key`) fails in one line before any model is built, not at the first video or checkpoint."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{key} {folder!r} cannot be written: {error.strerror or error}") from None
+
+
 def main(run, mode, argv=None):
     """Parse the command line, print the resolved config, run; a ValueError or FileNotFoundError (a bad
     config, flag, path or input, raised with one clear sentence, or one per line for several) becomes that

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sora.checkpointing import check_writable, find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
-from sora.launch import build_components, build_diffusion_model, main, setup
+from sora.checkpointing import find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from sora.data.buckets import crop_to
+from sora.launch import build_components, build_diffusion_model, check_writable, main, setup
 from sora.parallel import init_sequence_parallel, local, shard
 from sora.schedulers import IDDPM, build_scheduler
 
@@ -142,13 +143,6 @@ def update_ema(ema, model, decay):
 def scalar(tensor):
     """A Python float from a (possibly distributed, under FSDP2) 0-d tensor."""
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).item()
-
-
-def crop_to(x, multiple):
-    """Centre-crop (B, C, T, H, W) so H and W are multiples of `multiple` (bucket sizes need not be)."""
-    H, W = x.shape[-2:]
-    top, left = (H % multiple) // 2, (W % multiple) // 2
-    return x[..., top:top + H - H % multiple, left:left + W - W % multiple]
 
 
 def step_seed(seed, global_step, dp_rank):
@@ -322,7 +316,7 @@ def run(cfg):
         sp_group = group if sp_size > 1 else None
     dp_rank, dp_size = runtime.rank // sp_size, runtime.world_size // sp_size
     load = find_checkpoint(cfg.load) if cfg.load else None
-    check_writable(cfg.outputs)
+    check_writable(cfg.outputs, "outputs")
     diffusion = build_scheduler(cfg.scheduler)
     if not isinstance(diffusion, IDDPM):
         raise ValueError(f"training needs scheduler type 'iddpm' (it defines the loss), got {cfg.scheduler['type']!r}")

@@ -245,16 +245,16 @@ def test_weights_line_says_how_much_of_the_ema_is_its_start(tmp_path):
     """running_states.json's ema_decay and global step: 0.9999**2000 = 0.819 of the EMA is still the weights
     training started from; a checkpoint saved before ema_decay was stored gets the update count alone."""
     import json
-    from types import SimpleNamespace
+
+    from sora.checkpointing import describe_weights
 
     states = tmp_path / "running_states.json"
     states.write_text(json.dumps({"global_step": 2000, "ema_decay": 0.9999}))
-    cfg = SimpleNamespace(model={"from_pretrained": str(tmp_path)}, weights="ema")
-    assert sora.sample.describe_weights(cfg) == (
+    assert describe_weights(str(tmp_path), "ema") == (
         f"weights: the EMA of {tmp_path}, which has seen 2000 updates at decay 0.9999: 82% of it is still the "
         "weights training started from (--weights model for the trained weights)")
     states.write_text(json.dumps({"global_step": 2000}))
-    assert sora.sample.describe_weights(cfg) == (
+    assert describe_weights(str(tmp_path), "ema") == (
         f"weights: the EMA of {tmp_path}, which has seen 2000 updates (--weights model for the trained weights)")
-    assert sora.sample.describe_weights(SimpleNamespace(model=cfg.model, weights="model")) == (
+    assert describe_weights(str(tmp_path), "model") == (
         f"weights: the trained model of {tmp_path} at step 2000, not its EMA")

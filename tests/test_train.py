@@ -146,7 +146,7 @@ def test_unwritable_outputs_fail_before_any_model_is_built(tmp_path, clips, caps
     with pytest.raises(SystemExit) as exit_info:
         train(tmp_path, clips, "--max-steps", "1", outputs="file/outputs")
     assert exit_info.value.code == 2
-    assert f"outputs='{tmp_path}/file/outputs' is not writable: [Errno 20] Not a directory" in one_error_line(capsys)
+    assert f"outputs '{tmp_path}/file/outputs' cannot be written: Not a directory" in one_error_line(capsys)
 
 
 def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, clips, capsys, monkeypatch):
