@@ -9,6 +9,9 @@ import inspect
 import logging
 from functools import partial
 
+import torch
+import torch.distributed as dist
+
 from sora.models.checkpoint import load_checkpoint
 from sora.models.dit import XL_2x2, DiT
 from sora.models.latte import Latte
@@ -55,7 +58,8 @@ def model_patch_size(cfg: dict):
 
 def build_model(cfg: dict, **overrides):
     """Build a model from a config's `model` dict (`type` plus keyword arguments, and `from_pretrained`: a
-    checkpoint loaded into it, see sora.models.checkpoint); `overrides` win.
+    checkpoint loaded into it, see sora.models.checkpoint); `overrides` win. With enable_sequence_parallelism
+    under torch.distributed, every rank must call it: all take rank 0's weights.
 
     Unknown type or argument: ValueError listing the valid ones.
     """
@@ -67,7 +71,22 @@ def build_model(cfg: dict, **overrides):
     model = build(MODELS, kwargs, "model")
     if path is not None:
         load_checkpoint(model, path)
+    if kwargs.get("enable_sequence_parallelism") and dist.is_available() and dist.is_initialized():
+        same_weights_on_every_rank(model)
     return model
+
+
+def same_weights_on_every_rank(model):
+    """Rank 0's parameters and buffers on every rank (every rank must call it). A sequence-parallel group
+    computes one output from its ranks' pieces: with the random weights of differently seeded ranks it would
+    be wrong without any error."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            sent = tensor.to(device) if device is not None else tensor
+            dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
 
 
 @functools.cache
