@@ -190,8 +190,8 @@ def describe_weights(path, weights):
     `weights` cannot be had."""
     states = None if path is None else os.path.join(path, RUNNING_STATES)
     if weights == "model" and (states is None or not os.path.isfile(states)):
-        raise ValueError(f"weights='model' needs --ckpt-path to be a training checkpoint folder (with {RUNNING_STATES}), "
-                         f"got {path!r}; without it, leave weights='ema'")
+        raise ValueError(f"weights='model' needs --ckpt-path to be a training checkpoint folder (with "
+                         f"{RUNNING_STATES}), got {path!r}; without it, leave weights='ema'")
     if path is None:
         return "weights: random (no checkpoint given: set --ckpt-path), so the videos will be noise"
     if not os.path.isfile(states):

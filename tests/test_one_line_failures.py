@@ -108,4 +108,5 @@ def test_ctrl_c_in_training_is_one_line_naming_the_last_checkpoint(tmp_path, cap
     code, err = exits(capsys, train, "train", [*SMALL_TRAIN, "--data-path", str(tmp_path / "data/data.csv"),
                                                "--outputs", str(tmp_path / "outputs"), "--ckpt-every", "2"])
     assert code == 130
-    assert err == [f"interrupted at global step 2; last checkpoint: {tmp_path / 'outputs/000-STDiT/epoch0-global_step2'}"]
+    last = tmp_path / "outputs/000-STDiT/epoch0-global_step2"
+    assert err == [f"interrupted at global step 2; last checkpoint: {last}"]
