@@ -81,6 +81,7 @@ def pytest_sessionfinish(session, exitstatus):
         results.finish()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the last word is where real numbers come from
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = config.stash.get(RESULTS, None)
     if not benchmarking(config) or config.option.collectonly or results is None:
@@ -96,3 +97,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
           + (f", copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s" if results.env else ""))
     for path in results.written:
         write(f"wrote {path}")
+    from bench.gpu_check import where_results_come_from
+
+    write(where_results_come_from(tiny=False)[-1])

@@ -132,6 +132,8 @@ class Check:
         failed = sum(check["outcome"] in ("FAILED", "ERROR") for check in checks)
         self.log(f"{len(checks)} kernel tests, {failed} failed; {len(self.results.rows)} rows; exit code {code}; "
                  f"wrote {self.out}")
+        for line in where_results_come_from(self.tiny):
+            self.log(line)
         self.log_file.close()
         return code
 
@@ -267,6 +269,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def where_results_come_from(tiny: bool) -> list[str]:
+    """The console's word on what the numbers are: under --tiny the Triton interpreter's, and which command
+    measures on a GPU (pytest bench/'s terminal summary ends with the same line)."""
+    lines = ["on a CPU under the Triton interpreter: these numbers check the harness, they are not results "
+             "(the interpreter runs a kernel one program at a time, far slower than eager torch)"] if tiny else []
+    return lines + [f"on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its "
+                    f"{DEFAULT_DEADLINE_S:.0f} s deadline) or pytest bench/ --benchmark (the whole suite, longer: "
+                    "not yet timed on a GPU)"]
+
+
 def usage_error(message: str) -> int:
     print(f"python bench/gpu_check.py: {message}", file=sys.stderr)
     return 2
@@ -292,6 +304,8 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
     torch.set_num_threads(1 if args.tiny else threads)  # tiny ops: a thread pool costs more than the op (NOTES.md)
     check = Check(args, device)
     check.log(f"gpu_check on {check.results.env['device']['name']}, deadline {args.deadline:.0f} s, out {args.out}")
+    for line in where_results_come_from(args.tiny)[:-1]:
+        check.log(line)
 
     def stop(why):
         def handler(signum, frame):

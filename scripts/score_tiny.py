@@ -1,16 +1,21 @@
 """Score a tiny-config checkpoint: does a sample show the prompted colour, and move the prompted way?
 
-    python scripts/score_tiny.py outputs/000-STDiT/epoch124-global_step2000 [--seeds 1 2 3]
+    python scripts/score_tiny.py outputs/000-STDiT/epoch124-global_step2000 [--seeds 1 2 3 4 5 6]
     python scripts/score_tiny.py none     # the untrained model, for comparison
 
-Samples "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py for each seed, then for each
-video finds the lit pixels of every frame: the colour is the brightest channel of their mean, the motion the
-slope of their mean x position over the frames (px/frame). It prints a line per video and the counts. Made for
-the synthetic data of README.md's tiny run (--colors red,green,blue --shapes square).
+Samples the six prompts "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py once per
+seed, then for each video finds the lit pixels of every frame: the colour is the brightest channel of their
+mean, the motion the slope of their mean x position over the frames (px/frame). It prints a line per video and
+the counts, nothing else. Every (seed, prompt) is its own draw: sora.sample seeds prompt i's noise with seed + i,
+so seed s is sampled with --seed 6s, and prompt i of seed s gets the noise seed 6s + i, which no other pair
+shares. Made for the synthetic data of README.md's tiny run (--colors red,green,blue --shapes square).
 """
 
 import argparse
+import contextlib
+import io
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -21,6 +26,7 @@ from sora.sample import run
 
 COLORS = ("red", "green", "blue")
 DIRECTIONS = ("left", "right")
+PROMPTS = tuple((c, d) for c in COLORS for d in DIRECTIONS)
 
 
 def track(path, threshold=80):
@@ -38,33 +44,54 @@ def track(path, threshold=80):
     return np.mean(colours, 0), np.polyfit(t, x, 1)[0]
 
 
+def sample_quietly(argv):
+    """Run sora.sample on argv with its output (config, weights line, bars, 'wrote' lines) held back; shown
+    only when it fails."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            main(run, "sample", argv)
+    except SystemExit:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def score(checkpoint, seeds):
-    prompts = [(c, d) for c in COLORS for d in DIRECTIONS]
     counts = {"samples": 0, "colour": 0, "moving": 0, "direction": 0}
+    flags = [arg for c, d in PROMPTS for arg in ("--prompt", f"a {c} square moving {d}")]
+    weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
-            flags = [arg for c, d in prompts for arg in ("--prompt", f"a {c} square moving {d}")]
-            weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
-            main(run, "sample", ["configs/tiny/sample.py", *weights, "--save-dir", out, "--seed", str(seed), *flags])
-            for i, (colour, direction) in enumerate(prompts):
+            sample_quietly(["configs/tiny/sample.py", *weights, "--save-dir", out, "--seed", str(len(PROMPTS) * seed),
+                            "--batch-size", str(len(PROMPTS)), *flags])
+            for i, (colour, direction) in enumerate(PROMPTS):
                 rgb, slope = track(os.path.join(out, f"sample_{i:04d}.mp4"))
                 counts["samples"] += 1
                 if rgb is None:
-                    print(f"seed {seed}  {colour} {direction:5s}  nothing lit")
+                    print(f"seed {seed}  {colour:5s} {direction:5s}  nothing lit", flush=True)
                     continue
                 counts["colour"] += COLORS[int(np.argmax(rgb))] == colour
                 counts["moving"] += abs(slope) > 3
                 counts["direction"] += (slope < 0) == (direction == "left")
-                print(f"seed {seed}  {colour} {direction:5s}  mean RGB {np.round(rgb).astype(int)}  "
-                      f"x slope {slope:+.2f} px/frame")
+                print(f"seed {seed}  {colour:5s} {direction:5s}  mean RGB {np.round(rgb).astype(int)}  "
+                      f"x slope {slope:+.2f} px/frame", flush=True)
     print(f"{counts['samples']} samples: colour right {counts['colour']}, moving (> 3 px/frame) "
           f"{counts['moving']}, direction right {counts['direction']}")
     return counts
 
 
+def non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed {value} is negative; seeds are 0 or more")
+    return value
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("checkpoint", help="a training checkpoint folder (epoch...-global_step...), or none")
+    parser.add_argument("--seeds", type=non_negative, nargs="+", default=[1, 2, 3, 4, 5, 6])
     args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {args.seeds} repeats a seed; a repeated seed repeats its draws")
     score(args.checkpoint, args.seeds)

@@ -61,21 +61,8 @@ def full_state_dict(model):
 
 
 class CheckpointWriteError(ValueError):
-    """A checkpoint or output folder could not be written (no space left, read-only, not a folder): a
+    """A checkpoint could not be written (no space left, read-only, not a folder): a
     ValueError, so that the entry points report it as one line and exit code 2."""
-
-
-def check_writable(folder):
-    """Create `folder` if needed and write a file into it, so that an unwritable output folder fails in one
-    line before any model is built, not with a traceback at the first save."""
-    probe = os.path.join(folder, f".write-test-{uuid.uuid4().hex}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0")
-        os.remove(probe)
-    except OSError as error:
-        raise CheckpointWriteError(f"outputs={folder!r} is not writable: {_describe(error)}") from None
 
 
 def _describe(error):
@@ -195,3 +182,28 @@ def load_checkpoint(path, model, ema, optimizer):
     set_model_state_dict(ema, ema_state, options=StateDictOptions(full_state_dict=True))
     with open(os.path.join(path, RUNNING_STATES)) as f:
         return json.load(f)
+
+
+def describe_weights(path, weights):
+    """One line saying which weights sampling uses: `weights` ("ema" or "model") of `path` (a model's
+    from_pretrained: None, a checkpoint file, or a checkpoint folder this module wrote); ValueError when
+    `weights` cannot be had."""
+    states = None if path is None else os.path.join(path, RUNNING_STATES)
+    if weights == "model" and (states is None or not os.path.isfile(states)):
+        raise ValueError(f"weights='model' needs --ckpt-path to be a training checkpoint folder (with "
+                         f"{RUNNING_STATES}), got {path!r}; without it, leave weights='ema'")
+    if path is None:
+        return "weights: random (no checkpoint given: set --ckpt-path), so the videos will be noise"
+    if not os.path.isfile(states):
+        return f"weights: {path}"
+    with open(states, encoding="utf-8") as f:
+        running = json.load(f)
+    step = running["global_step"]
+    if weights == "ema":
+        decay = running.get("ema_decay")  # checkpoints saved before it was stored have none
+        # Each update keeps `decay` of the EMA: decay**step of it is still the weights training started from.
+        remains = "" if decay is None else (f" at decay {decay}: {100 * decay**step:.2g}% of it is still the weights "
+                                            "training started from")
+        return (f"weights: the EMA of {path}, which has seen {step} updates{remains} (--weights model for the trained "
+                "weights)")
+    return f"weights: the trained model of {path} at step {step}, not its EMA"

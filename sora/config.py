@@ -39,7 +39,7 @@ from typing import Any, Callable, NamedTuple
 
 from sora.registry import DTYPES, is_int
 
-MODES = ("sample", "train")
+MODES = ("sample", "train", "preprocess")
 PLUGINS = ("zero2", "zero2-seq")
 WEIGHTS = ("ema", "model")
 REQUIRED = object()
@@ -212,6 +212,13 @@ SCHEMAS = {
         "grad_clip": Field("float", 1.0),
         "ema_decay": Field("float", 0.9999),
     },
+}
+
+# sora.preprocess reads a training config and encodes its data once: training's keys, plus where to write.
+SCHEMAS["preprocess"] = {
+    **SCHEMAS["train"],
+    "save_dir": Field("str"),  # the folder the encoded set is written to
+    "shard_size": Field("posint", 256),  # CSV rows per shard file
 }
 
 # A flag replaces the file's setting of the other key of its pair: prompts given one way on the command line are

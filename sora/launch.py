@@ -38,6 +38,8 @@ def setup(cfg):
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1), pick the device (this rank's
     GPU, else the CPU) and the compute dtype; seed every generator from cfg.seed."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % cfg.sp_size != 0:
+        raise ValueError(f"sp_size={cfg.sp_size} does not divide the number of processes {world_size}")
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -46,8 +48,6 @@ def setup(cfg):
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if world_size % cfg.sp_size != 0:
-        raise ValueError(f"sp_size={cfg.sp_size} does not divide the number of processes {world_size}")
     dtype = DTYPES[cfg.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("dtype fp16 needs a GPU; on the CPU use fp32 or bf16")
@@ -57,10 +57,22 @@ def setup(cfg):
     return Runtime(rank, world_size, device, dtype)
 
 
+def check_writable(folder, key):
+    """Create `folder` if needed and write a file into it, so that an unwritable output folder (config key
+    `key`) fails in one line before any model is built, not at the first video or checkpoint."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{key} {folder!r} cannot be written: {error.strerror or error}") from None
+
+
 def main(run, mode, argv=None):
     """Parse the command line, print the resolved config, run; a ValueError or FileNotFoundError (a bad
-    config, flag, path or input, raised with one clear sentence) becomes that sentence and exit code 2
-    (SORA_TRACEBACK=1 shows the traceback instead)."""
+    config, flag, path or input, raised with one clear sentence, or one per line for several) becomes that
+    sentence on stderr, from rank 0 only under torchrun, and exit code 2 on every rank (SORA_TRACEBACK=1 shows
+    the traceback instead)."""
     caller_group = dist.is_available() and dist.is_initialized()
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv, mode)
@@ -70,7 +82,9 @@ def main(run, mode, argv=None):
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("SORA_TRACEBACK") == "1":
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same mistake: rank 0 says it
+            for line in str(error).splitlines():
+                print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if not caller_group and dist.is_available() and dist.is_initialized():
@@ -89,6 +103,7 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False, weig
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
 
+    check_pretrained(cfg)
     patch = model_patch_size(cfg.model)
     vae = build_vae(cfg.vae).to(runtime.device, runtime.dtype).eval()
     T, H, W = cfg.num_frames, *cfg.image_size
@@ -108,6 +123,45 @@ def build_components(cfg, runtime, sequence_parallel=False, training=False, weig
     model = build_diffusion_model(cfg, runtime, latent_size, vae.out_channels, text_encoder.output_dim,
                                   text_encoder.model_max_length, sequence_parallel, training, weights)
     return model, vae, text_encoder, latent_size
+
+
+def check_pretrained(cfg, parts=("model", "vae", "text_encoder")):
+    """Every pretrained file or folder the config's `parts` name that cannot be had, one line each in one
+    FileNotFoundError, before anything is built (T5-XXL alone takes minutes to load): a local path that does
+    not exist, or a hub name that is not in the Hugging Face cache while the hub cannot be reached."""
+    missing = []
+    for part in parts:
+        for key, filename in (("from_pretrained", "config.json"), ("tokenizer", "tokenizer_config.json")):
+            name = cfg[part].get(key)
+            if isinstance(name, str):
+                subfolder = cfg[part].get("subfolder")
+                reason = _unavailable(name, f"{subfolder}/{filename}" if subfolder else filename, part == "model")
+                if reason:
+                    missing.append(f"{part}.{key} {name!r}: {reason}")
+    if missing:
+        raise FileNotFoundError("\n".join(missing))
+
+
+def _unavailable(name, filename, is_file):
+    """Why `name` (a path, a hub id, or for a model's weights hf://ORG/REPO/FILE) cannot be loaded, or None."""
+    from sora.models.checkpoint import HUB_PREFIX, parse_hub_file
+    from sora.registry import hub_cached, hub_offline, is_hub_id
+
+    if name.startswith(HUB_PREFIX):
+        hub = parse_hub_file(name)
+        if hub is None:
+            return None  # malformed: loading names the forms allowed
+        repo, filename, revision = hub
+    elif os.path.exists(os.path.expanduser(name)):
+        return None
+    elif is_file or not is_hub_id(name):
+        return "no such file or folder" if is_file else "no such folder, nor a hub id"
+    else:
+        repo, revision = name, None
+    offline = hub_offline()
+    if offline and not hub_cached(repo, filename, revision):
+        return f"offline ({offline}) and not in the Hugging Face cache"
+    return None
 
 
 def build_diffusion_model(cfg, runtime, latent_size, in_channels, caption_channels, model_max_length,

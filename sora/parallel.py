@@ -22,14 +22,9 @@ gradient equals that of one process running the whole model on the whole sample.
 import torch
 import torch.distributed as dist
 
-_SP_GROUP = None
-_DP_GROUP = None
-
-
 def init_sequence_parallel(sp_size: int):
     """Create the sequence- and data-parallel groups (after torch.distributed is initialised) and return this
     rank's sequence-parallel group. Every rank must call it."""
-    global _SP_GROUP, _DP_GROUP
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "init_sequence_parallel needs torch.distributed initialised: launch with torchrun and call "
@@ -42,20 +37,7 @@ def init_sequence_parallel(sp_size: int):
 
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    _SP_GROUP, _DP_GROUP = mesh.get_group("sp"), mesh.get_group("dp")
-    return _SP_GROUP
-
-
-def get_sequence_parallel_group():
-    if _SP_GROUP is None:
-        raise RuntimeError("sequence parallelism is not set up: call sora.parallel.init_sequence_parallel(sp_size)")
-    return _SP_GROUP
-
-
-def get_data_parallel_group():
-    if _DP_GROUP is None:
-        raise RuntimeError("data parallelism groups are not set up: call sora.parallel.init_sequence_parallel(sp_size)")
-    return _DP_GROUP
+    return mesh.get_group("sp")
 
 
 def split_frames(x, T, group):

@@ -23,28 +23,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sora.checkpointing import check_writable
-from sora.launch import main, setup
-from sora.train import crop_to
+from sora.data.buckets import crop_to
+from sora.launch import check_writable, main, setup
 
 PLAN = "plan.json"  # the index, written first: a second run into the folder checks it encodes the same thing
-SHARD_SIZE = 256
-
-
-def pop_flag(argv, name, parse):
-    """(value of --name in argv or None, argv without it)."""
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return parse(name, argv[i + 1]), argv[:i] + argv[i + 2:]
-        if arg.startswith(name + "="):
-            return parse(name, arg[len(name) + 1:]), argv[:i] + argv[i + 1:]
-    return None, argv
-
-
-def positive_int(name, text):
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{name} {text!r}: expected a positive integer")
-    return int(text)
 
 
 def entry_keys(cfg, dataset):
@@ -127,19 +109,18 @@ def encode_shard(shard, dataset, cfg, vae, text_encoder, multiple, runtime):
     return entries
 
 
-def run(cfg, save_dir, shard_size):
+def run(cfg):
     from sora.data import VariableVideoTextDataset, VideoTextDataset
     from sora.data.encoded import INDEX, is_encoded, save_atomically
     from sora.models import model_patch_size
     from sora.models.text_encoder import build_text_encoder
     from sora.models.vae import build_vae
 
-    if save_dir is None:
-        raise ValueError("--save-dir DIR is required: the folder the encoded set is written to")
+    save_dir = cfg.save_dir
     runtime = setup(cfg)
     if is_encoded(cfg.data_path):
         raise ValueError(f"--data-path {cfg.data_path} is already pre-encoded: give the dataset CSV")
-    check_writable(save_dir)
+    check_writable(save_dir, "save_dir")
     if cfg.bucket_config:
         dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root,
                                            seed=cfg.seed)
@@ -157,7 +138,7 @@ def run(cfg, save_dir, shard_size):
     text_dtype = torch.float32 if runtime.dtype == torch.float32 else torch.bfloat16
     text_encoder = build_text_encoder(cfg.text_encoder, runtime.device, text_dtype)
     multiple = vae.patch_size[1] * model_patch_size(cfg.model)[1]
-    plan = plan_index(cfg, dataset, keys, shard_size, vae, text_encoder, latent_size)
+    plan = plan_index(cfg, dataset, keys, cfg.shard_size, vae, text_encoder, latent_size)
     check_plan(plan, save_dir)
     if runtime.is_main:
         write_json(plan, os.path.join(save_dir, PLAN))
@@ -185,14 +166,7 @@ def run(cfg, save_dir, shard_size):
 
 
 def cli(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        save_dir, argv = pop_flag(argv, "--save-dir", lambda name, text: text)
-        shard_size, argv = pop_flag(argv, "--shard-size", positive_int)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    main(lambda cfg: run(cfg, save_dir, shard_size or SHARD_SIZE), "train", argv)
+    main(run, "preprocess", argv)
 
 
 if __name__ == "__main__":

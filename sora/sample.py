@@ -22,14 +22,12 @@ before any model is built).
 
 import functools
 import inspect
-import json
 import os
-import tempfile
 
 import torch
 
-from sora.checkpointing import RUNNING_STATES
-from sora.launch import build_components, main, setup
+from sora.checkpointing import describe_weights
+from sora.launch import build_components, check_writable, main, setup
 from sora.parallel import init_sequence_parallel
 from sora.schedulers import build_scheduler
 
@@ -39,6 +37,8 @@ def read_prompts(cfg):
         return list(cfg.prompt)
     if not cfg.prompt_path:
         raise ValueError("no prompts: give --prompt \"...\" or --prompt-path FILE (one prompt per line)")
+    if os.path.isdir(cfg.prompt_path):
+        raise ValueError(f"prompt file {cfg.prompt_path!r} is a folder; expected a text file, one prompt per line")
     if not os.path.isfile(cfg.prompt_path):
         raise FileNotFoundError(f"prompt file {cfg.prompt_path!r} does not exist")
     with open(cfg.prompt_path, encoding="utf-8") as f:
@@ -46,40 +46,6 @@ def read_prompts(cfg):
     if not prompts:
         raise ValueError(f"prompt file {cfg.prompt_path!r} has no prompts (one per line expected)")
     return prompts
-
-
-def describe_weights(cfg):
-    """One line saying which weights the model will sample with; ValueError when `weights` cannot be had."""
-    path = cfg.model.get("from_pretrained")
-    states = None if path is None else os.path.join(path, RUNNING_STATES)
-    if cfg.weights == "model" and (states is None or not os.path.isfile(states)):
-        raise ValueError(f"weights='model' needs --ckpt-path to be a training checkpoint folder (with {RUNNING_STATES}), "
-                         f"got {path!r}; without it, leave weights='ema'")
-    if path is None:
-        return "weights: random (no checkpoint given: set --ckpt-path), so the videos will be noise"
-    if not os.path.isfile(states):
-        return f"weights: {path}"
-    with open(states, encoding="utf-8") as f:
-        running = json.load(f)
-    step = running["global_step"]
-    if cfg.weights == "ema":
-        decay = running.get("ema_decay")  # checkpoints saved before it was stored have none
-        # Each update keeps `decay` of the EMA: decay**step of it is still the weights training started from.
-        remains = "" if decay is None else (f" at decay {decay}: {100 * decay**step:.2g}% of it is still the weights "
-                                            "training started from")
-        return (f"weights: the EMA of {path}, which has seen {step} updates{remains} (--weights model for the trained "
-                "weights)")
-    return f"weights: the trained model of {path} at step {step}, not its EMA"
-
-
-def check_writable(folder):
-    """Fail now, before any model is built, if no video can be written into `folder`."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"save_dir {folder!r} cannot be written: {error.strerror or error}") from None
 
 
 def save_video(video, path_without_ext, fps):
@@ -164,8 +130,8 @@ def run(cfg):
     runtime = setup(cfg)
     prompts = read_prompts(cfg)
     conditioning, conditioned = check_conditioning(cfg, prompts)
-    weights = describe_weights(cfg)
-    check_writable(cfg.save_dir)
+    weights = describe_weights(cfg.model.get("from_pretrained"), cfg.weights)
+    check_writable(cfg.save_dir, "save_dir")
     if runtime.is_main:
         print(weights, flush=True)
     sp_size = cfg.sp_size

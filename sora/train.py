@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sora.checkpointing import check_writable, find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
-from sora.launch import build_components, build_diffusion_model, main, setup
+from sora.checkpointing import find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from sora.data.buckets import crop_to
+from sora.launch import build_components, build_diffusion_model, check_writable, main, setup
 from sora.masks import MaskGenerator, check_mask_ratios
 from sora.parallel import init_sequence_parallel, local, shard
 from sora.schedulers import IDDPM, build_scheduler
@@ -73,6 +74,7 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
         if encoded is None:
             dataset = VariableVideoTextDataset(cfg.data_path, frame_interval=cfg.frame_interval, root=cfg.root,
                                                seed=cfg.seed)
+            dataset.check_readable()
         sampler = VariableVideoBatchSampler(dataset, cfg.bucket_config, num_replicas=dp_size, rank=dp_rank,
                                             seed=cfg.seed, drop_last=True)
         if len(sampler.group_by_bucket()) == 0:
@@ -85,6 +87,7 @@ def build_data(cfg, dp_rank, dp_size, pin_memory):
         dataset = VideoTextDataset(cfg.data_path, num_frames=cfg.num_frames, frame_interval=cfg.frame_interval,
                                    image_size=cfg.image_size, root=cfg.root,
                                    use_image_transform=cfg.use_image_transform, seed=cfg.seed)
+        dataset.check_readable()
     if len(dataset) < cfg.batch_size * dp_size:
         raise ValueError(
             f"{cfg.data_path} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size} on each of "
@@ -144,13 +147,6 @@ def update_ema(ema, model, decay):
 def scalar(tensor):
     """A Python float from a (possibly distributed, under FSDP2) 0-d tensor."""
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).item()
-
-
-def crop_to(x, multiple):
-    """Centre-crop (B, C, T, H, W) so H and W are multiples of `multiple` (bucket sizes need not be)."""
-    H, W = x.shape[-2:]
-    top, left = (H % multiple) // 2, (W % multiple) // 2
-    return x[..., top:top + H - H % multiple, left:left + W - W % multiple]
 
 
 def step_seed(seed, global_step, dp_rank):
@@ -348,7 +344,7 @@ def run(cfg):
         sp_group = group if sp_size > 1 else None
     dp_rank, dp_size = runtime.rank // sp_size, runtime.world_size // sp_size
     load = find_checkpoint(cfg.load) if cfg.load else None
-    check_writable(cfg.outputs)
+    check_writable(cfg.outputs, "outputs")
     if cfg.mask_ratios is not None:
         check_mask_ratios(cfg.mask_ratios)
     diffusion = build_scheduler(cfg.scheduler)
@@ -405,6 +401,7 @@ def run(cfg):
                file=sys.stdout, dynamic_ncols=True)
     meter = Meter()
     remaining = None if cfg.max_steps is None else max(cfg.max_steps - global_step, 0)
+    last_save = load
     try:
         with logging_redirect_tqdm():  # log lines above the bar, not through it
             batches = epochs_of_batches(loader, sampler, cfg, epoch, step, sampler_unit)
@@ -426,8 +423,15 @@ def run(cfg):
                                    global_step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{samples_per_s:.3g}", refresh=False)
                 if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or global_step == cfg.max_steps):
-                    log.info("saved %s", save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step,
-                                              global_step, dp_size, sampler_unit, cfg.ema_decay))
+                    last_save = save(exp_dir, model, ema, optimizer, sampler, cfg.seed, epoch, step, global_step,
+                                     dp_size, sampler_unit, cfg.ema_decay)
+                    log.info("saved %s", last_save)
+    except KeyboardInterrupt:
+        bar.close()
+        if runtime.is_main:
+            print(f"interrupted at global step {global_step}; last checkpoint: {last_save or 'none saved'}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         bar.close()
         logger.close()

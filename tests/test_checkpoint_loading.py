@@ -67,8 +67,29 @@ def test_hub_file_missing_from_the_cache_offline_is_one_line(tmp_path):
     )
     result = run_offline(tmp_path / "hub", code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"could not fetch checkpoint {HUB_NAME!r} from the Hugging Face hub: ")
-    assert result.stdout.count("\n") == 1
+    assert result.stdout == (f"checkpoint {HUB_NAME!r}: offline (HF_HUB_OFFLINE is set) and not in the Hugging Face "
+                             "cache; download it where the hub can be reached, or pass a local file\n")
+
+
+def test_no_network_is_said_once_in_one_line_without_retries(tmp_path, capsys, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached (here: nothing listens on its port) is found once,
+    up front: one line and exit code 2, not huggingface_hub's five retries (about 25 s) printed twice."""
+    import time
+
+    from sora.launch import main
+    from sora.sample import run
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(run, "sample", ["configs/tiny/sample.py", "--save-dir", str(tmp_path), "--ckpt-path", HUB_NAME])
+    assert exit_info.value.code == 2 and time.monotonic() - start < 10
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"error: model.from_pretrained {HUB_NAME!r}: offline (no connection to 127.0.0.1: Connection refused) and "
+        "not in the Hugging Face cache"]
+    assert "Retrying" not in captured.out
 
 
 @pytest.mark.parametrize("name", ["hf://hpcai-tech", "hf://Open-Sora.pth", "hf://a/b@/c.pth"])

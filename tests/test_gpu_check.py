@@ -217,3 +217,13 @@ def test_without_cuda_only_tiny_runs(tmp_path, capsys):
     assert gpu_check.run(gpu_check.parse_args(["--out", str(tmp_path)])) == 2
     assert "no CUDA device here" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_tiny_says_its_numbers_are_the_interpreters_and_how_to_measure_on_a_gpu(tmp_path, capsys):
+    code = gpu_check.run(tiny_args(tmp_path), [Section("one row", lambda check: check.add_row(row("x")), True)])
+    assert code == 0
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines[1].startswith("on a CPU under the Triton interpreter: these numbers check the harness, they are "
+                               "not results")
+    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 420 s "
+                                "deadline) or pytest bench/ --benchmark")

@@ -408,6 +408,8 @@ def test_compile_fullgraph(backend):
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(4), temporal=3),
          "y must have temporal layout"),
         (lambda: K.gated_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), None), "gate is required"),
+        (lambda: K.gated_residual(torch.randn(2, 6, 4, dtype=torch.bfloat16), torch.randn(2, 6, 4), torch.randn(4)),
+         r"y is torch.float32, wider than x \(torch.bfloat16\), and the output is x's dtype"),
         (lambda: K.to_temporal(torch.randn(2, 6, 4), 4), "T=4 does not divide the token count N=6"),
         (lambda: K.from_temporal(torch.randn(6, 2, 4), 4), "B must be a positive int dividing"),
         (lambda: K.LayerNorm(8)(torch.randn(2, 3, 4)), "last dim must be 8"),
@@ -444,12 +446,22 @@ print(tuple(out.shape))
     assert result.stdout.strip() == "(1, 8, 2, 4, 4)", result.stderr
 
 
-def test_kernel_modules_are_not_shadowed_by_their_functions():
-    """Each op lives in a module with another name, so `import sora.kernels.<module>` gives the module."""
+def test_kernel_modules_are_not_shadowed_by_their_functions(monkeypatch):
+    """Each op lives in a module with another name, so `import sora.kernels.<module> as m` (which reads the
+    package's attribute, unlike importlib.import_module) gives the module, for every module of the package."""
     import importlib
-    import types
+    import pkgutil
 
-    for module in ("norm", "residual", "layout", "comm", "modules", "diffusers_patch"):
-        assert isinstance(importlib.import_module(f"sora.kernels.{module}"), types.ModuleType)
-    for op in K.__all__:
-        assert not isinstance(getattr(K, op), types.ModuleType), op
+    def shadowed():
+        names = []
+        for info in pkgutil.iter_modules(K.__path__):
+            module = importlib.import_module(f"sora.kernels.{info.name}")
+            namespace = {}
+            exec(f"import sora.kernels.{info.name} as imported", namespace)
+            if namespace["imported"] is not module:
+                names.append(info.name)
+        return names
+
+    assert shadowed() == []
+    monkeypatch.setattr(K, "norm", K.layernorm_modulate)  # what `from .norm import norm` in __init__ would do
+    assert shadowed() == ["norm"]

@@ -216,6 +216,20 @@ def test_checkpoint_round_trip(tmp_path, model_type, make, suffix):
         torch.testing.assert_close(loaded(x, t, y, mask), source(x, t, y, mask), rtol=0, atol=0)
 
 
+def test_flashattn_asked_for_but_missing_is_said_once(caplog, monkeypatch):
+    import sora.models
+
+    monkeypatch.setattr(sora.models, "_flash_attn_func", lambda: None)  # flash-attn not installed
+    sora.models._say_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            tiny(enable_flashattn=True)
+        tiny(enable_flashattn=False)
+    said = [r.message for r in caplog.records if "flash-attn" in r.message]
+    assert said == ["enable_flashattn=True, but flash-attn is not installed: attention runs on torch's "
+                    "scaled_dot_product_attention (its flash and memory-efficient kernels on a GPU)"]
+
+
 def test_stdit_starts_from_pixart_alpha_weights(tmp_path, caplog):
     """Open-Sora initialised STDiT from PixArt-alpha: everything but temporal attention loads, and it says so."""
     pixart = randomize(tiny("PixArt", input_size=(1, 8, 8)))

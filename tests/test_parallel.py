@@ -1,6 +1,8 @@
 """Sequence parallelism across gloo processes on CPU: all_to_all against its definition, and sequence-parallel
 STDiT against one process running the whole model."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ def exchange_worker(rank, world, out):
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_matches_definition(tmp_path, world):
     run(exchange_worker, world, tmp_path)
@@ -82,6 +85,7 @@ def stdit_worker(rank, world, out, kernel):
     torch.save({"output": output.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, kernel", [(2, True), (4, False)])
 def test_sequence_parallel_stdit_equals_one_process(tmp_path, world, kernel):
     run(stdit_worker, world, tmp_path, kernel)
@@ -141,3 +145,19 @@ def test_sequence_parallel_needs_its_group():
     """The group comes with each call: the model holds none (its EMA copy could not be deep-copied with one)."""
     with pytest.raises(ValueError, match=r"needs sp_group: call it as model\(x, t, y, mask, sp_group=group\)"):
         tiny_stdit(True, False)(*stdit_inputs())
+
+
+def seeded_worker(rank, world, out):
+    from sora.models import build_model
+
+    torch.manual_seed(rank)  # differently seeded ranks, as a user's own script may leave them
+    model = build_model(dict(type="STDiT", input_size=(2, 4, 4), hidden_size=32, depth=1, num_heads=2,
+                             caption_channels=16, model_max_length=5, enable_sequence_parallelism=True))
+    torch.save(model.state_dict(), os.path.join(out, f"weights{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_sequence_parallel_ranks_build_the_same_weights(tmp_path):
+    run(seeded_worker, 2, tmp_path)
+    first, second = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
+    assert all(torch.equal(first[name], second[name]) for name in first)

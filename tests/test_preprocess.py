@@ -114,6 +114,7 @@ def preprocess_worker(rank, world, out, csv):
     preprocess(csv, f"{out}/encoded", "--shard-size", "2")
 
 
+@pytest.mark.slow
 def test_ranks_share_the_shards(tmp_path, clips):
     """Under torchrun (2 gloo processes) shard k is encoded by rank k mod 2; the set equals one process's."""
     spawn_run(preprocess_worker, 2, tmp_path / "two", str(clips))
@@ -122,3 +123,22 @@ def test_ranks_share_the_shards(tmp_path, clips):
     assert len(two.index["shards"]) == 3 and two.index == one.index
     for i in range(6):
         assert all(torch.equal(two[i][key], one[i][key]) for key in ("mean", "y", "mask")), i
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-dir", "FILE/encoded"], "save_dir '.*FILE/encoded' cannot be written: Not a directory$"),
+    (["--save-dir", "encoded", "--shard-size", "0"], "config key 'shard_size' must be a positive integer, got 0$"),
+    ([], "config key 'save_dir' is required for preprocess but not set$"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path, clips, capsys, flags, message):
+    """preprocess's flags go through the config schema like every entry point's, and its output folder through
+    the same writability check, named by its key."""
+    import re
+
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["configs/tiny/train.py", "--data-path", str(clips), *SMALL, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.search(f"^error: {message}", err[0]), err

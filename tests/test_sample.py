@@ -114,16 +114,25 @@ def test_autoencoder_kl_and_one_frame_png(tmp_path):
     assert sorted(os.listdir(out)) == ["sample_0000.png", "sample_0001.png"]
 
 
-def dp_worker(rank, world, out, sp_size):
+# What sharing prompts and sequence parallelism need, and no more: two frames to split, two heads to trade, two
+# steps, the eager path (the kernels under sequence parallelism are tests/test_parallel.py's).
+RANKS = ["--num-frames", "2", "--image-size", "16,16", "--num-sampling-steps", "2", "--model.depth", "1",
+         "--model.hidden_size", "32", "--model.num_heads", "2", "--model.enable_layernorm_kernel", "false",
+         "--batch-size", "1", "--prompt", "a red square moving left", "--prompt", "a blue circle moving up"]
+
+
+def ranks_worker(rank, world, out):
+    """Both layouts of two processes in one start: two data-parallel ranks (one prompt each), then one
+    sequence-parallel group of two ranks (both prompts)."""
     keep_videos_worker_side(out)
-    main(run, "sample", [TINY, "--save-dir", f"{out}/videos", *FAST, "--sp-size", str(sp_size), "--batch-size", "1",
-                         "--prompt", "a red square moving left", "--prompt", "a blue circle moving up"])
+    for layout, sp_size in (("dp", 1), ("sp", 2)):
+        main(run, "sample", [TINY, "--save-dir", f"{out}/{layout}/videos", *RANKS, "--sp-size", str(sp_size)])
 
 
+@pytest.mark.slow
 def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
-    sample(tmp_path, "--batch-size", "1", name="single")
-    spawn_run(dp_worker, 2, tmp_path / "dp", 1)  # two data-parallel ranks: one prompt each
-    spawn_run(dp_worker, 2, tmp_path / "sp", 2)  # one sequence-parallel group of two ranks: same videos
+    sample(tmp_path, *RANKS, name="single")
+    spawn_run(ranks_worker, 2, tmp_path)
     for name in ("sample_0000", "sample_0001"):
         assert (tmp_path / "dp/videos" / f"{name}.mp4").is_file()
         assert torch.equal(torch.load(tmp_path / "dp/videos" / f"{name}.pt"), videos[name])
@@ -141,7 +150,11 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
     (["--image-size", "72,64"], r"image_size \(72, 64\) must be divisible by 16 \(the VAE.s 8x downsampling times the model.s patch 2\)"),
     (["--model.patch_size", "[2,2,2]", "--num-frames", "7"], "num_frames=7 must be divisible by the model's temporal patch size 2"),
     (["--scheduler.type", "ddim"], "unknown scheduler type 'ddim'; valid types: iddpm, dpm-solver"),
-    (["--ckpt-path", "nowhere.pth"], "checkpoint 'nowhere.pth' does not exist"),
+    (["--ckpt-path", "nowhere.pth"], "^error: model.from_pretrained 'nowhere.pth': no such file or folder$"),
+    (["--ckpt-path", "RUN"], "is a training run folder .what --load takes., not a checkpoint: give one of its "
+                             "checkpoint folders, e.g. '.*RUN/epoch1-global_step20' .the newest.$"),
+    (["--ckpt-path", "RUN/epoch1-global_step20/model"], "is a folder without ema.pt, not a training checkpoint"),
+    (["--prompt-path", "RUN"], "prompt file '.*RUN' is a folder; expected a text file, one prompt per line$"),
     (["--ckpt-path", "WRONG"], "does not match the model"),
     (["--dtype", "fp8"], "dtype"),
     (["--num-sampling-step", "4"], "did you mean"),
@@ -149,7 +162,10 @@ def test_prompts_shared_across_ranks_and_sequence_parallel(tmp_path, videos):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "EMPTY").write_text("\n\n")
     torch.save({"something.weight": torch.ones(2)}, tmp_path / "WRONG")
-    flags = [str(tmp_path / f) if f in ("EMPTY", "WRONG") else f for f in flags]
+    for step in (5, 20):  # a run folder, as --load takes, with two complete checkpoints
+        (tmp_path / f"RUN/epoch1-global_step{step}/model").mkdir(parents=True)
+        (tmp_path / f"RUN/epoch1-global_step{step}/ema.pt").write_bytes(b"")
+    flags = [str(tmp_path / f) if f.startswith(("EMPTY", "WRONG", "RUN")) else f for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         main(run, "sample", [TINY, "--save-dir", str(tmp_path / "out"), *flags])
     assert exit_info.value.code == 2
@@ -229,16 +245,16 @@ def test_weights_line_says_how_much_of_the_ema_is_its_start(tmp_path):
     """running_states.json's ema_decay and global step: 0.9999**2000 = 0.819 of the EMA is still the weights
     training started from; a checkpoint saved before ema_decay was stored gets the update count alone."""
     import json
-    from types import SimpleNamespace
+
+    from sora.checkpointing import describe_weights
 
     states = tmp_path / "running_states.json"
     states.write_text(json.dumps({"global_step": 2000, "ema_decay": 0.9999}))
-    cfg = SimpleNamespace(model={"from_pretrained": str(tmp_path)}, weights="ema")
-    assert sora.sample.describe_weights(cfg) == (
+    assert describe_weights(str(tmp_path), "ema") == (
         f"weights: the EMA of {tmp_path}, which has seen 2000 updates at decay 0.9999: 82% of it is still the "
         "weights training started from (--weights model for the trained weights)")
     states.write_text(json.dumps({"global_step": 2000}))
-    assert sora.sample.describe_weights(cfg) == (
+    assert describe_weights(str(tmp_path), "ema") == (
         f"weights: the EMA of {tmp_path}, which has seen 2000 updates (--weights model for the trained weights)")
-    assert sora.sample.describe_weights(SimpleNamespace(model=cfg.model, weights="model")) == (
+    assert describe_weights(str(tmp_path), "model") == (
         f"weights: the trained model of {tmp_path} at step 2000, not its EMA")

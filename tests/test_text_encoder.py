@@ -100,7 +100,8 @@ def test_t5_path_errors(tmp_path):
     with pytest.raises(ValueError, match=r"T5 encoder folder .* holds no model: expected config\.json and weights"):
         T5Encoder(from_pretrained=str(tmp_path))
     # a hub id cannot be fetched offline (tests/conftest.py sets HF_HUB_OFFLINE=1)
-    with pytest.raises(FileNotFoundError, match="could not load T5 encoder 'no-such-org/no-such-t5': no such local folder"):
+    offline = r"offline \(HF_HUB_OFFLINE is set\) and not in the Hugging Face cache"
+    with pytest.raises(FileNotFoundError, match=f"could not load T5 encoder 'no-such-org/no-such-t5': {offline}"):
         T5Encoder(from_pretrained="no-such-org/no-such-t5")
     with pytest.raises(ValueError, match="set exactly one of from_pretrained"):
         T5Encoder()

@@ -95,7 +95,8 @@ def test_errors(vae, tmp_path):
         VideoAutoencoderKL(from_pretrained=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"VAE folder .* holds no model: expected config\.json and weights"):
         VideoAutoencoderKL(from_pretrained=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="could not load VAE 'no-such-org/no-such-vae': no such local folder"):
+    offline = r"offline \(HF_HUB_OFFLINE is set\) and not in the Hugging Face cache"
+    with pytest.raises(FileNotFoundError, match=f"could not load VAE 'no-such-org/no-such-vae': {offline}"):
         VideoAutoencoderKL(from_pretrained="no-such-org/no-such-vae")
     with pytest.raises(ValueError, match="set exactly one of from_pretrained"):
         VideoAutoencoderKL()

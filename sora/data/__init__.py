@@ -1,35 +1,34 @@
-"""Video data: file IO, CSV video-text datasets, Open-Sora v1.1 buckets and resumable samplers."""
+"""Video data: file IO, CSV video-text datasets, Open-Sora v1.1 buckets and resumable samplers.
 
-from .buckets import ASPECT_RATIOS, RESOLUTIONS, Bucket, get_closest_ratio
-from .datasets import VariableVideoTextDataset, VideoTextDataset, read_csv, resize_crop
-from .sampler import StatefulDistributedSampler, VariableVideoBatchSampler
-from .video import probe, read_image, read_video, save_sample, write_video
+The names below are imported on first use, so that `sora.data.buckets` (crop_to, which the trainer's step
+uses) imports without PyAV, and `python -m sora.data.synthetic` is not imported twice.
+"""
 
-__all__ = [
-    "ASPECT_RATIOS",
-    "RESOLUTIONS",
-    "Bucket",
-    "get_closest_ratio",
-    "VideoTextDataset",
-    "VariableVideoTextDataset",
-    "read_csv",
-    "resize_crop",
-    "StatefulDistributedSampler",
-    "VariableVideoBatchSampler",
-    "make_synthetic_dataset",
-    "probe",
-    "read_image",
-    "read_video",
-    "save_sample",
-    "write_video",
-]
+import importlib
+
+_WHERE = {
+    "ASPECT_RATIOS": "buckets",
+    "RESOLUTIONS": "buckets",
+    "Bucket": "buckets",
+    "get_closest_ratio": "buckets",
+    "crop_to": "buckets",
+    "VideoTextDataset": "datasets",
+    "VariableVideoTextDataset": "datasets",
+    "read_csv": "datasets",
+    "resize_crop": "datasets",
+    "StatefulDistributedSampler": "sampler",
+    "VariableVideoBatchSampler": "sampler",
+    "make_synthetic_dataset": "synthetic",
+    "probe": "video",
+    "read_image": "video",
+    "read_video": "video",
+    "save_sample": "video",
+    "write_video": "video",
+}
+__all__ = list(_WHERE)
 
 
 def __getattr__(name):
-    # sora.data.synthetic is also a script (python -m sora.data.synthetic): importing it here, before runpy
-    # runs it, would make Python warn that the module was already imported.
-    if name == "make_synthetic_dataset":
-        from .synthetic import make_synthetic_dataset
-
-        return make_synthetic_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -10,7 +10,7 @@ image (T == 1) can only go to the 1-frame bucket, a video only to the largest t 
 T > t * frame_interval. That (resolution, t) bucket keeps the sample with probability keep_prob, else
 the next lower resolution is tried (not a smaller t of the same resolution); `(0.0, None)` disables a
 bucket. The aspect ratio is the key of the resolution's table closest to H / W, and the table gives the
-(H, W) the sample is resized and cropped to.
+(H, W) the sample is resized and cropped to; `crop_to` then trims it to whole latent patches.
 """
 
 import math
@@ -175,3 +175,10 @@ class Bucket:
 
     def get_batch_size(self, bucket_id):
         return self.batch_size[bucket_id[0], bucket_id[1]]
+
+
+def crop_to(x, multiple):
+    """Centre-crop (B, C, T, H, W) so H and W are multiples of `multiple` (bucket sizes need not be)."""
+    H, W = x.shape[-2:]
+    top, left = (H % multiple) // 2, (W % multiple) // 2
+    return x[..., top:top + H - H % multiple, left:left + W - W % multiple]

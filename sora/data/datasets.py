@@ -41,6 +41,9 @@ def seed_from(*values):
 def read_csv(data_path):
     """Rows of a dataset CSV as dicts; the optional numeric columns are parsed (an empty cell is None)."""
     data_path = str(data_path)
+    if os.path.isdir(data_path):
+        raise ValueError(f"dataset {data_path} is a folder without index.json; expected a CSV of path,text rows "
+                         "or a folder written by python -m sora.preprocess")
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"dataset CSV not found: {data_path}")
     with open(data_path, newline="", encoding="utf-8") as file:
@@ -136,16 +139,29 @@ class _ClipTable(torch.utils.data.Dataset):
             warnings.warn(f"skipping {path}: {message}".replace("\n", " "), stacklevel=3)
 
     def _fetch(self, index, num_frames, size):
-        """(index actually used, video, fps): the first readable sample from `index` on, wrapping around."""
+        """(index actually used, video, fps): the first readable sample from `index` on, wrapping around; the
+        unreadable ones before it are warned about (once per file in each process). When none can be read,
+        one ValueError and no warnings."""
+        failed = []
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             try:
                 video, fps = self._load(candidate, num_frames, size)
-                return candidate, video, fps
             except _DECODE_ERRORS as error:
-                last_error = f"{type(error).__name__}: {error}"
-                self._warn_once(candidate, f"cannot read it ({last_error})")
-        raise ValueError(f"none of the {len(self)} samples of {self.data_path} could be read; last error: {last_error}")
+                failed.append((candidate, f"{type(error).__name__}: {error}"))
+                continue
+            for skipped, reason in failed:
+                self._warn_once(skipped, f"cannot read it ({reason})")
+            return candidate, video, fps
+        first, reason = failed[0]
+        raise ValueError(f"none of the {len(self)} videos of {self.data_path} can be read, e.g. {self.path(first)}: "
+                         f"{reason}".replace("\n", " "))
+
+    def check_readable(self):
+        """Read one frame of the first readable sample here, before loader workers start: ValueError when
+        none can be read. The unreadable files before it are warned about now, and workers (which start from
+        this dataset's state) do not warn about them again."""
+        self._fetch(0, 1, (16, 16))
 
 
 class VideoTextDataset(_ClipTable):

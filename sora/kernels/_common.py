@@ -48,8 +48,9 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The references compute in fp32 like the kernels, and in float64 when given float64 (the test oracle)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """float32 at least: the references compute in fp32 like the kernels, and in float64 when given float64 (the
+    test oracle); the schedulers' arithmetic, which loses too much in half precision, likewise."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 # SORA_KERNEL_POISON=1 fills every buffer a kernel is about to write with NaN, so an element the kernel
@@ -64,11 +65,6 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def on_gpu(x: torch.Tensor) -> bool:
-    """Whether x's kernels are compiled for a GPU (bench/kernel_report.py says yes for its sm_90 stand-in)."""
-    return x.device.type == "cuda"
-
-
 # Threads an SM holds: 2048 on sm_80 and sm_90 (A100, H100, H200), the GPUs this library is tuned for.
 THREADS_PER_SM = 2048
 
@@ -81,7 +77,7 @@ def one_wave(kernel, x: torch.Tensor, num_warps: int, *args, **kwargs) -> int:
     An argument that depends on the grid must be in the kernel's do_not_specialize, so this compile is the
     one the launch uses. Under the interpreter programs run one after another: 4, to keep Python overhead low.
     """
-    if not on_gpu(x):
+    if not x.is_cuda:
         return 4
     compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
     compiled._init_handles()  # loads the binary, which sets n_regs (as the tutorial does)

@@ -239,12 +239,16 @@ def gated_residual(x, y, gate, temporal=None, frames=None):
     frames=F per frame, (B, F, C) or (1, F, C): token n reads frame n // (N/F). y: (B, N, C), or with
     temporal=T the temporal-attention layout (B*S, T, C) with S = N / T.
     Dtypes may differ (fp32 gate on bf16 x and y, as Wan's `(x.float() + y * gate).type_as(x)`): the sum is
-    computed in fp32 and rounded once to x.dtype, the output dtype. Differentiable in x, y and gate; each
-    gradient has its input's dtype and shape.
+    computed in fp32 and rounded once to x.dtype, the output dtype; so y may not be of a wider dtype than x (a
+    ValueError rather than a silent rounding of y). Differentiable in x, y and gate; each gradient has its input's
+    dtype and shape.
     """
     check_tokens("x", x)
     check_tokens("y", y)
     check_same("y", y, "x", x)
+    if torch.promote_types(x.dtype, y.dtype) != x.dtype:
+        raise ValueError(f"y is {y.dtype}, wider than x ({x.dtype}), and the output is x's dtype: cast y to "
+                         f"{x.dtype}, or x to {y.dtype}")
     T = frame_count(temporal, x)
     expected = layout_shape(x.shape, temporal)
     if tuple(y.shape) != expected:

@@ -4,16 +4,25 @@ A preset (STDiT-XL/2, as DiT's `DiT_XL_2`) is its class with some arguments fixe
 `functools.partial`, built and checked by `sora.registry.build` like every other config type.
 """
 
+import functools
 import inspect
+import logging
 from functools import partial
 
+import torch
+import torch.distributed as dist
+
+from sora.models.checkpoint import load_checkpoint
 from sora.models.dit import XL_2x2, DiT
 from sora.models.latte import Latte
+from sora.models.layers import _flash_attn_func
 from sora.models.pixart import PixArt
 from sora.models.stdit import XL_2, STDiT
 from sora.models.stdit2 import STDiT2, build_stdit2
 from sora.models.stdit2 import XL_2 as STDiT2_XL_2
 from sora.registry import build, options
+
+log = logging.getLogger(__name__)
 
 MODELS = {
     "STDiT": STDiT,
@@ -52,11 +61,41 @@ def model_patch_size(cfg: dict):
 
 
 def build_model(cfg: dict, **overrides):
-    """Build a model from a config's `model` dict (`type` plus keyword arguments); `overrides` win.
+    """Build a model from a config's `model` dict (`type` plus keyword arguments, and `from_pretrained`: a
+    checkpoint loaded into it, see sora.models.checkpoint); `overrides` win. With enable_sequence_parallelism
+    under torch.distributed, every rank must call it: all take rank 0's weights.
 
     Unknown type or argument: ValueError listing the valid ones.
     """
-    return build(MODELS, {**dict(cfg), **overrides}, "model")
+    kwargs = {**dict(cfg), **overrides}
+    path = kwargs.pop("from_pretrained", None)
+    if kwargs.get("enable_flashattn") and _flash_attn_func() is None:
+        _say_once("enable_flashattn=True, but flash-attn is not installed: attention runs on torch's "
+                  "scaled_dot_product_attention (its flash and memory-efficient kernels on a GPU)")
+    model = build(MODELS, kwargs, "model")
+    if path is not None:
+        load_checkpoint(model, path)
+    if kwargs.get("enable_sequence_parallelism") and dist.is_available() and dist.is_initialized():
+        same_weights_on_every_rank(model)
+    return model
+
+
+def same_weights_on_every_rank(model):
+    """Rank 0's parameters and buffers on every rank (every rank must call it). A sequence-parallel group
+    computes one output from its ranks' pieces: with the random weights of differently seeded ranks it would
+    be wrong without any error."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            sent = tensor.to(device) if device is not None else tensor
+            dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
+
+
+@functools.cache
+def _say_once(message):
+    log.warning(message)
 
 
 __all__ = ["MODELS", "lookup", "build_model", "model_arguments", "model_patch_size", "STDiT", "STDiT2", "PixArt", "DiT", "Latte"]

@@ -21,12 +21,15 @@ weights, is an error naming it.
 """
 
 import argparse
+import glob
 import json
 import logging
 import os
 import re
 
 import torch
+
+from sora.registry import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,7 @@ EXPECTED = (
 def hub_file(name):
     """The local path of `hf://ORG/REPO[@REVISION]/FILE`, downloaded by huggingface_hub into its cache on first
     use (offline, HF_HUB_OFFLINE=1, only the cache is read)."""
-    match = _HUB_FILE.match(name)
-    if match is None:
+    if _HUB_FILE.match(name) is None:
         raise ValueError(
             f"hub checkpoint {name!r} is not of the form hf://ORG/REPO/FILE or hf://ORG/REPO@REVISION/FILE, "
             "nor a model folder hf://ORG/REPO[@REVISION]"
@@ -59,9 +61,14 @@ def hub_file(name):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    parts = parse_hub_file(name)
+    offline = hub_offline()
     try:
-        return hf_hub_download(match["repo"], match["filename"], revision=match["revision"])
+        return hf_hub_download(*parts[:2], revision=parts[2], local_files_only=bool(offline))
     except (OSError, ValueError, EntryNotFoundError) as error:
+        if offline:
+            raise FileNotFoundError(f"checkpoint {name!r}: offline ({offline}) and not in the Hugging Face cache; "
+                                    "download it where the hub can be reached, or pass a local file") from None
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise FileNotFoundError(f"could not fetch checkpoint {name!r} from the Hugging Face hub: {reason}") from None
 
@@ -90,6 +97,16 @@ def folder_config(path):
         raise ValueError(f"cannot read {config}: {error}") from None
 
 
+def parse_hub_file(name):
+    """(repo, filename, revision) of `hf://ORG/REPO[@REVISION]/FILE`, or of a model folder `hf://ORG/REPO[@REVISION]`
+    (its weights file), or None for a name of another form."""
+    match = _HUB_FILE.match(name)
+    if match is not None:
+        return match["repo"], match["filename"], match["revision"]
+    match = _HUB_REPO.match(name)
+    return None if match is None else (match["repo"], HF_FILES[1], match["revision"])
+
+
 def _load_error(path, error):
     """One line for a file torch.load refuses: pickled objects outside plain data (which weights_only keeps
     out), or bytes that are no checkpoint at all (torch's own message then only advises unsafe loading)."""
@@ -102,16 +119,29 @@ def _load_error(path, error):
     return ValueError(f"cannot read checkpoint {path!r}: the file is not a checkpoint sora can read; {EXPECTED}")
 
 
+def _folder_without_checkpoint(path):
+    """What a folder that holds no ema.pt is, and what to give instead."""
+    checkpoints = sorted(glob.glob(os.path.join(glob.escape(path), "epoch*-global_step*", "ema.pt")),
+                         key=lambda p: int(re.search(r"global_step(\d+)", p)[1]))
+    if checkpoints:
+        return (f"checkpoint {path!r} is a training run folder (what --load takes), not a checkpoint: give one of "
+                f"its checkpoint folders, e.g. {os.path.dirname(checkpoints[-1])!r} (the newest)")
+    return f"checkpoint {path!r} is a folder without ema.pt, not a training checkpoint folder; {EXPECTED}"
+
+
 def read_state_dict(path):
     """The raw tensors of a checkpoint file, unwrapped from the known container keys. A training checkpoint
     folder (epoch{E}-global_step{S}/) stands for its ema.pt."""
     path = os.fspath(path)
     if path.startswith(HUB_PREFIX):
         path = hub_folder(path) if _HUB_REPO.match(path) else hub_file(path)
-    for name in ("ema.pt", HF_FILES[1]):
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
-            path = os.path.join(path, name)
-            break
+    if os.path.isdir(path):
+        for name in ("ema.pt", HF_FILES[1]):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(_folder_without_checkpoint(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} does not exist ({EXPECTED}, or hf://ORG/REPO/FILE on the Hugging Face hub)"

@@ -18,7 +18,6 @@ from torch import nn
 
 import sora.kernels as K
 from sora.models.base import VideoTransformer
-from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -111,7 +110,6 @@ class DiT(VideoTransformer):
         enable_flashattn=False,
         enable_layernorm_kernel=False,
         grad_checkpoint=False,
-        from_pretrained=None,
     ):
         super().__init__()
         label = re.fullmatch(r"label_([1-9][0-9]*)", str(condition))
@@ -141,8 +139,6 @@ class DiT(VideoTransformer):
         self.final_layer = FinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2],
                                       self.out_channels, enable_layernorm_kernel)
         self.initialize_weights()
-        if from_pretrained is not None:
-            load_checkpoint(self, from_pretrained)
 
     def initialize_weights(self):
         basic_init(self)

@@ -18,7 +18,6 @@ from torch import nn
 
 import sora.kernels as K
 from sora.models.base import VideoTransformer
-from sora.models.checkpoint import load_checkpoint
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -129,7 +128,6 @@ class STDiT(VideoTransformer):
         enable_layernorm_kernel=False,
         enable_sequence_parallelism=False,
         grad_checkpoint=False,
-        from_pretrained=None,
     ):
         super().__init__()
         if enable_sequence_parallelism and not self.temporal_attention:
@@ -158,8 +156,6 @@ class STDiT(VideoTransformer):
         self.final_layer = T2IFinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2],
                                          self.out_channels, enable_layernorm_kernel)
         self.initialize_weights()
-        if from_pretrained is not None:
-            load_checkpoint(self, from_pretrained)
 
     def initialize_weights(self):
         basic_init(self)

@@ -26,14 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .iddpm import (
-    check_guidance,
-    check_sample_inputs,
-    check_sampling_steps,
-    compute_dtype,
-    guided_output,
-    named_betas,
-)
+from sora.kernels._common import compute_dtype
+
+from .iddpm import check_guidance, check_sample_inputs, check_sampling_steps, guided_output, named_betas
 
 TIME_GRIDS = ("time_uniform", "logSNR")
 DIFFUSION_STEPS = 1000

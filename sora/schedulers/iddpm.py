@@ -18,6 +18,7 @@ import re
 import torch
 from tqdm import tqdm
 
+from sora.kernels._common import compute_dtype
 from sora.registry import is_int
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -205,11 +206,6 @@ def randn(shape, generator, like):
         return torch.cat([randn((1, *shape[1:]), g, like) for g in generator])
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
-def compute_dtype(x):
-    """float32 at least: the schedule arithmetic loses too much in half precision."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 class IDDPM:
