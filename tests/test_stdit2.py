@@ -278,7 +278,7 @@ def test_hugging_face_repo_is_fetched_as_a_folder(tmp_path, monkeypatch):
     folder = open_sora_hf_folder(tmp_path / "snapshot", source)
     fetched = []
 
-    def download(repo, filename, revision=None):
+    def download(repo, filename, revision=None, **options):
         fetched.append((repo, filename, revision))
         return str(folder / filename)
 

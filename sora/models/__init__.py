@@ -12,13 +12,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from sora.models.checkpoint import load_checkpoint
+from sora.models.checkpoint import folder_config, load_checkpoint
 from sora.models.dit import XL_2x2, DiT
 from sora.models.latte import Latte
 from sora.models.layers import _flash_attn_func
 from sora.models.pixart import PixArt
 from sora.models.stdit import XL_2, STDiT
-from sora.models.stdit2 import STDiT2, build_stdit2
+from sora.models.stdit2 import DEFINING, STDiT2
 from sora.models.stdit2 import XL_2 as STDiT2_XL_2
 from sora.registry import build, options
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 MODELS = {
     "STDiT": STDiT,
     "STDiT-XL/2": partial(STDiT, **XL_2),
-    "STDiT2": build_stdit2,
-    "STDiT2-XL/2": partial(build_stdit2, **STDiT2_XL_2),
+    "STDiT2": STDiT2,
+    "STDiT2-XL/2": partial(STDiT2, **STDiT2_XL_2),
     "PixArt": PixArt,
     "PixArt-XL/2": partial(PixArt, **XL_2),
     "DiT": DiT,
@@ -69,6 +69,8 @@ def build_model(cfg: dict, **overrides):
     """
     kwargs = {**dict(cfg), **overrides}
     path = kwargs.pop("from_pretrained", None)
+    if path is not None:
+        kwargs = with_folder_config(kwargs, path)
     if kwargs.get("enable_flashattn") and _flash_attn_func() is None:
         _say_once("enable_flashattn=True, but flash-attn is not installed: attention runs on torch's "
                   "scaled_dot_product_attention (its flash and memory-efficient kernels on a GPU)")
@@ -78,6 +80,27 @@ def build_model(cfg: dict, **overrides):
     if kwargs.get("enable_sequence_parallelism") and dist.is_available() and dist.is_initialized():
         same_weights_on_every_rank(model)
     return model
+
+
+def with_folder_config(kwargs, path):
+    """kwargs completed from the config.json of a Hugging Face model folder (Open-Sora v1.1's hub layout:
+    config.json + model.safetensors, local or hf://ORG/REPO): every argument not given comes from it, and those
+    given are kept (Open-Sora's hub path drops them: their #409). A given argument, or a preset's, that contradicts
+    a key of config.json fixing the weights' shapes or function (stdit2.DEFINING) is an error naming it."""
+    config = folder_config(path)
+    if not config:
+        return kwargs
+    factory = lookup(kwargs.get("type"))
+    accepted = options(factory)
+    config = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()
+              if key in accepted}
+    given = {**getattr(factory, "keywords", {}), **kwargs}
+    conflicts = [f"{key}={given[key]!r} (config.json: {config[key]!r})" for key in DEFINING
+                 if key in given and key in config
+                 and (tuple(given[key]) if isinstance(given[key], list) else given[key]) != config[key]]
+    if conflicts:
+        raise ValueError(f"the model arguments contradict the config.json of {path}: {', '.join(conflicts)}")
+    return {**{key: value for key, value in config.items() if key not in given}, **kwargs}
 
 
 def same_weights_on_every_rank(model):

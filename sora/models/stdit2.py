@@ -29,7 +29,6 @@ strictly; `forward` is theirs: forward(x, timestep, y, mask, x_mask, num_frames,
 """
 
 import dataclasses
-import inspect
 
 import numpy as np
 import torch
@@ -39,7 +38,6 @@ from torch import nn
 
 import sora.kernels as K
 from sora.models.base import VideoTransformer
-from sora.models.checkpoint import folder_config, load_checkpoint
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -262,7 +260,6 @@ class STDiT2(VideoTransformer):
         enable_layernorm_kernel=False,
         enable_sequence_parallelism=False,
         grad_checkpoint=False,
-        from_pretrained=None,
     ):
         super().__init__()
         check_arguments(input_size, patch_size, hidden_size, num_heads, input_sq_size, no_temporal_pos_emb, freeze)
@@ -301,8 +298,6 @@ class STDiT2(VideoTransformer):
         for name, p in self.named_parameters():
             if (freeze == "not_temporal" and "attn_temp" not in name) or (freeze == "text" and "cross_attn" in name):
                 p.requires_grad_(False)
-        if from_pretrained is not None:
-            load_checkpoint(self, from_pretrained)
 
     def initialize_weights(self):
         basic_init(self)
@@ -463,32 +458,10 @@ def check_arguments(input_size, patch_size, hidden_size, num_heads, input_sq_siz
         raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
 
 
-# Open-Sora's STDiT2Config keys that fix the weights' shapes or the function they compute.
+# Open-Sora's STDiT2Config keys that fix the weights' shapes or the function they compute: a model argument that
+# contradicts one of a Hugging Face folder's config.json is an error (sora.models.build_model).
 DEFINING = ("input_sq_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
             "pred_sigma", "caption_channels", "qk_norm", "qk_norm_legacy")
-
-
-def build_stdit2(**kwargs):
-    """STDiT2(**kwargs), the registry's STDiT2. With from_pretrained a Hugging Face folder of Open-Sora's
-    (config.json + model.safetensors; local or hf://ORG/REPO), its config.json gives every argument not passed,
-    and the arguments passed are kept (Open-Sora's hub path drops them: their #409); one that contradicts a
-    DEFINING key of config.json is an error naming it."""
-    path = kwargs.get("from_pretrained")
-    config = None if path is None else folder_config(path)
-    if config:
-        options = inspect.signature(STDiT2).parameters
-        config = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()
-                  if key in options and key != "from_pretrained"}
-        conflicts = [f"{key}={kwargs[key]!r} (config.json: {config[key]!r})" for key in DEFINING
-                     if key in kwargs and key in config
-                     and (tuple(kwargs[key]) if isinstance(kwargs[key], list) else kwargs[key]) != config[key]]
-        if conflicts:
-            raise ValueError(f"the model arguments contradict the config.json of {path}: {', '.join(conflicts)}")
-        kwargs = {**config, **kwargs}
-    return STDiT2(**kwargs)
-
-
-build_stdit2.__signature__ = inspect.signature(STDiT2)
 
 # The XL/2 preset of Open-Sora v1.1: 28 blocks of width 1152, 16 heads, 2x2 spatial patches.
 XL_2 = dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16)
