@@ -1,12 +1,6 @@
-"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing, random
-weights, and the rows collector that bench/conftest.py and bench/gpu_check.py write out.
-
-Timing (Timer): kernels with `triton.testing.do_bench(..., return_mode="median")` on CUDA (CUDA events, L2 flushed
-before each run) after a warm-up that keeps JIT and torch.compile work out of the numbers, the whole measurement
-being the test's one pytest-benchmark call; whole steps (training, sampling, encoders) through pytest-benchmark's
-rounds, each call also timed with CUDA events (the row's ms, their median; wall_ms is pytest-benchmark's median).
-On a CPU-only machine: wall clock (smoke only).
-"""
+"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing (Timer: do_bench
+medians for kernels, CUDA events per call for whole steps, wall clock on a CPU; bench/NOTES.md), random weights, and
+the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
 
 import datetime
 import gc

@@ -1,12 +1,7 @@
 """What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark` (bench/test_bench.py),
-by bench/gpu_check.py (in order of priority) and by bench/report.py (each bench's title, note and target).
-
-A case is one row of a report table: its bench, provider and fields (shape, dtype, ...), the batch sizes tried in
-turn (one that runs out of memory is recorded and the next is tried) and its priority in bench/gpu_check.py: 1 the
-kernel rows that carry targets, 2 the model rows, 3 torch.compile's target rows, 4 and up while time remains,
-None the pytest suite only. bench/measure.py's MEASURES[bench] measures it. A kernel op is one entry in
-KERNEL_PROVIDERS, its byte formula in kernel_bytes and its entry in bench/measure.py's KERNEL_OPS. This file needs
-neither torch nor a GPU (bench/report.py reads it).
+by bench/gpu_check.py (in order of priority: 1 the kernel rows that carry targets, 2 the model rows, 3
+torch.compile's target rows, 4 and up while time remains, None the pytest suite only) and by bench/report.py. Adding
+an op or a bench: bench/NOTES.md. Needs neither torch nor a GPU (bench/report.py reads it).
 """
 
 from dataclasses import dataclass, field

@@ -1,11 +1,5 @@
-"""The speed suite's switches, run facts and results writer.
-
-`pytest bench/ --benchmark` (or pytest-benchmark's own `--benchmark-only`) runs the suite; without either,
-every bench test is skipped with a reason. Rows go to bench/results/<gpu-slug>/summary.json (or --bench-out)
-as they are measured; at the end of the run README.md (tables) and plots are written beside it. On a machine
-without CUDA only the CPU smoke set runs (tiny shapes, wall clock), written to bench/results/cpu-smoke/, which git
-ignores.
-"""
+"""The speed suite's switches (--benchmark, --bench-out, --bench-append), run facts and results writer; bench/NOTES.md
+says where the rows and the report go, and what the CPU smoke set is."""
 
 import os
 from pathlib import Path

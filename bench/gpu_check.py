@@ -2,20 +2,9 @@
 
     python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
-Sections, in order, each checking the clock before every case: 1 environment (GPU, clocks, driver, versions,
-commit, the copy bandwidth measured now); 2 the test suite's kernel tests (KERNEL_TESTS, `--device cuda`: forward
-and every gradient against float64 with the suite's tolerances), stopped ROWS_RESERVE_S (at most half the deadline)
-before the deadline so that the rows get their turn; 3 the cases of bench/cases.py with priority 1-3 (the target
-rows), 4 those with priority 4 and up while time remains, each through bench/measure.py's run_case as `pytest
-bench/ --benchmark` measures it.
-
-Whatever is done is always written, also on a failure, an exception, the deadline or SIGTERM: summary.json after
-every row and test. On a GPU the run merges into bench/results/<gpu-slug>/summary.json (plus a "gpu_check" entry:
-sections, tests, failures) and writes README.md and plots there; DIR gets copies of those and gpu_check.log. Exit
-code: 0 every test passed and sections 1-3 finished; 1 a failed test or an error, each named in the log and the
-summary; 2 bad arguments; 3 the deadline cut a section before section 4 (nothing failed). --tiny runs every section
-on the CPU under the Triton interpreter (a selection of the kernel tests, the cases at their CPU sizes), writing to
-DIR only: CI runs it, so the script cannot rot between GPU runs.
+bench/NOTES.md ("The GPU check") says what each of SECTIONS runs, what it writes (summary.json after every row and
+test, also on a failure, the deadline or SIGTERM) and its exit codes: 0 passed, 1 a failure, 2 bad arguments, 3
+cut by the deadline. --tiny runs every section on the CPU under the Triton interpreter, writing to DIR only (CI).
 """
 
 import argparse

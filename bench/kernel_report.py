@@ -3,14 +3,8 @@ time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump an
 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
 
-Launches are captured from the public ops (CASES: one entry per case, a name, a function that calls public ops
-forward and backward on CPU tensors, its arguments; a kernel file adds its own) while Triton's active driver is a
-stand-in for an sm_90 device: every `kernel[grid](...)` goes through Triton's own JIT entry point, which
-specialises the arguments as on the GPU, compiles, and returns without launching. Per launch it prints registers,
-spills, shared memory, the widths of global loads and stores, the SASS instructions a program issues (loop body
-and the rest), and warp instructions per useful byte (every tensor the kernel is handed, counted once); above what
-an SM can issue at the rate memory delivers bytes, a kernel is issue-bound: the ceiling printed is
-SMs * 4 warp-instructions/clock * clock / (warp-instructions/byte).
+The launches of CASES are captured while Triton's driver is an sm_90 stand-in (compiled, never run); bench/NOTES.md
+("Kernel report") says what each column means and how the issue ceiling is computed.
 """
 
 import argparse
@@ -210,12 +204,9 @@ def _slow_path(block: list[str]) -> bool:
 
 
 def count_instructions(sass: str) -> tuple[int, int]:
-    """(per program outside the loop, per loop iteration), counting the common path only.
-
-    The body runs up to the last EXIT (what follows are subroutines and the trap loop); slow-path blocks are
-    left out, and a subroutine called on the common path counts with its straight-line length. The loop is the
-    range from a label to the last branch that jumps back to it.
-    """
+    """(per program outside the loop, per loop iteration), counting the common path only: up to the last EXIT,
+    slow-path blocks left out, a called subroutine at its straight-line length; the loop runs from a label to the
+    last branch back to it."""
     lines = _instructions(sass)
     blocks = _blocks(lines)
     last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
@@ -284,34 +275,20 @@ def tokens(C, dtype, temporal=False):
     return torch.randn((B * S, T, C) if temporal else (B, T * S, C), dtype=DTYPES[dtype], requires_grad=True)
 
 
-def modulation(x):
-    """shift, scale, gate as chunks of a (B, 6, C) adaLN table, as STDiT passes them."""
-    return torch.randn(x.shape[0], 6, x.shape[-1], dtype=x.dtype, requires_grad=True).chunk(6, dim=1)
-
-
-def layernorm_modulate(C, dtype, temporal):
-    x = tokens(C, dtype)
-    shift, scale, *_ = modulation(x)
-    K.layernorm_modulate(x, shift, scale, temporal=T if temporal else None).sum().backward()
-
-
-def gated_residual(C, dtype, temporal):
-    x = tokens(C, dtype)
-    y, gate = tokens(C, dtype, temporal), modulation(x)[2]
-    K.gated_residual(x, y, gate, temporal=T if temporal else None).sum().backward()
-
-
-def per_frame(op, C, dtype, modulation_dtype, frames):
-    """layernorm_modulate or gated_residual with one modulation row per frame (frames=T: STDiT2's x_mask select)
-    or per token (frames=T*S: Wan 2.2 TI2V), as chunks of a (B, frames, 6, C) table of modulation_dtype (Wan's
-    fp32 table on bf16 tokens); B = 1 per token."""
+def modulated(op, C, dtype, temporal=False, modulation_dtype=None, frames=None):
+    """layernorm_modulate or gated_residual (its y in the "(B S) T C" layout when temporal) with shift, scale, gate
+    as chunks of STDiT's (B, 6, C) adaLN table, or of a (B, frames, 6, C) one of modulation_dtype: a row per frame
+    (frames=T: STDiT2's x_mask select) or per token (frames=T*S: Wan 2.2 TI2V's fp32 table on bf16 tokens; B = 1)."""
     x = tokens(C, dtype)[:1] if frames == T * S else tokens(C, dtype)
-    table = torch.randn(x.shape[0], frames, 6, C, dtype=DTYPES[modulation_dtype], requires_grad=True)
-    shift, scale, gate = (t.squeeze(2) for t in table.chunk(6, dim=2)[:3])
+    shape = (len(x), frames, 6, C) if frames else (len(x), 6, C)
+    table = torch.randn(shape, dtype=DTYPES[modulation_dtype or dtype], requires_grad=True)
+    shift, scale, gate = (t.squeeze(2) if frames else t for t in table.chunk(6, dim=-2)[:3])
+    where = dict(temporal=T if temporal else None, frames=frames)
     if op == "layernorm_modulate":
-        out = K.layernorm_modulate(x, shift, scale, frames=frames)
+        out = K.layernorm_modulate(x, shift, scale, **where)
     else:
-        out = K.gated_residual(x, torch.randn_like(x, requires_grad=True), gate, frames=frames)
+        y = torch.randn_like(x, requires_grad=True) if frames else tokens(C, dtype, temporal)
+        out = K.gated_residual(x, y, gate, **where)
     out.sum().backward()
 
 
@@ -350,13 +327,12 @@ def qk_norm(dtype, heads=16, head_dim=72):
 # its function and entries here (or passes its own list to `capture`).
 WIDTHS = [(1152, "bf16"), (1152, "fp16"), (1152, "fp32"), (4096, "bf16"), (72, "bf16"), (1000, "bf16"), (8192, "bf16")]
 CASES = [
-    *[(f"{op.__name__} C={C} {dtype} {'temporal' if temporal else 'plain'}", op, (C, dtype, temporal))
-      for C, dtype in WIDTHS for temporal in (False, True) for op in (layernorm_modulate, gated_residual)],
+    *[(f"{op} C={C} {dtype} {'temporal' if temporal else 'plain'}", modulated, (op, C, dtype, temporal))
+      for C, dtype in WIDTHS for temporal in (False, True) for op in ("layernorm_modulate", "gated_residual")],
     *[(f"to_temporal C={C} {dtype}", to_temporal, (C, dtype)) for C, dtype in WIDTHS if dtype == "bf16"],
     # Per-frame (T rows per sample) and per-token (Wan 2.2 TI2V: fp32 rows on bf16 tokens) modulation.
-    *[(f"{op} C=1152 bf16 per-frame", per_frame, (op, 1152, "bf16", "bf16", T))
-      for op in ("layernorm_modulate", "gated_residual")],
-    *[(f"{op} C=1152 bf16 fp32-per-token", per_frame, (op, 1152, "bf16", "fp32", T * S))
+    *[(f"{op} C=1152 bf16 {name}", modulated, (op, 1152, "bf16", False, modulation_dtype, frames))
+      for name, modulation_dtype, frames in (("per-frame", "bf16", T), ("fp32-per-token", "fp32", T * S))
       for op in ("layernorm_modulate", "gated_residual")],
     ("all_to_all world=2 bf16", all_to_all, (2,)),
     ("all_to_all world=4 bf16", all_to_all, (4,)),

@@ -1,11 +1,7 @@
 """How each bench of bench/cases.py is measured (MEASURES), and run_case: the one function that measures a case
-and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike.
-
-Providers: `sora` (the Triton kernels, enable_layernorm_kernel=True), `torch` / `eager` (Open-Sora v1 with the
-kernels off), `torch.compile` / `+compile` (the same under default inductor; models per transformer block), apex,
-Liger, flash-attn. Nothing is downloaded: T5-v1.1-XXL's encoder and Stable Diffusion's VAE are built from their
-published configs, every model with random weights. On a CPU the same code runs tiny sizes: the smoke set.
-"""
+and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike. Nothing is downloaded: every
+model has random weights, T5-v1.1-XXL's encoder and the SD VAE are built from their published configs; on a CPU
+the same code runs tiny sizes (the smoke set)."""
 
 import copy
 import importlib

@@ -124,7 +124,7 @@ KERNEL_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
                   if cases.get("sora", {}).get("rel_err") is not None else "-"))
 PACK_TEXTS = (*((name, text(name)) for name in ("video", "sp", "exchange", "direction")),
               ("view (A, B, M)", lambda row: shape_text(row.get("shape"))), ("batch", text("batch_size")),
-              ("tensor MB", lambda row: mb(row["bytes"] / 2 if row.get("bytes") else None)))  # bytes: read + write
+              ("tensor MB", lambda row: scaled(row["bytes"] / 2 if row.get("bytes") else None)))  # bytes: read + write
 PACK_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
                ("exact", lambda cases: {None: "-", True: "yes", False: "**NO**"}[cases.get("sora", {}).get("exact")]))
 
@@ -146,12 +146,9 @@ def table(columns, body):
     return ["| " + " | ".join(cells) + " |" for cells in [columns, ["---"] * len(columns), *body]]
 
 
-def gb(value):
-    return fmt(value / 1e9 if value is not None else None)
-
-
-def mb(value):
-    return fmt(value / 1e6 if value is not None else None)
+def scaled(value, unit=1e6):
+    """fmt of value in MB (unit 1e6) or GB (1e9)."""
+    return fmt(value / unit if value is not None else None)
 
 
 def rate_ratio(row, base, key):
@@ -205,16 +202,12 @@ def speedup(row, measured):
 
 
 SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size")  # what a speedup compares at
+FORMATS = {"int": str, "f1": "{:.1f}".format, "f2": "{:.2f}".format, "fmt": fmt, "M": scaled,
+           "G": lambda value: scaled(value, 1e9), "pct": "{:.0%}".format}  # form -> cell(value)
 FORMS = {  # form -> cell(row, value, measured)
+    **{form: lambda row, value, measured, cell=cell: cell(value) for form, cell in FORMATS.items()},
     "text": lambda row, value, measured: "-" if value is None else str(value),
     "gc": lambda row, value, measured: value + (" (GC)" if row.get("grad_checkpoint") else ""),
-    "int": lambda row, value, measured: str(value),
-    "f1": lambda row, value, measured: f"{value:.1f}",
-    "f2": lambda row, value, measured: f"{value:.2f}",
-    "fmt": lambda row, value, measured: fmt(value),
-    "M": lambda row, value, measured: mb(value),
-    "G": lambda row, value, measured: gb(value),
-    "pct": lambda row, value, measured: f"{value:.0%}",
     "speedup": lambda row, value, measured: speedup(row, measured),
     "vs_open_sora": lambda row, value, measured: rate_ratio(row, {"samples_per_s": theirs(row)[0]}, "samples_per_s"),
     "open_sora": lambda row, value, measured: theirs(row)[1],
