@@ -18,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 CPU_SLUG = "cpu-smoke"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
 
 # do_bench's warm-up and repetition times (ms): long enough for a stable median of 1-10 ms kernels.
 WARMUP_MS = 25
@@ -125,9 +126,8 @@ def run_facts(device: torch.device) -> dict:
 
 
 def collect_env(device: torch.device) -> dict:
-    """Everything summary.json says about the run besides its rows: run_facts, the timing, the copy bandwidth
-    measured now and the clocks read right after it, while they are up (an idle H100 reports its SM clock at
-    ~345 MHz)."""
+    """run_facts, the timing, the copy bandwidth measured now and the clocks read right after it, while they are up
+    (an idle H100 reports its SM clock at ~345 MHz)."""
     env = run_facts(device)
     env["timing"] = (f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) "
                      "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
@@ -195,10 +195,8 @@ class Timer:
         return self.once(measure)
 
     def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
-        """A whole step (tens of ms to seconds, host work included): `warmup` untimed calls (JIT, compile,
-        handles, optimizer state), then 3-10 calls (about total_ms of them; on a CPU 1 and 2), each timed with CUDA
-        events and synchronized, through pytest-benchmark's rounds when there is one. Returns ms (median of the
-        events), wall_ms (pytest-benchmark's median, else None), rounds, peak_mem_gb (None on a CPU)."""
+        """A whole step, as bench/NOTES.md says: `warmup` untimed calls, then 3-10 (about total_ms; 2 on a CPU)
+        timed with CUDA events. Returns ms (their median), wall_ms (pytest-benchmark's), rounds, peak_mem_gb."""
         cuda, times = self.device.type == "cuda", []
 
         def timed_step():
@@ -260,7 +258,6 @@ def is_oom(error: BaseException) -> bool:
 
 
 # ---- rows ----------------------------------------------------------------------------------------------
-# What tells two rows apart; a field a bench does not use is None in its rows.
 ROW_KEY_FIELDS = ("suite", "bench", "direction", "shape", "dtype", "provider", "batch_size",
                   "model", "video", "exchange", "sp", "micro_batch_size", "encoders")
 
@@ -271,10 +268,9 @@ def row_key(row: dict) -> str:
 
 
 class Results:
-    """A run's rows and environment, saved to summary.json after every row (a run cut off keeps what it measured)
-    and written out with the report when the run ends, to out_dir (default bench/results/<gpu-slug>/, cpu-smoke/
-    without CUDA). append: keep the rows of an earlier summary.json there (same device) this run does not measure
-    again, so a suite run in several parts ends in one summary."""
+    """A run's rows and environment, saved to out_dir/summary.json after every row and written out with the report
+    at the end (bench/NOTES.md); append: keep the rows of an earlier summary.json there (same device) not measured
+    again, so a suite run in parts ends in one summary."""
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
         self.rows, self.env, self.written, self._earlier = [], None, [], None

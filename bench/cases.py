@@ -96,16 +96,11 @@ ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)),
                            (Shape("16x512", 16, 16, 1024, 1152), ("bf16",)),
                            (Shape("64x512", 4, 64, 1024, 1152), ("bf16",))],
                     False: [(Shape("tiny", 2, 4, 8, 64, heads=4), ("fp32",))]}
-LN_PROVIDERS = ("sora", "torch", "torch.compile", "apex", "liger")
 PLAIN_PROVIDERS = ("sora", "torch", "torch.compile")
-KERNEL_PROVIDERS = {
-    "layernorm_modulate": LN_PROVIDERS,
-    "layernorm_modulate_temporal": LN_PROVIDERS,
-    "gated_residual": PLAIN_PROVIDERS,
-    "gated_residual_temporal": PLAIN_PROVIDERS,
-    "to_temporal": PLAIN_PROVIDERS,
-    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile"),
-}
+LN_PROVIDERS = (*PLAIN_PROVIDERS, "apex", "liger")
+KERNEL_PROVIDERS = {**dict.fromkeys(("layernorm_modulate", "layernorm_modulate_temporal"), LN_PROVIDERS),
+                    **dict.fromkeys(("gated_residual", "gated_residual_temporal", "to_temporal"), PLAIN_PROVIDERS),
+                    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile")}
 
 # Training steps: 16x256 at batch 8 (else 4), 16x512 at 2 (else 1), 64x512 at 1 under gradient checkpointing.
 VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 16, 512, 512, (2, 1)),
@@ -115,9 +110,8 @@ IMAGES = {True: Video("1x256x256", 1, 256, 256, (128, 64)), False: Video("1x64x6
 CPU_GC_VIDEO = Video("4x64x64-gc", 4, 64, 64, (2,), grad_checkpoint=True)  # the 64x512 rows' path, on a CPU
 
 SP_SIZES = {True: (2, 4, 8), False: (2, 4)}
-# Per rank the batch is sp x the single-GPU training batch (Shape.B): each rank holds T/sp frames, so the per-rank
-# tensors keep one size across sp. Volume rows are arithmetic: the real sizes everywhere, 360x512 (Open-Sora's sp=2
-# row) too.
+# Per rank the batch is sp x the single-GPU training batch (Shape.B): each rank holds T/sp frames. Volume rows are
+# arithmetic: the real sizes everywhere, 360x512 (Open-Sora's sp=2 row) too.
 SEQ_SHAPES = {True: [Shape("16x512", 2, 16, 1024, 1152), Shape("64x512", 1, 64, 1024, 1152)],
               False: [Shape("tiny", 1, 4, 8, 64, heads=4)]}
 VOLUME_SHAPES = SEQ_SHAPES[True] + [Shape("360x512", 1, 360, 1024, 1152)]
@@ -306,16 +300,14 @@ def model_cases(cuda: bool) -> list[Case]:
                   video.batches[:1], 2 if i == 0 else None)
              for i, video in enumerate(videos) for provider in ("sora", "eager")]
     # The training step, once: with encoders on the fly (T5 built once and kept for the cases after it), then
-    # pre-encoded, under torch.compile too.
-    for encoders in (True, False):
-        for i, video in enumerate(videos):
-            for model in ("STDiT-XL/2", "PixArt-XL/2"):
-                for provider in (("sora", "eager") if encoders else compile_providers):
-                    priority = None
-                    if model == "STDiT-XL/2" and provider in ("sora", "eager"):
-                        priority = {(False, 0): 2, (True, 0): 6 if provider == "sora" else None, (False, 1): 7}.get(
-                            (encoders, i))
-                    cases.append(train_case("train_step_full", model, video, encoders, provider, cuda, priority))
+    # pre-encoded, under torch.compile too. STDiT-XL/2's priorities by (encoders, video, provider):
+    priority = {(False, 0, "sora"): 2, (False, 0, "eager"): 2, (True, 0, "sora"): 6, (False, 1, "sora"): 7,
+                (False, 1, "eager"): 7}
+    cases += [train_case("train_step_full", model, video, encoders, provider, cuda,
+                         priority.get((encoders, i, provider)) if model == "STDiT-XL/2" else None)
+              for encoders in (True, False) for i, video in enumerate(videos)
+              for model in ("STDiT-XL/2", "PixArt-XL/2")
+              for provider in (("sora", "eager") if encoders else compile_providers)]
     if not cuda:
         cases.append(train_case("train_step_full", "STDiT-XL/2", CPU_GC_VIDEO, False, "sora", cuda))
     cases += [train_case("dit_image_train", "DiT-XL/2", IMAGES[cuda], False, provider, cuda)

@@ -36,8 +36,7 @@ from bench.report import OneLineParser  # noqa: E402
 DEFAULT_DEADLINE_S = 420.0
 # After the deadline the main thread gets this long to write what it has; then the process exits (exit code 3).
 GRACE_S = 45.0
-# The kernel tests stop this long before the deadline, so the rows get their turn. An estimate: adjust it from
-# the sections' seconds in the log (bench/NOTES.md).
+# The kernel tests stop this long before the deadline, so the rows get their turn (an estimate: bench/NOTES.md).
 ROWS_RESERVE_S = 240.0
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py"]
 # On the GPU every test but the ones that check the interpreter itself; with --tiny a quick selection.

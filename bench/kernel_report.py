@@ -32,6 +32,7 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sora.kernels as K  # noqa: E402
+from bench.bench_utils import DTYPES  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
@@ -54,8 +55,7 @@ def resources(cubin: bytes) -> dict:
 
 
 class _Sm90Driver:
-    """Just enough of a Triton driver for its JIT to compile for sm_90 on a machine without a GPU, and for
-    a launcher to read a compiled kernel's registers (one_wave) as it would from an H100."""
+    """Enough of a Triton driver to compile for sm_90 without a GPU and read a kernel's registers (one_wave)."""
 
     launcher_cls = staticmethod(lambda src, metadata: None)
 
@@ -266,7 +266,6 @@ def ceiling_tbs(per_byte: float) -> tuple[float, float]:
 # STDiT-XL/2 at 16x256: T=16 frames of S=256 tokens, C=1152, per sample; 4 samples (1 above C=1152) keep the CPU
 # buffers small while the reduction grids still split each sample over many programs, as on the GPU.
 T, S = 16, 256
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def tokens(C, dtype, temporal=False):
@@ -323,8 +322,7 @@ def qk_norm(dtype, heads=16, head_dim=72):
     (q.sum() + k.sum() + v.sum()).backward()
 
 
-# One entry per case: its name, the function that calls the public op(s), and the arguments. A new kernel file adds
-# its function and entries here (or passes its own list to `capture`).
+# One entry per case: its name, the function that calls the public op(s), and the arguments.
 WIDTHS = [(1152, "bf16"), (1152, "fp16"), (1152, "fp32"), (4096, "bf16"), (72, "bf16"), (1000, "bf16"), (8192, "bf16")]
 CASES = [
     *[(f"{op} C={C} {dtype} {'temporal' if temporal else 'plain'}", modulated, (op, C, dtype, temporal))

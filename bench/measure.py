@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import Rotation, Timer, free_memory, is_oom, randomize
+from bench.bench_utils import DTYPES, Rotation, Timer, free_memory, is_oom, randomize
 from bench.cases import (CFG, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS, all_to_all_volume,
                          kernel_bytes)
 from sora.kernels.layout import swap_leading, swap_leading_reference
 from sora.schedulers import IDDPM
 
 EPS = 1e-6
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
 # DeepFloyd/t5-v1_1-xxl's config.json, the encoder's part: 4.76B parameters (9.5 GB in bf16).
 T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -45,12 +44,13 @@ class Unavailable(Exception):
     """A provider that cannot run here; the message is the row's skip reason."""
 
 
-def importable(module: str, name: str):
-    """module.name, or Unavailable naming the package missing here (pip install ".[bench]")."""
+def importable(module: str, *names: str):
+    """module's names (one: the object), or Unavailable naming the package missing here (pip install ".[bench]")."""
     try:
-        return getattr(importlib.import_module(module), name)
+        found = importlib.import_module(module)
     except ImportError as error:
         raise Unavailable(f"{module} not importable here ({error})") from None
+    return getattr(found, names[0]) if len(names) == 1 else tuple(getattr(found, name) for name in names)
 
 
 def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | None:
@@ -102,10 +102,8 @@ def eager_temporal_attention(s, norm, flash):
     return forward
 
 
-# bench -> (its inputs (random, never zeros; randn(*shape, scale=1.0)), sora's call, the eager path Open-Sora v1 runs
-# with the kernels off (LayerNorm `norm`, else F.layer_norm; attention `flash`, else SDPA; layout copies included),
-# whether the output is in the "(B S) T C" layout). A new op: one entry here, its providers and byte formula in
-# bench/cases.py.
+# bench -> (its random inputs (never zeros), sora's call, the eager path Open-Sora v1 runs with the kernels off (with
+# apex's or Liger's LayerNorm `norm`, flash-attn's `flash`), whether the output is in the "(B S) T C" layout).
 KERNEL_OPS = {
     "layernorm_modulate": layernorm_modulate_op(False),
     "layernorm_modulate_temporal": layernorm_modulate_op(True),
@@ -148,11 +146,9 @@ def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
 
 
 def measure_kernel(case, batch, timer: Timer) -> dict:
-    """One op, one direction, timed once (do_bench median after a warm-up of Triton's JIT and torch.compile's
-    graphs): ms, GB/s of the minimum bytes and its share of the copy bandwidth; for sora its forward's rel_err
-    against the fp32 eager op. fwd+bwd takes fresh gradients with torch.autograd.grad (nothing accumulates)."""
-    s, device = case.spec, timer.device
-    dtype = DTYPES[case.fields["dtype"]]
+    """One op, one direction (Timer.kernel): ms, GB/s of the minimum bytes, their share of the copy bandwidth; sora's
+    forward's rel_err against the fp32 eager op. fwd+bwd: fresh gradients by torch.autograd.grad (nothing adds up)."""
+    s, device, dtype = case.spec, timer.device, DTYPES[case.fields["dtype"]]
     backward = case.fields["direction"] == "fwd+bwd"
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
     forward = kernel_forward(case, device)
@@ -184,30 +180,27 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
 
 
 # ---- communication ----------------------------------------------------------------------------------------------
-def exchange_layout(exchange: str, shape, batch: int, sp: int):
-    """(the tensor one rank exchanges, scatter_dim, gather_dim), as Attention.forward calls K.all_to_all:
-    "qkv" (B*S, T/sp, 3, H, D) scatters heads and gathers frames, "out" (B*S, T, H/sp, D) goes back."""
-    s, D = shape, shape.C // shape.heads
-    if exchange == "qkv":
-        return (batch * s.S, s.T // sp, 3, s.heads, D), 3, 1
-    return (batch * s.S, s.T, s.heads // sp, D), 1, 2
-
-
-def swap_view(direction: str, tensor_shape, sp: int, scatter_dim: int, gather_dim: int):
-    """(A, B) of the swap (A, B, M) -> (B, A, M) that sora.kernels.comm._exchange makes for the pack or unpack."""
-    if direction == "pack":  # x viewed (P, W, M) -> send buffer (W, P, M)
-        return math.prod(tensor_shape[:scatter_dim]), sp
-    chunk = list(tensor_shape)
+def swap_view(case, batch: int):
+    """(the tensor one rank exchanges, (A, B) of the swap (A, B, M) -> (B, A, M) that sora.kernels.comm._exchange
+    makes for its pack or unpack), as Attention.forward calls K.all_to_all: "qkv" (B*S, T/sp, 3, H, D) scatters
+    heads and gathers frames, "out" (B*S, T, H/sp, D) goes back."""
+    s, sp, D = case.spec, case.fields["sp"], case.spec.C // case.spec.heads
+    if case.fields["exchange"] == "qkv":
+        shape, scatter_dim, gather_dim = (batch * s.S, s.T // sp, 3, s.heads, D), 3, 1
+    else:
+        shape, scatter_dim, gather_dim = (batch * s.S, s.T, s.heads // sp, D), 1, 2
+    if case.fields["direction"] == "pack":  # x viewed (P, W, M) -> send buffer (W, P, M)
+        return shape, (math.prod(shape[:scatter_dim]), sp)
+    chunk = list(shape)
     chunk[scatter_dim] //= sp
-    return sp, math.prod(chunk[:gather_dim])  # receive buffer (W, P', M') -> (P', W, M')
+    return shape, (sp, math.prod(chunk[:gather_dim]))  # receive buffer (W, P', M') -> (P', W, M')
 
 
 def measure_pack(case, batch, timer: Timer) -> dict:
     """The pack or unpack around all_to_all_single: sora (the Triton swap_leading, as _exchange calls it) or
     torch (its reference, view + transpose + contiguous); read and written once. `exact`: sora == torch bit for bit."""
-    device, dtype, sp = timer.device, DTYPES[case.fields["dtype"]], case.fields["sp"]
-    tensor_shape, scatter_dim, gather_dim = exchange_layout(case.fields["exchange"], case.spec, batch, sp)
-    A, B = swap_view(case.fields["direction"], tensor_shape, sp, scatter_dim, gather_dim)
+    device, dtype = timer.device, DTYPES[case.fields["dtype"]]
+    tensor_shape, (A, B) = swap_view(case, batch)
     numel = math.prod(tensor_shape)
     swap = swap_leading if case.provider == "sora" else swap_leading_reference
     run = Rotation(lambda: torch.randn(numel, device=device, dtype=dtype), lambda x: swap(x, A, B),
@@ -261,9 +254,8 @@ def captions(model, batch, device, dtype, generator):
 
 
 def measure_temporal_branch(case, batch, timer: Timer) -> dict:
-    """STDiT-XL/2's temporal branch fwd+bwd (C=1152, 16 heads; TINY's on a CPU), timed once: qkv Linear ->
-    attention over frames -> proj -> gated residual. sora: frame-major throughout (K.temporal_attention,
-    K.gated_residual); eager: rearrange + contiguous, attention, rearrange back, x + gate * y."""
+    """STDiT-XL/2's temporal branch fwd+bwd (C=1152, 16 heads; TINY's on a CPU), timed once, as its bench's title in
+    bench/cases.py says: sora frame-major throughout, eager with rearrange + contiguous and back."""
     from sora.models.layers import Attention
 
     device, (T, H, W) = timer.device, case.spec.latent
@@ -292,9 +284,7 @@ RESIDENT = {}
 
 def text_encoder(device):
     if "t5" not in RESIDENT:
-        T5Encoder = importable("sora.models.text_encoder", "T5Encoder")
-        from sora.models.text_encoder import TINY_T5_CONFIG
-
+        T5Encoder, TINY_T5_CONFIG = importable("sora.models.text_encoder", "T5Encoder", "TINY_T5_CONFIG")
         cuda = device.type == "cuda"
         with device:  # 4.76B parameters initialised on the GPU, not the host
             RESIDENT["t5"] = T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG, device=device,
@@ -310,9 +300,7 @@ def drop_text_encoder():
 
 def build_vae(device, dtype, micro_batch_size):
     """Stable Diffusion's VAE per frame (TINY_VAE_CONFIG on a CPU), seeded random weights."""
-    VideoAutoencoderKL = importable("sora.models.vae", "VideoAutoencoderKL")
-    from sora.models.vae import TINY_VAE_CONFIG
-
+    VideoAutoencoderKL, TINY_VAE_CONFIG = importable("sora.models.vae", "VideoAutoencoderKL", "TINY_VAE_CONFIG")
     with device:
         vae = VideoAutoencoderKL(config=SD_VAE_CONFIG if device.type == "cuda" else TINY_VAE_CONFIG,
                                  micro_batch_size=micro_batch_size)
@@ -329,10 +317,9 @@ def prompts(n: int) -> list[str]:
 
 
 def train_step_fn(case, batch, device):
-    """sora.train.train_step for a training case at batch, ready to call: the model, its EMA, AdamW (fused on
-    CUDA), IDDPM, and the batch (raw videos and prompts with encoders, else what sora.preprocess stores: the
-    posterior's mean and std, captions or class ids). Returns (step, model)."""
-    build_optimizer, train_step = (importable("sora.train", name) for name in ("build_optimizer", "train_step"))
+    """(sora.train.train_step for a training case at batch, ready to call; the model): model, EMA, AdamW, IDDPM and
+    the batch (raw videos and prompts with encoders, else what sora.preprocess stores: latents' mean and std, y)."""
+    build_optimizer, train_step = importable("sora.train", "build_optimizer", "train_step")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     model_type, video = case.spec
@@ -432,7 +419,7 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
 def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights, gradients
     and EMA, as after a step's backward: time, bytes per parameter, GB/s and its share of the copy bandwidth."""
-    build_optimizer, optimizer_step = (importable("sora.train", n) for n in ("build_optimizer", "optimizer_step"))
+    build_optimizer, optimizer_step = importable("sora.train", "build_optimizer", "optimizer_step")
     drop_text_encoder()
     device = timer.device
     model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()

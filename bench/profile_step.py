@@ -1,9 +1,8 @@
 """Where one STDiT-XL/2 training step spends its time, eager against sora: `python bench/profile_step.py`.
 
-Profiles one `sora.train.train_step` (the step of bench/cases.py's train_step_full rows, built by bench/measure.py:
-forward, backward, clipping, AdamW, EMA; random weights, a pre-encoded synthetic batch) with torch.profiler, after
-two warm-up steps, and prints per provider the kernels (operators on a CPU) that took the most self time, as a
-table for bench/NOTES.md. Without CUDA it profiles the tiny STDiT on the CPU, which only checks that the script runs.
+Profiles one step of the train_step_full rows (bench/measure.py's train_step_fn, pre-encoded batch) with
+torch.profiler after two warm-up steps, and prints per provider the kernels (CPU operators without CUDA, the tiny
+STDiT: a check that the script runs) with the most self time, as a table for bench/NOTES.md.
 
     python bench/profile_step.py [--video 16x256x256] [--batch-size 4] [--rows 25] [--out profile.md]
 """

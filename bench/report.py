@@ -95,8 +95,7 @@ def kernel_cell(row):
 
 def ratio(rows_by_provider, numerator, denominator):
     """How many times faster `numerator` ran than `denominator` (time ratio), or "-"."""
-    a, b = rows_by_provider.get(numerator), rows_by_provider.get(denominator)
-    return "-" if not a or not b or a.get("ms") is None or b.get("ms") is None else f"{b['ms'] / a['ms']:.2f}x"
+    return rate_ratio(rows_by_provider.get(denominator) or {}, rows_by_provider.get(numerator), "ms")
 
 
 def provider_table(group, keys, texts, extras):
