@@ -124,6 +124,15 @@ SAMPLE_PROMPTS, SAMPLING_STEPS, STEPS_PER_CALL, SAMPLE_VAE_MICRO_BATCH = 2, 100,
 CFG = dict(cfg_scale=7.0, cfg_channel=3)
 OPTIMIZER_BYTES_PER_PARAM = 52  # sora.train.optimizer_step's docstring: clipping 12, AdamW 28, EMA 12 (fp32)
 OPTIMIZER_TARGET = 0.7
+# One block of a one-block diffusers model (its defaults and config): Wan2.1-1.3B at 81x480x832 (21x30x52 tokens),
+# PixArt-sigma at 1024px (64x64 tokens; batch 8: past L2): (model, shape, latent (C, T, H, W), text, batch, config)
+BLOCKS = {True: [("Wan2.1-1.3B", "81x480x832", (16, 21, 60, 104), 512, 1,
+                  dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)),
+                 ("PixArt-sigma", "1024px", (4, 1, 128, 128), 300, 8, dict(sample_size=128))],
+          False: [("Wan2.1 (tiny)", "2x32x32", (16, 2, 4, 4), 5, 2,
+                   dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=64)),
+                  ("PixArt (tiny)", "64px", (4, 1, 8, 8), 5, 2,
+                   dict(num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32))]}
 
 
 # ---- minimum bytes (bench/NOTES.md has the formulas) ------------------------------------------------------------
@@ -235,6 +244,13 @@ BENCHES = {
                                       "images", columns=TRAIN[:2] + TRAIN[3:6] + ("samples_per_s:img/s:fmt",)
                              + TRAIN[7:] + THEIRS),
     "latte_train": Bench("train", "Latte-XL/2 (class-conditioned), training step", columns=TRAIN[:2] + TRAIN[3:]),
+    "diffusers_block": Bench(
+        "models", "One diffusers transformer block (Wan2.1's WanTransformerBlock, PixArt's BasicTransformerBlock)",
+        "A block of a one-block model (diffusers' defaults and the row's size, random weights, bf16); sora: the model "
+        "after `sora.kernels.patch`, eager and torch.compile: unpatched. GB/s: the bytes of the elementwise passes "
+        "sora fuses (2 layernorm_modulate + 2 gated_residual, their minimum bytes) over the whole block's time.",
+        columns=("model", "shape", "direction", "provider", "batch_size:batch", "ms::f2", "gbps:elementwise GB/s:fmt",
+                 "frac_copy_bw:share of copy:pct", SPEEDUP)),
     "optimizer_step": Bench(
         "optimizer", "Optimizer step",
         "`sora.train.optimizer_step`, what follows a training step's backward: gradient clipping (foreach), AdamW "
@@ -336,7 +352,10 @@ def model_cases(cuda: bool) -> list[Case]:
     cases.append(Case("optimizer_step", "sora", videos[0],
                       {"model": model_name("STDiT-XL/2", cuda), "shape": "parameters", "dtype": "fp32",
                        "optimizer": "AdamW fused" if cuda else "AdamW foreach"}, priority=2))
-    return cases
+    return cases + [Case("diffusers_block", provider, (model, latent, text, config), {"model": model, "shape": shape,
+                         "direction": direction, "dtype": "bf16" if cuda else "fp32"}, (batch,), 8)
+                    for model, shape, latent, text, batch, config in BLOCKS[cuda] for direction in ("fwd", "fwd+bwd")
+                    for provider in ("sora", "eager", "torch.compile")]
 
 
 def cases(cuda: bool) -> list[Case]:

@@ -177,8 +177,7 @@ def kernel_test_command(check: Check) -> list[str]:
 
 
 def kernel_tests(check: Check) -> None:
-    """The kernel tests in a subprocess, each outcome recorded as it is printed; stopped (killed) at the reserve.
-    A failed test, or pytest ending in error without one, is a failure of the run."""
+    """The kernel tests in a subprocess, each outcome recorded as printed, killed at the reserve; a failure fails."""
     reserve = min(ROWS_RESERVE_S, check.deadline / 2)
     check.tick(reserve, "time kept for the rows")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -214,8 +213,7 @@ def kernel_tests(check: Check) -> None:
 
 
 def measure_cases(check: Check, first: int, last: int) -> None:
-    """The cases of bench/cases.py with priority first..last, in order, through bench/measure.py's run_case; an
-    error is a failure named by its row, and the next case runs."""
+    """The cases with priority first..last through run_case; an error is a failure named by its row, then the next."""
     from bench.measure import drop_text_encoder, run_case
 
     timer = Timer(check.device, check.results.env["copy_bandwidth_gbps"])

@@ -54,8 +54,7 @@ def importable(module: str, *names: str):
 
 
 def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | None:
-    """How the model benches apply torch.compile for a +compile provider (None for the others): "blocks" (default:
-    each transformer block, PyTorch's regional compilation) or "model" (torch.compile(model)), SORA_BENCH_COMPILE."""
+    """How a +compile provider applies torch.compile (else None), SORA_BENCH_COMPILE: "blocks" (default) or "model"."""
     mode = mode or os.environ.get("SORA_BENCH_COMPILE", "blocks")
     if mode not in ("blocks", "model"):
         raise ValueError(f"SORA_BENCH_COMPILE must be 'blocks' or 'model', got {mode!r}")
@@ -401,8 +400,7 @@ def measure_vae_decode(case, frames, timer: Timer) -> dict:
 
 
 def measure_sample_e2e(case, batch, timer: Timer) -> dict:
-    """One video from a prompt, as sora/sample.py makes it (sample_videos, one batch): T5 encode, IDDPM steps with
-    CFG, VAE decode, the video copied to the host; s per video."""
+    """One video from a prompt by sora.sample.sample_videos (T5, IDDPM steps with CFG, VAE, to host): s per video."""
     sample_videos = importable("sora.sample", "sample_videos")
     device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
     encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
@@ -417,8 +415,7 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
 
 
 def measure_optimizer_step(case, batch, timer: Timer) -> dict:
-    """Clipping + AdamW + EMA over STDiT-XL/2's parameters (tiny STDiT on a CPU), fp32 master weights, gradients
-    and EMA, as after a step's backward: time, bytes per parameter, GB/s and its share of the copy bandwidth."""
+    """sora.train.optimizer_step over STDiT-XL/2's fp32 parameters, gradients and EMA: ms, GB/s, share of copy."""
     build_optimizer, optimizer_step = importable("sora.train", "build_optimizer", "optimizer_step")
     drop_text_encoder()
     device = timer.device
@@ -434,6 +431,34 @@ def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     return dict(timing, **numbers, params=params, bytes_per_param=OPTIMIZER_BYTES_PER_PARAM)
 
 
+def measure_diffusers_block(case, batch, timer: Timer) -> dict:
+    """One diffusers block (cases.BLOCKS) in one direction, timed once: ms, and the bytes of its elementwise passes
+    (2 layernorm_modulate + 2 gated_residual) over that time, as GB/s and a share of the copy bandwidth."""
+    model_name, latent, text_tokens, config = case.spec
+    device, dtype, wan = timer.device, DTYPES[case.fields["dtype"]], model_name.startswith("Wan")
+    diffusers_model = importable("diffusers", "WanTransformer3DModel" if wan else "PixArtTransformer2DModel")
+    with device:
+        model = diffusers_model(num_layers=1, **config).to(dtype)
+    randomize(model)
+    if case.provider == "sora" and K.patch(model) != 2:  # the block and the model's final norm + modulation
+        raise RuntimeError(f"sora.kernels.patch left {model_name}'s block unpatched")
+    block, direction = model.blocks[0] if wan else model.transformer_blocks[0], case.fields["direction"]
+    C, N = model.config.num_attention_heads * model.config.attention_head_dim, math.prod(latent[1:]) // 4  # 2x2 patch
+    randn = lambda *shape: torch.randn(shape, device=device, dtype=dtype)  # noqa: E731
+    x, text = randn(batch, N, C).requires_grad_(direction == "fwd+bwd"), randn(batch, text_tokens, C)
+    extra = (dict(temb=randn(batch, 6, C), rotary_emb=model.rope(randn(batch, *latent))) if wan
+             else dict(timestep=randn(batch, 6 * C)))  # Wan: 6 modulation rows and RoPE; PixArt: adaLN-single's 6C
+    forward = torch.compile(block, dynamic=False) if case.provider == "torch.compile" else block
+    step = lambda: forward(hidden_states=x, encoder_hidden_states=text, **extra)  # noqa: E731
+    if direction == "fwd+bwd":
+        wrt, dout = [x, *block.parameters()], randn(batch, N, C)
+        ms = timer.kernel(lambda: torch.autograd.grad(step(), wrt, dout))
+    else:
+        ms = timer.kernel(torch.no_grad()(step))
+    ops = ("layernorm_modulate", "gated_residual")
+    return bandwidth(2 * sum(kernel_bytes(op, direction, batch, N, C, dtype.itemsize) for op in ops), ms, timer)
+
+
 MEASURES = {
     **{bench: measure_kernel for bench in KERNEL_OPS},
     "all_to_all_pack": measure_pack,
@@ -442,6 +467,7 @@ MEASURES = {
     **{bench: measure_train for bench in ("train_step_full", "dit_image_train", "latte_train")},
     "sampling_step": measure_sampling_step, "t5_encode": measure_t5, "vae_decode": measure_vae_decode,
     "sample_e2e": measure_sample_e2e, "optimizer_step": measure_optimizer_step,
+    "diffusers_block": measure_diffusers_block,
 }
 
 

@@ -190,8 +190,7 @@ def theirs(row):
 
 
 def speedup(row, measured):
-    """Samples/s (else time) against the provider's base (eager; eager+compile for sora+compile) at the same
-    setting, "-" where either did not run."""
+    """Samples/s (else time) against the provider's base (SPEEDUP_BASE) at the same SETTING, else "-"."""
     base = measured.get(tuple(row.get(f) for f in SETTING) + (SPEEDUP_BASE.get(row["provider"]),))
     if base is None or row.get("ms") is None:
         return "-"
@@ -200,7 +199,7 @@ def speedup(row, measured):
     return f"{times:.2f}x vs {base['provider']}"
 
 
-SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size")  # what a speedup compares at
+SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size", "direction")  # what a speedup compares at
 FORMATS = {"int": str, "f1": "{:.1f}".format, "f2": "{:.2f}".format, "fmt": fmt, "M": scaled,
            "G": lambda value: scaled(value, 1e9), "pct": "{:.0%}".format}  # form -> cell(value)
 FORMS = {  # form -> cell(row, value, measured)
@@ -266,8 +265,7 @@ def bench_tables(suite, rows):
 
 # ---- bench/gpu_check.py: its sections and the kernel tests ---------------------------------------------------
 def gpu_check_tables(check):
-    """What the GPU check did: each section's outcome, the kernel tests per test function (passed, failed,
-    skipped), and every failure by name."""
+    """What the GPU check did: each section's outcome, the kernel tests per test function, every failure."""
     sections = [[name, outcome["status"], fmt(outcome.get("seconds"))] for name, outcome in check["sections"].items()]
     lines = ["## GPU check (`bench/gpu_check.py`)", "", f"Deadline {fmt(check.get('deadline_s'))} s, took "
              f"{fmt(check.get('elapsed_s'))} s; exit code {check.get('exit_code')}.", "",
@@ -286,8 +284,7 @@ def gpu_check_tables(check):
 
 
 def render_markdown(summary) -> str:
-    """README.md's text: the run header, then the kernel, model, communication, pipeline, training and optimizer tables
-    (a document others can quote)."""
+    """README.md's text: the run header, then the tables of each suite (a document others can quote)."""
     rows = [row for row in summary.get("rows", []) if row.get("bench") in BENCHES]
     lines = header(summary) + [""] + (gpu_check_tables(summary["gpu_check"]) if summary.get("gpu_check") else [])
     if len(rows) < len(summary.get("rows", [])):

@@ -150,7 +150,7 @@ def test_the_gpu_plan_puts_the_targets_first():
     """Priority 1-3 (required): the kernel rows at STDiT-XL/2 16x256 in bf16 (temporal_attention's too) for sora
     and torch, the 16x256 training step, temporal branch and sampling step for sora and eager, the optimizer
     step, torch.compile's 16x256 kernel rows; then, while time remains, 16x512 and 64x512, the step with T5 + VAE
-    and end-to-end sampling (sora, 100 IDDPM steps, fp16), the 16x512 step."""
+    and end-to-end sampling (sora, 100 IDDPM steps, fp16), the 16x512 step, the diffusers blocks."""
     required = [(case.bench, case.fields.get("video") or case.fields.get("shape"), case.provider)
                 for case in by_priority(True, 1, 3)]
     for provider in ("sora", "torch", "torch.compile"):
@@ -164,7 +164,9 @@ def test_the_gpu_plan_puts_the_targets_first():
     later = by_priority(True, 4, 99)
     attention = [case.fields["video"] for case in later if case.bench == "temporal_attention"]
     assert set(attention) == {"16x512", "64x512"}
-    pipeline = [case.row(case.batches[0]) for case in later if case.suite != "kernels"]
+    blocks = [case for case in later if case.bench == "diffusers_block"]  # Wan2.1 and PixArt-sigma, after the rest
+    assert len(blocks) == 12 and later[-12:] == blocks
+    pipeline = [case.row(case.batches[0]) for case in later[:-12] if case.suite != "kernels"]
     planned = [(r["bench"], r["model"], r["shape"], r.get("encoders"), r["provider"], r["batch_size"])
                for r in pipeline]
     assert planned == [("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
