@@ -2,11 +2,12 @@
 
     python scripts/score_tiny.py outputs/000-STDiT/epoch124-global_step2000 [--seeds 1 2 3]
     python scripts/score_tiny.py none     # the untrained model, for comparison
+    python scripts/score_tiny.py outputs/NNN-STDiT2/CHECKPOINT --config configs/tiny/stdit2/sample.py
 
-Samples "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py for each seed, then for each
-video finds the lit pixels of every frame: the colour is the brightest channel of their mean, the motion the
-slope of their mean x position over the frames (px/frame). It prints a line per video and the counts. Made for
-the synthetic data of README.md's tiny run (--colors red,green,blue --shapes square).
+Samples "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py (or --config) for each seed,
+then for each video finds the lit pixels of every frame: the colour is the brightest channel of their mean, the
+motion the slope of their mean x position over the frames (px/frame). It prints a line per video and the counts.
+Made for the synthetic data of README.md's tiny runs (--colors red,green,blue --shapes square).
 """
 
 import argparse
@@ -38,14 +39,14 @@ def track(path, threshold=80):
     return np.mean(colours, 0), np.polyfit(t, x, 1)[0]
 
 
-def score(checkpoint, seeds):
+def score(checkpoint, seeds, config="configs/tiny/sample.py"):
     prompts = [(c, d) for c in COLORS for d in DIRECTIONS]
     counts = {"samples": 0, "colour": 0, "moving": 0, "direction": 0}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
             flags = [arg for c, d in prompts for arg in ("--prompt", f"a {c} square moving {d}")]
             weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
-            main(run, "sample", ["configs/tiny/sample.py", *weights, "--save-dir", out, "--seed", str(seed), *flags])
+            main(run, "sample", [config, *weights, "--save-dir", out, "--seed", str(seed), *flags])
             for i, (colour, direction) in enumerate(prompts):
                 rgb, slope = track(os.path.join(out, f"sample_{i:04d}.mp4"))
                 counts["samples"] += 1
@@ -66,5 +67,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--config", default="configs/tiny/sample.py", help="the sample config the checkpoint fits")
     args = parser.parse_args()
-    score(args.checkpoint, args.seeds)
+    score(args.checkpoint, args.seeds, args.config)
