@@ -2,13 +2,14 @@
 
     python scripts/score_tiny.py outputs/000-STDiT/epoch124-global_step2000 [--seeds 1 2 3 4 5 6]
     python scripts/score_tiny.py none     # the untrained model, for comparison
+    python scripts/score_tiny.py outputs/NNN-STDiT2/CHECKPOINT --config configs/tiny/stdit2/sample.py
 
-Samples the six prompts "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py once per
-seed, then for each video finds the lit pixels of every frame: the colour is the brightest channel of their
+Samples the six prompts "a {red,green,blue} square moving {left,right}" with configs/tiny/sample.py (or --config)
+once per seed, then for each video finds the lit pixels of every frame: the colour is the brightest channel of their
 mean, the motion the slope of their mean x position over the frames (px/frame). It prints a line per video and
 the counts, nothing else. Every (seed, prompt) is its own draw: sora.sample seeds prompt i's noise with seed + i,
 so seed s is sampled with --seed 6s, and prompt i of seed s gets the noise seed 6s + i, which no other pair
-shares. Made for the synthetic data of README.md's tiny run (--colors red,green,blue --shapes square).
+shares. Made for the synthetic data of README.md's tiny runs (--colors red,green,blue --shapes square).
 """
 
 import argparse
@@ -56,13 +57,13 @@ def sample_quietly(argv):
         raise
 
 
-def score(checkpoint, seeds):
+def score(checkpoint, seeds, config="configs/tiny/sample.py"):
     counts = {"samples": 0, "colour": 0, "moving": 0, "direction": 0}
     flags = [arg for c, d in PROMPTS for arg in ("--prompt", f"a {c} square moving {d}")]
     weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
-            sample_quietly(["configs/tiny/sample.py", *weights, "--save-dir", out, "--seed", str(len(PROMPTS) * seed),
+            sample_quietly([config, *weights, "--save-dir", out, "--seed", str(len(PROMPTS) * seed),
                             "--batch-size", str(len(PROMPTS)), *flags])
             for i, (colour, direction) in enumerate(PROMPTS):
                 rgb, slope = track(os.path.join(out, f"sample_{i:04d}.mp4"))
@@ -91,7 +92,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a training checkpoint folder (epoch...-global_step...), or none")
     parser.add_argument("--seeds", type=non_negative, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--config", default="configs/tiny/sample.py", help="the sample config the checkpoint fits")
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {args.seeds} repeats a seed; a repeated seed repeats its draws")
-    score(args.checkpoint, args.seeds)
+    score(args.checkpoint, args.seeds, args.config)

@@ -2,12 +2,15 @@
 
     python -m sora.data.synthetic OUT_DIR --num-videos 32 [--frames 16] [--size 64] [--fps 8] [--seed 0]
         [--colors red,green,blue] [--shapes square,circle] [--motions "moving left,moving right"] [--shape-size 0.2]
+        [--append]
 
 writes `OUT_DIR/clip_0000.mp4 ...` (h264, size x size) and `OUT_DIR/data.csv` with columns
 `path,text,num_frames,height,width,aspect_ratio,fps` (paths relative to OUT_DIR). Captions say exactly
 what is drawn: "a red square moving left", "a blue circle growing", "a yellow triangle staying still".
 Moving shapes travel from one edge to the other over the clip; growing/shrinking ones change size
 threefold. Everything is drawn from `numpy.random.default_rng(seed)`, so a seed gives the same files.
+`--append` adds the clips to OUT_DIR's data.csv (numbered after its rows) instead of replacing it: run it with
+other sizes and frame counts (`--frames 1`: images) for a set that fills several buckets.
 """
 
 import argparse
@@ -75,10 +78,11 @@ def render_clip(shape, color, motion, num_frames, size, rng, shape_size=None):
 
 
 def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8, seed=0,
-                           colors=tuple(COLORS), shapes=SHAPES, motions=MOTIONS, shape_size=None):
+                           colors=tuple(COLORS), shapes=SHAPES, motions=MOTIONS, shape_size=None, append=False):
     """Write the clips and `out_dir/data.csv`; returns the CSV path. `colors`, `shapes` and `motions` choose
     the vocabulary clips are drawn from, `shape_size` fixes the shapes' half-width as a fraction of the frame
-    (a smaller vocabulary and bigger shapes are learned faster)."""
+    (a smaller vocabulary and bigger shapes are learned faster). `append`: keep the rows of an existing
+    data.csv and number the new clips after them."""
     if shape_size is not None and not 0 < shape_size < 0.5:
         raise ValueError(f"shape_size {shape_size} must be a fraction of the frame in (0, 0.5)")
     for name, chosen, known in (("colors", colors, COLORS), ("shapes", shapes, SHAPES), ("motions", motions, MOTIONS)):
@@ -86,15 +90,18 @@ def make_synthetic_dataset(out_dir, num_videos=32, num_frames=16, size=64, fps=8
         if unknown or not chosen:
             raise ValueError(f"{name} {list(chosen)}: each must be one of {', '.join(known)}")
     os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    csv_path = os.path.join(out_dir, "data.csv")
     rows = []
-    for i in range(num_videos):
+    if append and os.path.exists(csv_path):
+        with open(csv_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))[1:]
+    rng = np.random.default_rng(seed)
+    for i in range(len(rows), len(rows) + num_videos):
         shape, color, motion = rng.choice(shapes), rng.choice(colors), rng.choice(motions)
         name = f"clip_{i:04d}.mp4"
         frames = render_clip(shape, color, motion, num_frames, size, rng, shape_size)
         write_video(os.path.join(out_dir, name), torch.from_numpy(frames), fps=fps)
         rows.append((name, f"a {color} {shape} {motion}", num_frames, size, size, 1.0, fps))
-    csv_path = os.path.join(out_dir, "data.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(CSV_COLUMNS)
@@ -135,13 +142,14 @@ def main(argv=None):
     parser.add_argument("--shapes", type=_names(SHAPES), default=SHAPES, help="comma-separated; default: all")
     parser.add_argument("--motions", type=_names(MOTIONS), default=MOTIONS, help="comma-separated; default: all")
     parser.add_argument("--shape-size", type=float, help="half-width as a fraction of the frame, in (0, 0.5)")
+    parser.add_argument("--append", action="store_true", help="add to OUT_DIR/data.csv instead of replacing it")
     args = parser.parse_args(argv)
     if args.shape_size is not None and not 0 < args.shape_size < 0.5:
         parser.error(f"--shape-size {args.shape_size} must be in (0, 0.5)")
     csv_path = make_synthetic_dataset(args.out_dir, args.num_videos, args.frames, args.size, args.fps, args.seed,
-                                      args.colors, args.shapes, args.motions, args.shape_size)
+                                      args.colors, args.shapes, args.motions, args.shape_size, args.append)
     print(f"wrote {args.num_videos} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) "
-          f"to {args.out_dir} and their captions to {csv_path}")
+          f"to {args.out_dir} and their captions to {csv_path}{' (appended)' if args.append else ''}")
 
 
 if __name__ == "__main__":
