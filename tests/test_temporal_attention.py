@@ -40,7 +40,9 @@ CASES = [
 
 # With the prologue, q and k are rounded to the dtype after RoPE and RMSNorm (as Open-Sora's eager code does) and
 # the normalized scores reach |s| ~ sqrt(D): bf16's rounding of q and k moves the softmax by up to ~3%.
-PROLOGUE_TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 5e-2}
+# bf16: the norm weights' gradients sum bf16 products over every frame and position; at T=64 one draw in 15 reached
+# 0.055 of the reference's largest value (the forward and d(qkv) stay near 2-3e-2).
+PROLOGUE_TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 8e-2}
 
 # (B, T, S, H, D, dtype, rope_first, frame_offset, parts): T in {1, 3, 16, 64}, D in {8, 40, 72}, every dtype,
 # both orders, RoPE and the norm alone and together.

@@ -42,7 +42,6 @@ the kernel: no atomics, so they are the same from run to run.
 
 import torch
 
-from sora.kernels import _common
 from sora.kernels._common import check_tokens, compute_dtype, new_buffer, use_triton
 from sora.kernels._triton import tl, triton
 from sora.kernels.qknorm import rms_norm_reference
@@ -279,9 +278,9 @@ def _launch(qkv, dout, T, num_heads, scale, q_weight, k_weight, rope_freqs, rope
     grid = (B * triton.cdiv(S, block_s), num_heads)
     # fp32 inputs keep fp32 products (TF32 would miss the fp32 tolerance); bf16/fp16 run on tensor cores.
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-    # The interpreter: see _dot. Asked of _common.on_gpu, not of the device: bench/kernel_report.py compiles
-    # CPU tensors' launches for sm_90 and must see the GPU's bf16 tensor-core dots, not the interpreter's upcast.
-    upcast = qkv.dtype == torch.bfloat16 and not _common.on_gpu(qkv)
+    # The interpreter: see _dot. Asked of Tensor.is_cuda, which bench/kernel_report.py patches: it compiles CPU
+    # tensors' launches for sm_90 and must see the GPU's bf16 tensor-core dots, not the interpreter's upcast.
+    upcast = qkv.dtype == torch.bfloat16 and not qkv.is_cuda
     norm = q_weight is not None
     sizes = dict(HEAD_DIM=D, PRECISION=precision, UPCAST=upcast, ROPE=rope_freqs is not None, NORM=norm,
                  ROPE_FIRST=rope_first, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
