@@ -366,11 +366,24 @@ def all_to_all_case(world, heads=16, head_dim=72, dtype=torch.bfloat16):
     return run
 
 
-def temporal_attention_case(frames, positions, dtype, heads=16, head_dim=72):
-    """STDiT-XL/2's temporal attention: qkv (1, T*S, 3*C) as its qkv Linear writes it, C = 16 heads of 72."""
+def temporal_attention_case(frames, positions, dtype, heads=16, head_dim=72, prologue=False):
+    """STDiT-XL/2's temporal attention: qkv (1, T*S, 3*C) as its qkv Linear writes it, C = 16 heads of 72.
+    prologue: STDiT2's, RoPE then the q/k RMSNorm (the v1.1 checkpoints' order)."""
     def run():
         qkv = torch.randn(1, frames * positions, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
-        K.temporal_attention(qkv, frames, heads).sum().backward()
+        norms = [torch.ones(head_dim, dtype=dtype, requires_grad=True) for _ in range(2)] if prologue else [None] * 2
+        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim) if prologue else None
+        K.temporal_attention(qkv, frames, heads, None, *norms, freqs).sum().backward()
+    return run
+
+
+def qk_norm_case(heads, head_dim, dtype, batch=B):
+    """STDiT2's spatial attention: q and k of the qkv Linear's (B, N, 3C) output RMS-normalized per head."""
+    def run():
+        qkv = torch.randn(batch, T * S, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
+        weights = [torch.ones(head_dim, dtype=dtype, requires_grad=True) for _ in range(2)]
+        q, k, v = K.qk_norm(qkv, heads, *weights)
+        (q.sum() + k.sum() + v.sum()).backward()
     return run
 
 
@@ -401,6 +414,12 @@ def _cases():
                                      (16, S, torch.float32)):
         cases.append((f"temporal_attention T={frames} D=72 {DTYPE_NAMES[dtype]}",
                       temporal_attention_case(frames, positions, dtype)))
+    # STDiT2: the same with RoPE and qk-norm in the prologue, and the spatial attention's qk-norm.
+    for frames, positions, dtype in ((16, S, torch.bfloat16), (64, 64, torch.bfloat16), (16, S, torch.float32)):
+        cases.append((f"temporal_attention+rope+qk_norm T={frames} D=72 {DTYPE_NAMES[dtype]}",
+                      temporal_attention_case(frames, positions, dtype, prologue=True)))
+    for dtype in (torch.bfloat16, torch.float32):
+        cases.append((f"qk_norm C=1152 D=72 {DTYPE_NAMES[dtype]}", qk_norm_case(16, 72, dtype)))
     return cases
 
 

@@ -7,6 +7,7 @@ is a torch.library custom op, so it stays inside one graph under torch.compile(f
 """
 
 from sora.kernels.attention import temporal_attention
+from sora.kernels.qknorm import qk_norm
 from sora.kernels.comm import all_to_all
 from sora.kernels.residual import gated_residual
 from sora.kernels.norm import layernorm_modulate
@@ -14,5 +15,5 @@ from sora.kernels.layout import from_temporal, to_temporal
 from sora.kernels.modules import LayerNorm
 from sora.kernels.diffusers_patch import patch
 
-__all__ = ["layernorm_modulate", "gated_residual", "to_temporal", "from_temporal", "temporal_attention", "all_to_all",
-           "LayerNorm", "patch"]
+__all__ = ["layernorm_modulate", "gated_residual", "to_temporal", "from_temporal", "temporal_attention", "qk_norm",
+           "all_to_all", "LayerNorm", "patch"]
