@@ -185,8 +185,11 @@ def test_kernels_run_the_fused_ops(monkeypatch, x_mask):
 
 
 def test_compiled_model_with_kernels_is_one_graph():
-    """The fused STDiT2 under torch.compile(fullgraph=True) (no host sync: the position-embedding scale stays a
-    tensor): the same output and gradients as eager. aot_eager, since inductor takes minutes on this CPU."""
+    """The fused STDiT2 under torch.compile(fullgraph=True) is one graph without a host sync (no .item(): the
+    position-embedding scale stays a tensor), with the same output and gradients as eager. aot_eager, since
+    inductor takes minutes on this CPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     model = randomized(tiny(enable_layernorm_kernel=True, depth=1), std=0.05)
     args = inputs(T=2, H=3, W=4, x_mask=True)
@@ -194,8 +197,12 @@ def test_compiled_model_with_kernels_is_one_graph():
     eager.square().mean().backward()
     expected = grads(model)
     model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(*args)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)(*args)
     compiled.square().mean().backward()
+    assert counter.frame_count == 1
+    syncs = [node for graph in counter.graphs for node in graph.graph.nodes if node.target in ("item", "tolist")]
+    assert not syncs, syncs
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-7, msg=name)
