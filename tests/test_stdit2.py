@@ -257,8 +257,10 @@ def test_sequence_parallel_equals_one_process(tmp_path, kernels):
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_grad_checkpoint_gives_the_same_gradients():
-    assert_checkpointing_keeps_gradients(randomized(tiny(), std=0.05), tiny(grad_checkpoint=True),
+@pytest.mark.parametrize("kernels", [False, True])
+def test_grad_checkpoint_gives_the_same_gradients(kernels):
+    assert_checkpointing_keeps_gradients(randomized(tiny(enable_layernorm_kernel=kernels), std=0.05),
+                                         tiny(grad_checkpoint=True, enable_layernorm_kernel=kernels),
                                          inputs(T=2, H=3, W=4, x_mask=True))
 
 
