@@ -161,7 +161,7 @@ def test_kernels_run_the_fused_ops(monkeypatch, x_mask):
     the (B, N, C) residual stream with one modulation row per sample, or per frame (frames=T) under x_mask;
     spatial attention's q/k RMSNorm is K.qk_norm on the qkv Linear's output; temporal attention is one
     K.temporal_attention on the frame-major qkv with the block's norm weights and rope.freqs. The final layer
-    modulates twice per sample. The Triton kernels (interpreted) run, not the eager references."""
+    modulates per sample (twice under x_mask). The Triton kernels (interpreted) run, not the eager references."""
     seen = spy_ops(monkeypatch, "layernorm_modulate", "gated_residual", "qk_norm", "temporal_attention")
     forward_kernels = [(norm_module, "_layernorm_modulate_fwd_kernel"), (residual_module, "_gated_residual_fwd_kernel"),
                        (qknorm_module, "_qk_norm_fwd_kernel"), (attention_module, "_temporal_attention_fwd_kernel")]
