@@ -61,3 +61,19 @@ def spy_temporal_attention(monkeypatch):
 
     monkeypatch.setattr(K, "temporal_attention", spy)
     return seen
+
+
+def spy_ops(monkeypatch, *names):
+    """Record (name, args, kwargs) of every call of the sora.kernels ops `names`, which still compute as before."""
+    import sora.kernels as K
+
+    seen = []
+    for name in names:
+        op = getattr(K, name)
+
+        def spy(*args, op=op, name=name, **kwargs):
+            seen.append((name, args, kwargs))
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(K, name, spy)
+    return seen

@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, grads, rel
+from kernel_checks import record_launches
+from model_checks import assert_checkpointing_keeps_gradients, assert_same_function, grads, rel, spy_ops
+from sora.kernels import attention as attention_module
+from sora.kernels import norm as norm_module
+from sora.kernels import qknorm as qknorm_module
+from sora.kernels import residual as residual_module
 from sora.models import build_model
 from stdit2_reference import stdit2_forward
 
@@ -128,12 +133,15 @@ def test_gradients_equal_open_sora_v11_in_float64():
         assert rel(g, weights[name].grad) < 1e-7, name
 
 
-@pytest.mark.parametrize("x_mask", [False, True])
-def test_kernels_on_equals_off(x_mask):
+@pytest.mark.parametrize("x_mask, order", [(False, dict()), (True, dict()), (True, dict(qk_norm_legacy=False)),
+                                           (False, dict(qk_norm=False))])
+def test_kernels_on_equals_off(x_mask, order):
     """enable_layernorm_kernel=True (sora.kernels under the Triton interpreter: LayerNorm + modulation and gated
-    residuals, per frame with x_mask) against the plain path, fp32, forward and every gradient."""
-    assert_same_function(randomized(tiny(), std=0.05), tiny(enable_layernorm_kernel=True),
-                         inputs(T=2, H=3, W=4, x_mask=x_mask))
+    residuals, per frame with x_mask; temporal attention with RoPE and qk-norm in its prologue; spatial qk-norm)
+    against the plain path, fp32, forward and every gradient, in both qk-norm orders and without qk-norm."""
+    depth = dict(depth=1) if order else {}
+    assert_same_function(randomized(tiny(**order, **depth), std=0.05),
+                         tiny(enable_layernorm_kernel=True, **order, **depth), inputs(T=2, H=3, W=4, x_mask=x_mask))
 
 
 def test_fused_path_is_the_same_function_in_float64():
@@ -147,24 +155,57 @@ def test_fused_path_is_the_same_function_in_float64():
         torch.testing.assert_close(fused(*args), plain(*args), rtol=1e-12, atol=1e-12)
 
 
-def test_kernels_run_per_frame_under_x_mask(monkeypatch):
+@pytest.mark.parametrize("x_mask", [False, True])
+def test_kernels_run_the_fused_ops(monkeypatch, x_mask):
     """With the kernels on, each block's three modulations and three gated residuals are sora.kernels calls on
-    the residual stream viewed per frame (B*T groups of S tokens); the final layer's two modulations too."""
-    import sora.kernels as K
+    the (B, N, C) residual stream with one modulation row per sample, or per frame (frames=T) under x_mask;
+    spatial attention's q/k RMSNorm is K.qk_norm on the qkv Linear's output; temporal attention is one
+    K.temporal_attention on the frame-major qkv with the block's norm weights and rope.freqs. The final layer
+    modulates per sample (twice under x_mask). The Triton kernels (interpreted) run, not the eager references."""
+    seen = spy_ops(monkeypatch, "layernorm_modulate", "gated_residual", "qk_norm", "temporal_attention")
+    forward_kernels = [(norm_module, "_layernorm_modulate_fwd_kernel"), (residual_module, "_gated_residual_fwd_kernel"),
+                       (qknorm_module, "_qk_norm_fwd_kernel"), (attention_module, "_temporal_attention_fwd_kernel")]
+    launched = record_launches(monkeypatch, forward_kernels)
+    model = tiny(enable_layernorm_kernel=True)
+    model(*inputs(T=2, H=3, W=4, x_mask=x_mask))
+    F = 2 if x_mask else 1
+    tokens, per_frame_qkv, qkv = (2, 2 * 4, 48), (2 * 2, 4, 3 * 48), (2, 2 * 4, 3 * 48)  # 3x4 latent: 2x2 patches
+    block = [("layernorm_modulate", tokens, F), ("qk_norm", per_frame_qkv, None), ("gated_residual", tokens, F),
+             ("layernorm_modulate", tokens, F), ("temporal_attention", qkv, None), ("gated_residual", tokens, F),
+             ("layernorm_modulate", tokens, F), ("gated_residual", tokens, F)]
+    final = [("layernorm_modulate", tokens, None)] * (2 if x_mask else 1)
+    assert [(name, tuple(args[0].shape), kwargs.get("frames")) for name, args, kwargs in seen] == block * 2 + final
+    spatial = [args for name, args, _ in seen if name == "qk_norm"]
+    temporal = [(args, kwargs) for name, args, kwargs in seen if name == "temporal_attention"]
+    for b, args, (targs, tkwargs) in zip(model.blocks, spatial, temporal):
+        assert args[1:4] == (4, b.attn.q_norm.weight, b.attn.k_norm.weight)
+        assert targs[1:] == (2, 4) and tkwargs["rope_freqs"] is model.rope.freqs and tkwargs["rope_first"] is True
+        assert tkwargs["q_norm"] is b.attn_temp.q_norm.weight and tkwargs["k_norm"] is b.attn_temp.k_norm.weight
+    assert set(launched) == {name for _, name in forward_kernels}
 
-    seen = []
-    for name in ("layernorm_modulate", "gated_residual"):
-        kernel = getattr(K, name)
 
-        def spy(x, *args, kernel=kernel, name=name, **kwargs):
-            seen.append((name, tuple(x.shape)))
-            return kernel(x, *args, **kwargs)
+def test_compiled_model_with_kernels_is_one_graph():
+    """The fused STDiT2 under torch.compile(fullgraph=True) is one graph without a host sync (no .item(): the
+    position-embedding scale stays a tensor), with the same output and gradients as eager. aot_eager: inductor
+    compiles the same graph, but its first forward and backward of this one-block model take about 45 s on CPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
-        monkeypatch.setattr(K, name, spy)
-    tiny(enable_layernorm_kernel=True)(*inputs(T=2, H=3, W=4, x_mask=True))
-    per_frame = (2 * 2, 2 * 2, 48)  # (B*T, S, C): a 3x4 latent is 2x2 patches
-    block = [("layernorm_modulate", per_frame), ("gated_residual", per_frame)] * 3
-    assert seen == block * 2 + [("layernorm_modulate", (2, 2 * 4, 48))] * 2
+    torch._dynamo.reset()
+    model = randomized(tiny(enable_layernorm_kernel=True, depth=1), std=0.05)
+    args = inputs(T=2, H=3, W=4, x_mask=True)
+    eager = model(*args)
+    eager.square().mean().backward()
+    expected = grads(model)
+    model.zero_grad()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)(*args)
+    compiled.square().mean().backward()
+    assert counter.frame_count == 1
+    syncs = [node for graph in counter.graphs for node in graph.graph.nodes if node.target in ("item", "tolist")]
+    assert not syncs, syncs
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_all_true_x_mask_is_no_mask():
@@ -179,14 +220,14 @@ def test_all_true_x_mask_is_no_mask():
         assert rel(model(*inputs(dtype=torch.float64, x_mask=True)), none) > 1e-3
 
 
-def sequence_parallel_worker(rank, world, out):
+def sequence_parallel_worker(rank, world, out, kernels):
     import torch.distributed as dist
 
     from sora.parallel import init_sequence_parallel
 
     group = init_sequence_parallel(world)
     torch.manual_seed(0)
-    model = randomized(tiny(enable_sequence_parallelism=True), std=0.05)
+    model = randomized(tiny(enable_sequence_parallelism=True, enable_layernorm_kernel=kernels), std=0.05)
     output = model(*inputs(T=4, H=3, W=5, x_mask=True), sp_group=group)
     output.square().mean().backward()
     result = {}
@@ -196,12 +237,14 @@ def sequence_parallel_worker(rank, world, out):
     torch.save({"output": output.detach(), "grads": result}, f"{out}/rank{rank}.pt")
 
 
-def test_sequence_parallel_equals_one_process(tmp_path):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_sequence_parallel_equals_one_process(tmp_path, kernels):
     """Frames split over 2 gloo ranks (each holding 2 of 4 frames, one of them a condition frame): temporal
-    attention exchanges heads for frames, so RoPE and the x_mask rows follow the global frame index."""
+    attention exchanges heads for frames, so RoPE and the x_mask rows follow the global frame index. With the
+    kernels on too (K.temporal_attention's RoPE on each rank's heads of all frames), against one plain process."""
     from spawn import run
 
-    run(sequence_parallel_worker, 2, tmp_path)
+    run(sequence_parallel_worker, 2, tmp_path, kernels)
     torch.manual_seed(0)
     model = randomized(tiny(), std=0.05)
     output = model(*inputs(T=4, H=3, W=5, x_mask=True))
@@ -214,8 +257,10 @@ def test_sequence_parallel_equals_one_process(tmp_path):
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_grad_checkpoint_gives_the_same_gradients():
-    assert_checkpointing_keeps_gradients(randomized(tiny(), std=0.05), tiny(grad_checkpoint=True),
+@pytest.mark.parametrize("kernels", [False, True])
+def test_grad_checkpoint_gives_the_same_gradients(kernels):
+    assert_checkpointing_keeps_gradients(randomized(tiny(enable_layernorm_kernel=kernels), std=0.05),
+                                         tiny(grad_checkpoint=True, enable_layernorm_kernel=kernels),
                                          inputs(T=2, H=3, W=4, x_mask=True))
 
 

@@ -17,9 +17,15 @@ What it adds to STDiT (sora.models.stdit), as Open-Sora v1.1.0 (their d599fd7 st
   embedding plus the size embedding, and the condition frames' LayerNorm and modulation apply to the
   already-modulated tokens (their issue #719).
 Selecting a frame's modulation rows before modulating gives the same numbers as Open-Sora's computing both
-versions of every token and selecting after, at half the cost. With enable_layernorm_kernel=True the
-LayerNorm + modulation and gated residuals run as sora.kernels, the selected rows viewed per frame; attention
-with RoPE / qk-norm runs in eager PyTorch (scaled_dot_product_attention) either way.
+versions of every token and selecting after, at half the cost. With enable_layernorm_kernel=True:
+- LayerNorm + modulation and the gated residuals run as sora.kernels, reading the selected (B, T, C) rows per
+  frame (frames=T; one (B, 1, C) row per sample without x_mask);
+- temporal attention is one K.temporal_attention on the qkv Linear's frame-major output, RoPE and the q/k
+  RMSNorm done in its prologue (from rope.freqs and the norm weights);
+- spatial attention's q/k RMSNorm is K.qk_norm, one read of the qkv output, feeding
+  scaled_dot_product_attention (or flash-attn).
+The final layer under x_mask still normalises twice: its condition frames are normalised and modulated again
+after the first modulation (the #719 quirk above), which no selection of rows expresses.
 
 Sequence parallelism (which Open-Sora v1.1 removed) works as for STDiT: each rank keeps T/sp whole frames;
 temporal attention trades heads for frames (all-to-all), so RoPE sees the global frame indices.
@@ -65,11 +71,13 @@ class STDiT2Attention(Attention):
     The temporal form keeps the frame-major layout of the residual stream; see forward.
     """
 
-    def __init__(self, dim, num_heads, qk_norm=False, qk_norm_legacy=True, enable_flashattn=False):
+    def __init__(self, dim, num_heads, qk_norm=False, qk_norm_legacy=True, enable_flashattn=False,
+                 enable_layernorm_kernel=False):
         super().__init__(dim, num_heads, qkv_bias=True, enable_flashattn=enable_flashattn)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.qk_norm_legacy = qk_norm_legacy
+        self.enable_layernorm_kernel = enable_layernorm_kernel
 
     def rope_and_norm(self, q, k, rope):
         """q, k (..., L, D): RoPE then qk-norm (qk_norm_legacy, the order v1.1 was trained in), or the reverse."""
@@ -79,12 +87,19 @@ class STDiT2Attention(Attention):
             return self.q_norm(rotate(q, *rope)), self.k_norm(rotate(k, *rope))
         return rotate(self.q_norm(q), *rope), rotate(self.k_norm(k), *rope)
 
-    def forward(self, x, sp_group=None, temporal=None, rope=None):
+    def forward(self, x, sp_group=None, temporal=None, rope=None, rope_freqs=None):
         """x (B, N, C) -> (B, N, C). temporal=None: every token attends to all N. temporal=T: x is frame-major
-        "B (T S) C" and each spatial position attends over its frames, q and k rotated by rope (the cos, sin
-        tables for all frames); with an sp group x holds T of the T * sp frames."""
+        "B (T S) C" and each spatial position attends over its frames, q and k rotated by RoPE: rope (the cos,
+        sin tables for all frames) in eager PyTorch, rope_freqs (rope.freqs) in K.temporal_attention; with an
+        sp group x holds T of the T * sp frames."""
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x)
+        fused_norm = self.enable_layernorm_kernel and isinstance(self.q_norm, RMSNorm)
+        if temporal is None and fused_norm:
+            q, k, v = K.qk_norm(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.enable_flashattn)
+            return self.proj(out.reshape(B, N, C))
+        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim)
         if temporal is None:
             q, k, v = qkv.unbind(2)  # (B, N, H, D) each
             q, k = self.rope_and_norm(q, k, None)
@@ -93,12 +108,21 @@ class STDiT2Attention(Attention):
         if sp_group is not None:
             qkv = K.all_to_all(qkv, sp_group, scatter_dim=3, gather_dim=1)  # (B, N*sp, 3, H/sp, D)
         frames, heads = qkv.shape[1] // S, qkv.shape[3]
-        # (B, T, S, 3, H, D) -> 3 x (B*S, H, T, D)
-        q, k, v = qkv.view(B, frames, S, 3, heads, self.head_dim).permute(3, 0, 2, 4, 1, 5).flatten(1, 2).unbind(0)
-        q, k = self.rope_and_norm(q, k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B*S, H, T, D)
-        out = out.view(B, S, heads, frames, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, frames * S, heads,
-                                                                                           self.head_dim)
+        if self.enable_layernorm_kernel:
+            # Every rank holds all frames of its heads after the exchange: frame t is global frame t (offset 0).
+            norms = {}
+            if fused_norm:
+                norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
+            out = K.temporal_attention(qkv.reshape(B, frames * S, -1), frames, heads, rope_freqs=rope_freqs,
+                                       rope_first=self.qk_norm_legacy, **norms)
+            out = out.view(B, frames * S, heads, self.head_dim)
+        else:
+            # (B, T, S, 3, H, D) -> 3 x (B*S, H, T, D)
+            q, k, v = qkv.view(B, frames, S, 3, heads, self.head_dim).permute(3, 0, 2, 4, 1, 5).flatten(1, 2).unbind(0)
+            q, k = self.rope_and_norm(q, k, rope)
+            out = F.scaled_dot_product_attention(q, k, v)  # (B*S, H, T, D)
+            out = out.view(B, S, heads, frames, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, frames * S, heads,
+                                                                                               self.head_dim)
         if sp_group is not None:
             out = K.all_to_all(out, sp_group, scatter_dim=1, gather_dim=2)
         return self.proj(out.reshape(B, N, C))
@@ -124,14 +148,16 @@ class STDiT2Block(nn.Module):
         super().__init__()
         self.enable_layernorm_kernel = enable_layernorm_kernel
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.attn = STDiT2Attention(hidden_size, num_heads, qk_norm, qk_norm_legacy, enable_flashattn)
+        self.attn = STDiT2Attention(hidden_size, num_heads, qk_norm, qk_norm_legacy, enable_flashattn,
+                                    enable_layernorm_kernel)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.norm_temp = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.attn_temp = STDiT2Attention(hidden_size, num_heads, qk_norm, qk_norm_legacy, enable_flashattn)
+        self.attn_temp = STDiT2Attention(hidden_size, num_heads, qk_norm, qk_norm_legacy, enable_flashattn,
+                                         enable_layernorm_kernel)
         self.scale_shift_table_temporal = nn.Parameter(torch.randn(3, hidden_size) / hidden_size**0.5)
 
     def modulate(self, x, norm, shift, scale):
@@ -139,9 +165,7 @@ class STDiT2Block(nn.Module):
         B, N, C = x.shape
         groups = shift.shape[1]
         if self.enable_layernorm_kernel:
-            rows = (B * groups, N // groups, C)
-            return K.layernorm_modulate(x.view(rows), shift.reshape(-1, C), scale.reshape(-1, C), eps=norm.eps
-                                        ).view(B, N, C)
+            return K.layernorm_modulate(x, shift, scale, eps=norm.eps, frames=groups)
         return modulate(norm(x).view(B, groups, -1, C), shift[:, :, None], scale[:, :, None]).view(B, N, C)
 
     def gated(self, x, h, gate):
@@ -150,8 +174,7 @@ class STDiT2Block(nn.Module):
         groups = gate.shape[1]
         gate = self.drop_path(gate)
         if self.enable_layernorm_kernel:
-            rows = (B * groups, N // groups, C)
-            return K.gated_residual(x.view(rows), h.reshape(rows), gate.reshape(-1, C)).view(B, N, C)
+            return K.gated_residual(x, h.reshape(B, N, C), gate, frames=groups)
         return x + (gate[:, :, None] * h.view(B, groups, -1, C)).view(B, N, C)
 
     def forward(self, x, y, mask, cond, T, sp_group=None):
@@ -168,7 +191,8 @@ class STDiT2Block(nn.Module):
         x = self.gated(x, h, gate_msa)
 
         h = self.modulate(x, self.norm_temp, shift_tmp, scale_tmp)
-        x = self.gated(x, self.attn_temp(h, sp_group, temporal=T, rope=cond.rope), gate_tmp)
+        x = self.gated(x, self.attn_temp(h, sp_group, temporal=T, rope=cond.rope, rope_freqs=cond.rope_freqs),
+                       gate_tmp)
 
         x = x + self.cross_attn(x, y, mask)
 
@@ -199,8 +223,9 @@ class STDiT2Conditioning:
     STDiT2.embed: t (B, C) the timestep embedding; spatial (B, 6C) and temporal (B, 3C) the modulation of
     the spatial/MLP and temporal branches (timestep plus size, resp. frame-count and fps embeddings), and
     their timestep-0 versions with x_mask; final_zero (B, C), t0 + the size embedding, for the final layer's
-    condition frames; x_mask (B, T) bool or None; rope: the (cos, sin) tables for the T token frames; grid:
-    the token grid (T, H, W); size: the latent (T, H, W) to crop the output back to."""
+    condition frames; x_mask (B, T) bool or None; rope: the (cos, sin) tables for the T token frames (None
+    with the kernels, which take rope_freqs, the (D/2,) frequencies); grid: the token grid (T, H, W); size: the
+    latent (T, H, W) to crop the output back to."""
 
     t: torch.Tensor
     spatial: torch.Tensor
@@ -209,13 +234,14 @@ class STDiT2Conditioning:
     temporal_zero: torch.Tensor | None
     final_zero: torch.Tensor | None
     x_mask: torch.Tensor | None
-    rope: tuple
+    rope: tuple | None
+    rope_freqs: torch.Tensor
     grid: tuple
     size: tuple
 
     def frames(self, start, stop):
         """The same conditioning for token frames start .. stop-1 (a sequence-parallel rank's share); RoPE
-        keeps the global tables, since temporal attention sees every frame."""
+        keeps the global frame indices, since temporal attention sees every frame."""
         x_mask = None if self.x_mask is None else self.x_mask[:, start:stop]
         return dataclasses.replace(self, x_mask=x_mask)
 
@@ -345,8 +371,10 @@ class STDiT2(VideoTransformer):
         (Tx, Hx, Wx), (pt, ph, pw) = size, self.patch_size
         x = self.x_embedder(F.pad(x.to(dtype), (0, -Wx % pw, 0, -Hx % ph, 0, -Tx % pt)))  # right-padded; (B, N, C)
         T, S = grid[0], grid[1] * grid[2]
-        # Open-Sora scales the grid by the pixel size of sample 0: a batch is one size.
-        scale = (sizes["height"][0].item() * sizes["width"][0].item()) ** 0.5 / self.input_sq_size
+        # Open-Sora scales the grid by the pixel size of sample 0: a batch is one size. Their float64 arithmetic
+        # (Python numbers from .item()) rounded to the fp32 the positions are divided in, without a host sync.
+        pixels = sizes["height"][0].double() * sizes["width"][0].double()
+        scale = (pixels.sqrt() / self.input_sq_size).float()
         pos = self.pos_embed(grid[1], grid[2], scale, round(S**0.5), x.dtype)  # (1, S, C)
         x = (x.view(B, T, S, -1) + pos[:, None]).view(B, T * S, -1)
 
@@ -360,14 +388,15 @@ class STDiT2(VideoTransformer):
             zero = dict(spatial_zero=self.t_block(t_zero + size_info),
                         temporal_zero=self.t_block_temp(t_zero + frame_info), final_zero=t_zero + size_info)
             x_mask = x_mask.bool()
+        rope = None if self.enable_layernorm_kernel else self.rope.tables(T, x.dtype)
         cond = STDiT2Conditioning(t=t, spatial=self.t_block(t + size_info), temporal=self.t_block_temp(t + frame_info),
-                                  x_mask=x_mask, rope=self.rope.tables(T, x.dtype), grid=grid, size=size, **zero)
+                                  x_mask=x_mask, rope=rope, rope_freqs=self.rope.freqs, grid=grid, size=size, **zero)
 
         y = self.y_embedder(y.to(dtype), self.training).squeeze(1)  # (B, L, C)
         # A mask of all ones is no mask: leaving it out keeps cross-attention on SDPA's fastest kernels.
         if mask is not None:
             mask = mask.bool()
-            if bool(mask.all()):
+            if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
         return x, y, mask, cond
 
@@ -417,7 +446,7 @@ class STDiT2(VideoTransformer):
             if tuple(mask.shape) != (B, y.shape[2]):
                 raise ValueError(
                     f"mask must have shape ({B}, {y.shape[2]}) for y {tuple(y.shape)}, got {tuple(mask.shape)}")
-            if not mask.bool().any(dim=1).all():
+            if not torch.compiler.is_compiling() and not mask.bool().any(dim=1).all():
                 raise ValueError("mask marks no caption token at all for some sample; each caption needs at least one")
         frames = -(-x.shape[2] // self.patch_size[0])
         if x_mask is not None and (not isinstance(x_mask, torch.Tensor) or tuple(x_mask.shape) != (B, frames)):
