@@ -38,7 +38,8 @@ DEFAULT_DEADLINE_S = 420.0
 GRACE_S = 45.0
 # The kernel tests stop this long before the deadline, so the rows get their turn (an estimate: bench/NOTES.md).
 ROWS_RESERVE_S = 240.0
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py"]
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py", "tests/test_qk_norm.py",
+                "tests/test_models.py::test_kernels_on_equals_off", "tests/test_stdit2.py::test_kernels_on_equals_off"]
 # On the GPU every test but the ones that check the interpreter itself; with --tiny a quick selection.
 GPU_SELECTION = "not triton_kernels_ran"
 TINY_SELECTION = ("(matches_reference and chunk or test_matches_reference or round_trip or swap_leading or strided) "

@@ -465,3 +465,27 @@ def test_kernel_modules_are_not_shadowed_by_their_functions(monkeypatch):
     assert shadowed() == []
     monkeypatch.setattr(K, "norm", K.layernorm_modulate)  # what `from .norm import norm` in __init__ would do
     assert shadowed() == ["norm"]
+
+
+@pytest.mark.skipif(torch.get_default_device().type != "cuda", reason="2**31 elements: the GPU run (--device cuda)")
+def test_offsets_past_two_to_the_31():
+    """Index arithmetic past 2**31 elements, where int32 offsets would wrap: x of B*T*S*C = 2.15e9 bf16 values,
+    each op checked against float64 on the last sample's last 256 tokens of every frame (the largest offsets)."""
+    B, T, S, C, keep = 2, 16, 58368, 1152, 256
+    assert B * T * S * C > 2**31
+    x = torch.randn(B, T * S, C, dtype=torch.bfloat16)
+    shift, scale, gate = (0.5 * torch.randn(3, B, 1, C)).to(torch.bfloat16).unbind(0)
+    tail = x[-1:].view(1, T, S, C)[:, :, -keep:].reshape(1, T * keep, C)
+    last = slice(B - 1, B)
+    ln = layernorm_modulate_reference(tail.double(), shift[last].double(), scale[last].double(), None, None, 1e-6)
+    with torch.no_grad():
+        out = K.layernorm_modulate(x, shift, scale)[-1:].view(1, T, S, C)[:, :, -keep:].reshape(1, T * keep, C)
+        assert_matches(out, ln, torch.bfloat16, "layernorm_modulate")
+        out = K.layernorm_modulate(x, shift, scale, temporal=T)[-keep:]
+        assert_matches(out, to_temporal_reference(ln, T), torch.bfloat16, "layernorm_modulate temporal")
+        del out
+        assert_matches(K.to_temporal(x, T)[-keep:], to_temporal_reference(tail, T), torch.bfloat16, "to_temporal")
+        y = torch.randn(B * S, T, C, dtype=torch.bfloat16)
+        y_tail = from_temporal_reference(y[-keep:].double(), 1)
+        out = K.gated_residual(x, y, gate, temporal=T)[-1:].view(1, T, S, C)[:, :, -keep:].reshape(1, T * keep, C)
+        assert_matches(out, tail.double() + gate[last].double() * y_tail, torch.bfloat16, "gated_residual temporal")
