@@ -18,6 +18,9 @@ Open-Sora v1.1 (STDiT2): `multi_resolution="STDiT2"` conditions the model on the
 and fps (videos are saved at fps // frame_interval); `--reference-path`, `--mask-strategy`, `--loop` and
 `--condition-frame-length` condition it on images and videos and chain clips (sora.reference, checked and read
 before any model is built).
+
+`--cache.type residual` (sora.schedulers.cache) skips the block stack on steps whose input has hardly changed;
+every batch prints `model calls: K of N`.
 """
 
 import inspect

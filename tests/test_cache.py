@@ -67,7 +67,8 @@ def count_calls(module):
     return sizes
 
 
-EXACT = [dict(type="residual", trigger="delta", threshold=0), dict(type="residual", trigger="first_block", threshold=0),
+EXACT = [dict(type="residual", trigger="delta", threshold=0),
+         dict(type="residual", trigger="first_block", threshold=0),
          dict(type="residual", trigger="interval", every=1)]
 
 
@@ -136,7 +137,8 @@ def test_dpm_solver_and_frame_masks_skip_too():
     model = tiny("STDiT2")
     iddpm = IDDPM(num_sampling_steps=6)
     calls = count_calls(model.blocks[-1])
-    out = sample(model, "STDiT2", iddpm, dict(type="residual", trigger="interval", every=2), torch.tensor([[0.0, 0.5]]))
+    every_2nd = dict(type="residual", trigger="interval", every=2)
+    out = sample(model, "STDiT2", iddpm, every_2nd, torch.tensor([[0.0, 0.5]]))
     assert iddpm.model_calls == (4, 6) and len(calls) == 4  # 0, 2, 4, 5
     assert torch.isfinite(out).all()
 
