@@ -290,7 +290,13 @@ def test_every_sampling_config_takes_the_cache_flags(path):
      "error: cache every must be an int >= 1 with trigger 'interval', got 0."),
     (["--compile", "true"], "error: cache and compile=True cannot be combined"),
 ])
-def test_bad_cache_flags_exit_2_with_one_line(flags, message, tmp_path):
+def test_bad_cache_flags_exit_2_with_one_line(flags, message, tmp_path, monkeypatch):
+    """Checked before any model is built."""
+
+    def build_components(*args, **kwargs):
+        raise AssertionError("a model was built before the cache settings were checked")
+
+    monkeypatch.setattr(sora.sample, "build_components", build_components)
     stderr = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         with pytest.raises(SystemExit) as exit_info:
