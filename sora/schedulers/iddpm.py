@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from sora.registry import is_int
+
 from .cache import CountedModel
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
