@@ -18,9 +18,11 @@ Open-Sora v1.1 (STDiT2): `multi_resolution="STDiT2"` conditions the model on the
 and fps (videos are saved at fps // frame_interval); `--reference-path`, `--mask-strategy`, `--loop` and
 `--condition-frame-length` condition it on images and videos and chain clips (sora.reference, checked and read
 before any model is built).
+
+`--cache.type residual` (sora.schedulers.cache) skips the block stack on steps whose input has hardly changed;
+every batch prints `model calls: K of N`.
 """
 
-import functools
 import inspect
 import os
 
@@ -30,6 +32,7 @@ from sora.checkpointing import describe_weights
 from sora.launch import build_components, check_writable, main, setup
 from sora.parallel import init_sequence_parallel
 from sora.schedulers import build_scheduler
+from sora.schedulers.cache import check_cache
 
 
 def read_prompts(cfg):
@@ -63,18 +66,22 @@ def save_video(video, path_without_ext, fps):
 
 
 def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, seed, device, dtype, progress=False,
-                  sp_group=None, model_kwargs=None, conditioning=None):
+                  sp_group=None, model_kwargs=None, conditioning=None, cache=None):
     """Videos (B, 3, T, H, W), float32 on the CPU, for one batch of prompts: prompt i's noise (initial and per
     step) comes from its own generator seeded with seed + i. sp_group: the sequence-parallel group a model
     built with enable_sequence_parallelism=True splits frames over (the scheduler's model calls get it).
     model_kwargs: more model inputs (STDiT2's size conditioning). conditioning: the batch's references, mask
-    strategies and loops (sora.reference.Conditioning; None: text only, one clip)."""
+    strategies and loops (sora.reference.Conditioning; None: text only, one clip). cache: the scheduler's
+    residual cache config (sora.schedulers.cache), None for none. With `progress`, it prints
+    `model calls: K of N`, the full model calls of the batch's sampling loops out of their steps."""
     from sora.reference import Conditioning
 
     conditioning = conditioning or Conditioning(prompts)
+    if sp_group is not None:
+        model_kwargs = {**(model_kwargs or {}), "sp_group": sp_group}
+    calls = [0, 0]
     with torch.no_grad():
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        forward = model if sp_group is None else functools.partial(model, sp_group=sp_group)
         conditioning.encode_references(vae, device, dtype, generators)
         clips = []
         for loop in range(conditioning.loop):
@@ -84,10 +91,13 @@ def sample_videos(model, vae, text_encoder, scheduler, prompts, latent_size, see
             y = condition["y"].to(dtype) if condition["y"].is_floating_point() else condition["y"]
             noise = torch.stack([torch.randn(vae.out_channels, *latent_size, generator=g) for g in generators])
             frame_mask = conditioning.frame_mask(noise, loop)
-            latents = scheduler.sample(forward, noise.to(device), y, model.y_embedder.null(len(prompts)),
+            latents = scheduler.sample(model, noise.to(device), y, model.y_embedder.null(len(prompts)),
                                        condition["mask"], progress=progress, generator=generators,
-                                       frame_mask=frame_mask, model_kwargs=model_kwargs)
+                                       frame_mask=frame_mask, model_kwargs=model_kwargs, cache=cache)
+            calls = [total + count for total, count in zip(calls, scheduler.model_calls)]
             clips.append(vae.decode(latents.to(dtype)).float().cpu())
+        if progress:
+            print(f"model calls: {calls[0]} of {calls[1]}", flush=True)
         return conditioning.join(clips, vae.patch_size[0])
 
 
@@ -130,6 +140,10 @@ def run(cfg):
     runtime = setup(cfg)
     prompts = read_prompts(cfg)
     conditioning, conditioned = check_conditioning(cfg, prompts)
+    cache = check_cache(cfg.cache)
+    if cache is not None and cfg.compile:
+        raise ValueError("cache and compile=True cannot be combined: the cache runs the model's parts eagerly; "
+                         "leave one of them out")
     weights = describe_weights(cfg.model.get("from_pretrained"), cfg.weights)
     check_writable(cfg.save_dir, "save_dir")
     if runtime.is_main:
@@ -164,7 +178,7 @@ def run(cfg):
         videos = sample_videos(model, vae, text_encoder, scheduler, batch_prompts, latent_size, cfg.seed + start,
                                runtime.device, runtime.dtype, progress=runtime.is_main, sp_group=sp_group,
                                model_kwargs=model_kwargs,
-                               conditioning=conditioning.select(start, start + len(batch_prompts)))
+                               conditioning=conditioning.select(start, start + len(batch_prompts)), cache=cache)
         if writes:
             for i, video in enumerate(videos):
                 path = save_video(video, os.path.join(cfg.save_dir, f"sample_{start + i:04d}"),

@@ -153,6 +153,11 @@ SAMPLE_FLAGS = {
     "compile": (["--compile", "true"],
                 lambda base, run, paths: type(call("model")(run)).__name__ == "OptimizedModule"
                 and torch.allclose(video(run), video(base), rtol=1e-4, atol=1e-4)),
+    # 4 steps, every 2nd computed and the last: 0, 2, 3.
+    "cache": (["--num-sampling-steps", "4", "--cache.type", "residual", "--cache.trigger", "interval",
+               "--cache.every", "2"],
+              lambda base, run, paths: "model calls: 3 of 4" in run["stdout"]
+              and "model calls: 2 of 2" in base["stdout"]),
 }
 
 

@@ -1,5 +1,10 @@
 """What every video diffusion transformer here shares (STDiT, PixArt, DiT, Latte): the latent geometry and
-its checks, sin-cos position embeddings for any token grid, per-block activation checkpointing, unpatchify."""
+its checks, sin-cos position embeddings for any token grid, per-block activation checkpointing, unpatchify, and
+the forward split into embedders, block stack and final layer (ForwardParts), which the sampling cache runs
+apart."""
+
+import dataclasses
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -8,6 +13,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sora.models.layers import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed
+
+
+@dataclasses.dataclass
+class ForwardParts:
+    """One forward, split where the sampling cache (sora.schedulers.cache) needs it, for every model type alike.
+
+    tokens: (B, N, C), the block stack's input (embedders and position embeddings applied); run_blocks(h, start,
+    stop): h after blocks[start:stop] (with sequence parallelism each call splits and gathers the frames, so its
+    input and output are every frame on every rank); final(h): the block stack's output -> the model's output;
+    probe(h): block 0's modulated input (its first norm with its timestep shift and scale) for the tokens h;
+    depth: the number of blocks. forward is final(run_blocks(tokens, 0, depth)), op for op (see `output`)."""
+
+    tokens: torch.Tensor
+    run_blocks: Callable
+    final: Callable
+    probe: Callable
+    depth: int
+
+    def output(self):
+        return self.final(self.run_blocks(self.tokens, 0, self.depth))
 
 
 class VideoTransformer(nn.Module):

@@ -17,7 +17,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 import sora.kernels as K
-from sora.models.base import VideoTransformer
+from sora.models.base import ForwardParts, VideoTransformer
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -47,6 +47,11 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def probe(self, x, c):
+        """The attention branch's input, norm1(x) modulated (the sampling cache's change indicator)."""
+        shift_msa, scale_msa = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
 
     def forward(self, x, c, T=1, temporal=False):
         B, N, C = x.shape
@@ -185,19 +190,26 @@ class DiT(VideoTransformer):
         return self.y_embedder(y.to(dtype), self.training).reshape(y.shape[0], -1)
 
     def forward(self, x, timestep, y, mask=None):
+        return self.parts(x, timestep, y, mask).output()
+
+    def parts(self, x, timestep, y, mask=None):
+        """forward's inputs -> its ForwardParts (sora.models.base)."""
         self.check_inputs(x, timestep, y)
         dtype = self.x_embedder.proj.weight.dtype
         grid = self.token_grid(x.shape[2:])
         x = self.x_embedder(x.to(dtype))  # (B, N, C)
         x, tpe = self.add_pos_embed(x, grid)
         c = self.t_embedder(timestep, dtype=x.dtype) + self.embed_condition(y, x.dtype)  # (B, C)
-        x = self.run_blocks(x, c, grid[0], tpe)
-        x = self.final_layer(x, c)  # (B, N, pt*ph*pw*C_out)
-        return self.unpatchify(x, grid).float()
 
-    def run_blocks(self, x, c, T, tpe):
-        # Full attention: the whole sample is one "frame" of N tokens.
-        for block in self.blocks:
+        def final(h):
+            return self.unpatchify(self.final_layer(h, c), grid).float()  # (B, N, pt*ph*pw*C_out) unpatchified
+
+        return ForwardParts(x, lambda h, start, stop: self.run_blocks(h, c, grid[0], tpe, start, stop), final,
+                            lambda h: self.blocks[0].probe(h, c), len(self.blocks))
+
+    def run_blocks(self, x, c, T, tpe, start=0, stop=None):
+        """blocks[start:stop] on x. Full attention: the whole sample is one "frame" of N tokens."""
+        for block in self.blocks[start:stop]:
             x = self.run_block(block, x, c)
         return x
 

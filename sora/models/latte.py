@@ -22,11 +22,12 @@ class Latte(DiT):
 
     temporal_in_blocks = True  # added to the tokens before block 1, the first temporal block
 
-    def run_blocks(self, x, c, T, tpe):
+    def run_blocks(self, x, c, T, tpe, start=0, stop=None):
+        """blocks[start:stop] on x; the temporal embedding tpe goes on the tokens before block 1."""
         B, N, C = x.shape
-        for i, block in enumerate(self.blocks):
+        for i in range(start, len(self.blocks) if stop is None else stop):
             if i == 1 and tpe is not None:
                 # Open-Sora adds it in the "(B S) T C" layout; the same sum, frame-major.
                 x = (x.view(B, T, -1, C) + tpe[:, :, None]).view(B, N, C)
-            x = self.run_block(block, x, c, T, i % 2 == 1)
+            x = self.run_block(self.blocks[i], x, c, T, i % 2 == 1)
         return x

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 import sora.kernels as K
-from sora.models.base import VideoTransformer
+from sora.models.base import ForwardParts, VideoTransformer
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -53,6 +53,15 @@ class STDiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
+    def modulations(self, modulation):
+        """Shift, scale and gate of attention and MLP, (B, 1, C) each, from the timestep's (B, 6C)."""
+        return (self.scale_shift_table[None] + modulation.reshape(modulation.shape[0], 6, -1)).chunk(6, dim=1)
+
+    def probe(self, x, modulation):
+        """The attention branch's input, norm1(x) modulated (the sampling cache's change indicator)."""
+        shift_msa, scale_msa = self.modulations(modulation)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
     def forward(self, x, y, modulation, mask, T, tpe=None, sp_group=None):
         """x (B, T*S, C); y (B, L, C) caption; modulation (B, 6C) from the timestep; mask (B, L) bool or None;
         tpe (1, T, C) or None.
@@ -62,9 +71,7 @@ class STDiTBlock(nn.Module):
         """
         B, N, C = x.shape
         S = N // T
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + modulation.reshape(B, 6, C)
-        ).chunk(6, dim=1)  # (B, 1, C) each
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(modulation)
         # The temporal branch is gated by gate_msa, the spatial branch's gate. It looks like a bug, but it is
         # Open-Sora v1's block (there is no temporal gate), and its checkpoints were trained with it.
 
@@ -193,6 +200,10 @@ class STDiT(VideoTransformer):
         """sp_group: this rank's sequence-parallel group (sora.parallel.init_sequence_parallel), which a model
         built with enable_sequence_parallelism=True needs and any other model refuses. A forward argument,
         not a module attribute: a ProcessGroup cannot be deep-copied, as the EMA copy of the model is."""
+        return self.parts(x, timestep, y, mask, sp_group).output()
+
+    def parts(self, x, timestep, y, mask=None, sp_group=None):
+        """forward's inputs -> its ForwardParts (sora.models.base)."""
         self.check_inputs(x, timestep, y, mask)
         grid = self.token_grid(x.shape[2:])
         if self.enable_sequence_parallelism:
@@ -212,21 +223,26 @@ class STDiT(VideoTransformer):
             mask = mask.bool()
             if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
+        T = grid[0]
+        local_tpe = None if tpe is None or sp_group is None else split_frames(tpe, T, sp_group)
 
-        if sp_group is not None:
-            x = split_frames(x, grid[0], sp_group)
-            local_tpe = None if tpe is None else split_frames(tpe, grid[0], sp_group)
-            x = self.run_blocks(x, y, modulation, mask, grid[0] // dist.get_world_size(sp_group), local_tpe,
-                                sp_group)
-            x = gather_frames(x, sp_group)
-        else:
-            x = self.run_blocks(x, y, modulation, mask, grid[0], tpe)
-        x = self.final_layer(x, t)  # (B, N, pt*ph*pw*C_out)
-        return self.unpatchify(x, grid).float()
+        def run_blocks(h, start, stop):
+            if sp_group is None:
+                return self.run_blocks(h, y, modulation, mask, T, tpe, start=start, stop=stop)
+            h = split_frames(h, T, sp_group)
+            h = self.run_blocks(h, y, modulation, mask, T // dist.get_world_size(sp_group), local_tpe, sp_group,
+                                start, stop)
+            return gather_frames(h, sp_group)
 
-    def run_blocks(self, x, y, modulation, mask, T, tpe, sp_group=None):
-        for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, y, modulation, mask, T, tpe if i == 0 else None, sp_group)
+        def final(h):
+            return self.unpatchify(self.final_layer(h, t), grid).float()  # (B, N, pt*ph*pw*C_out) unpatchified
+
+        return ForwardParts(x, run_blocks, final, lambda h: self.blocks[0].probe(h, modulation), len(self.blocks))
+
+    def run_blocks(self, x, y, modulation, mask, T, tpe, sp_group=None, start=0, stop=None):
+        """blocks[start:stop] on x; block 0 adds the temporal embedding tpe."""
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            x = self.run_block(self.blocks[i], x, y, modulation, mask, T, tpe if i == 0 else None, sp_group)
         return x
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sora.kernels as K
-from sora.models.base import VideoTransformer
+from sora.models.base import ForwardParts, VideoTransformer
 from sora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -177,12 +177,20 @@ class STDiT2Block(nn.Module):
             return K.gated_residual(x, h.reshape(B, N, C), gate, frames=groups)
         return x + (gate[:, :, None] * h.view(B, groups, -1, C)).view(B, N, C)
 
+    def spatial_rows(self, cond):
+        """Shift, scale and gate of spatial attention and MLP, (B, F, C) each."""
+        return frame_rows(self.scale_shift_table, cond.spatial, cond.spatial_zero, cond.x_mask).unbind(2)
+
+    def probe(self, x, cond):
+        """Spatial attention's input, norm1(x) modulated (the sampling cache's change indicator)."""
+        shift_msa, scale_msa = self.spatial_rows(cond)[:2]
+        return self.modulate(x, self.norm1, shift_msa, scale_msa)
+
     def forward(self, x, y, mask, cond, T, sp_group=None):
         """x (B, T*S, C) frame-major; y (B, L, C) caption, mask (B, L) bool or None; cond: the STDiT2Conditioning
         of these frames. With a sequence-parallel group, x holds T whole frames of each sample out of T * sp."""
         B, N, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = frame_rows(
-            self.scale_shift_table, cond.spatial, cond.spatial_zero, cond.x_mask).unbind(2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.spatial_rows(cond)
         shift_tmp, scale_tmp, gate_tmp = frame_rows(
             self.scale_shift_table_temporal, cond.temporal, cond.temporal_zero, cond.x_mask).unbind(2)
 
@@ -354,9 +362,14 @@ class STDiT2(VideoTransformer):
                 fps=None, sp_group=None):
         """sp_group: this rank's sequence-parallel group (sora.parallel.init_sequence_parallel), which a model
         built with enable_sequence_parallelism=True needs and any other model refuses."""
+        return self.parts(x, timestep, y, mask, x_mask, num_frames, height, width, ar, fps, sp_group).output()
+
+    def parts(self, x, timestep, y, mask=None, x_mask=None, num_frames=None, height=None, width=None, ar=None,
+              fps=None, sp_group=None):
+        """forward's inputs -> its ForwardParts (sora.models.base)."""
         x, y, mask, cond = self.embed(x, timestep, y, mask, x_mask, num_frames, height, width, ar, fps)
-        x = self.run_blocks(x, y, mask, cond, sp_group)
-        return self.final(x, cond)
+        return ForwardParts(x, lambda h, start, stop: self.run_blocks(h, y, mask, cond, sp_group, start, stop),
+                            lambda h: self.final(h, cond), lambda h: self.blocks[0].probe(h, cond), len(self.blocks))
 
     def embed(self, x, timestep, y, mask=None, x_mask=None, num_frames=None, height=None, width=None, ar=None,
               fps=None):
@@ -400,9 +413,10 @@ class STDiT2(VideoTransformer):
                 mask = None
         return x, y, mask, cond
 
-    def run_blocks(self, x, y, mask, cond, sp_group=None):
-        """The block stack on the tokens (B, N, C); with an sp group, each rank runs its share of the frames and
-        every rank gets all of them back."""
+    def run_blocks(self, x, y, mask, cond, sp_group=None, start=0, stop=None):
+        """blocks[start:stop] (default: all) on the tokens (B, N, C); with an sp group, each rank runs its share of
+        the frames and every rank gets all of them back."""
+        blocks = self.blocks[start:stop]
         T = cond.grid[0]
         if self.enable_sequence_parallelism:
             self.check_sequence_parallel_group(sp_group, T)
@@ -413,10 +427,10 @@ class STDiT2(VideoTransformer):
             local = T // dist.get_world_size(sp_group)
             start = dist.get_rank(sp_group) * local
             x, cond_local = split_frames(x, T, sp_group), cond.frames(start, start + local)
-            for block in self.blocks:
+            for block in blocks:
                 x = self.run_block(block, x, y, mask, cond_local, local, sp_group)
             return gather_frames(x, sp_group)
-        for block in self.blocks:
+        for block in blocks:
             x = self.run_block(block, x, y, mask, cond, T)
         return x
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sora.kernels._common import compute_dtype
 
+from .cache import CountedModel
 from .iddpm import check_guidance, check_sample_inputs, check_sampling_steps, guided_output, named_betas
 
 TIME_GRIDS = ("time_uniform", "logSNR")
@@ -85,18 +86,20 @@ class DPMSolver:
 
     @torch.no_grad()
     def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None, frame_mask=None,
-               model_kwargs=None):
+               model_kwargs=None, cache=None):
         """Solve the probability-flow ODE from noise z (B, C, T, H, W) to x_0.
 
         The model is called as in `IDDPM.sample` (doubled batch, [y; y_null], model_kwargs) at float timesteps
         of the 1000-step process; only its first C output channels, the eps prediction, are used. `generator`
         is accepted for the common signature: the solver draws no random numbers. `frame_mask` (reference
-        frames) is refused, as Open-Sora v1.1's DPM-Solver refuses it: its release schedule is IDDPM's.
+        frames) is refused, as Open-Sora v1.1's DPM-Solver refuses it: its release schedule is IDDPM's. `cache`
+        and, after sampling, `model_calls`: as `IDDPM.sample`'s.
         """
         if frame_mask is not None:
             raise ValueError("dpm-solver cannot sample with a frame mask (references, mask_strategy or loop > 1): "
                              "use scheduler type 'iddpm'.")
         check_sample_inputs(z, y, y_null, mask)
+        model = CountedModel(model, cache, self.num_sampling_steps)
         channels = z.shape[1]
         x = z.to(compute_dtype(z))
         timesteps = torch.tensor(self.timesteps, dtype=torch.float32).to(x.device)
@@ -108,4 +111,5 @@ class DPMSolver:
             data = (x - sigma * eps[:, :channels].to(x.dtype)) / alpha
             x = a * x + b * data + (c * previous if c else 0.0)
             previous = data
+        self.model_calls = (model.computed, model.num_steps)
         return x.to(z.dtype)

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from sora.kernels._common import compute_dtype
 from sora.registry import is_int
 
+from .cache import CountedModel
+
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 
@@ -440,7 +442,7 @@ class IDDPM:
 
     @torch.no_grad()
     def sample(self, model, z, y, y_null, mask=None, progress=True, generator=None, frame_mask=None,
-               model_kwargs=None):
+               model_kwargs=None, cache=None):
         """Ancestral sampling from noise z (B, C, T, H, W) to x_0, with classifier-free guidance.
 
         Each step calls model(x, t, y=..., mask=..., **model_kwargs) once on the doubled batch [x; x] with
@@ -454,8 +456,12 @@ class IDDPM:
         timestep-0 modulation, as in Open-Sora) goes to the model. Ratio 1 is the unmasked computation: an all-ones mask
         samples exactly what no mask samples (the re-noising noise is drawn only for steps that release a
         frame, after the ancestral noise). The mask is read once on the host, before the loop.
+
+        cache: None, or a residual cache config such as dict(type="residual", trigger="delta", threshold=0.1)
+        (sora.schedulers.cache). After sampling, `model_calls` is (full model calls, steps).
         """
         check_sample_inputs(z, y, y_null, mask)
+        model = CountedModel(model, cache, self.num_timesteps)
         x = z.to(compute_dtype(z))
         if frame_mask is not None:
             check_frame_mask(frame_mask, x, "ratio")
@@ -486,4 +492,5 @@ class IDDPM:
             x = mean + torch.exp(0.5 * log_variance) * next(noise) if i > 0 else mean
             if frame_mask is not None:  # frames not yet released stay the reference
                 x = torch.where((held < i)[:, None, :, None, None], reference, x)
+        self.model_calls = (model.computed, model.num_steps)
         return x.to(z.dtype)
