@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # Open-Sora v1.1's block, the reference
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's sora; Open-Sora v1.1's block, the reference
 
 import stdit2_reference  # noqa: E402
 from sora.kernels import _common  # noqa: E402
@@ -33,8 +34,7 @@ UNCOUNTED = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm
              aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
              aten.new_empty.default}
 XL = dict(hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), depth=28, caption_channels=4096)
-# Open-Sora v1.1's 16x240x426 bucket: 16 latent frames of 30x54 (15x27 = 405 patches); the CFG batch of 2.
-SHAPE = dict(frames=16, height=30, width=54, batch=2, caption=200)
+SHAPE = dict(frames=16, height=30, width=54, batch=2, caption=200)  # 16x240x426 video: 15x27 patches; CFG batch
 # (model, kernels, x_mask, target in KiB per token per block)
 ROWS = [("STDiT", False, False, None), ("STDiT", True, False, None), ("STDiT2", False, False, None),
         ("STDiT2", True, False, 90), ("STDiT2", False, True, None), ("STDiT2", True, True, 100),

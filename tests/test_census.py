@@ -14,7 +14,7 @@ if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not
     sys.path.insert(0, str(REPO))
 
 import sora.kernels as K  # noqa: E402
-from bench.census import census, counting  # noqa: E402
+from bench.census import census, counting, main  # noqa: E402
 
 TINY = dict(hidden_size=48, num_heads=4, patch_size=(1, 2, 2), depth=2, caption_channels=16)
 SHAPE = dict(frames=4, height=16, width=16, batch=2, caption=5)  # 4 frames of 64 patches
@@ -29,7 +29,8 @@ def test_views_count_nothing():
     x = torch.empty(2, 6, 8, device="meta", dtype=torch.bfloat16)
     with counting() as counted:
         views = [x.view(12, 8), x.reshape(2, 48), x.permute(2, 0, 1), x.transpose(1, 2), x[:, None].expand(2, 3, 6, 8),
-                 x[:, 1:4], x[0], x.unsqueeze(0), x[0].t(), x.detach(), *x.unbind(1), x.flatten(1), x.unflatten(2, (2, 4))]
+                 x[:, 1:4], x[0], x.unsqueeze(0), x[0].t(), x.detach(), *x.unbind(1), x.flatten(1),
+                 x.unflatten(2, (2, 4))]
     assert len(views) == 18 and not counted.bytes
 
 
@@ -80,3 +81,10 @@ def test_x_mask_costs_open_sora_a_second_modulation_and_sora_almost_nothing():
     # sora selects each frame's (B, T, C) modulation rows instead: less than a row per token.
     ours, ours_masked = per_token("STDiT2", kernels=True)[0], per_token("STDiT2", kernels=True, x_mask=True)[0]
     assert ours <= ours_masked < ours + row and ours < theirs[0] / 3
+
+
+@pytest.mark.parametrize("argv", [["--latent", "16x31x54"], ["--latent", "16x30"], ["--ops", "-1"]])
+def test_the_command_line_refuses_a_bad_value_in_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
