@@ -14,7 +14,7 @@ products are batched tl.dot over the positions (tensor cores for bf16/fp16, fp32
 version with fp32 FMAs, one query frame at a time, compiled for sm_90 to ~1 warp-instruction per byte at
 T=16, about 3x over what an H100 can issue at its copy bandwidth; the bf16 dots take that to 0.094 (forward)
 and 0.126 (backward) at T=16 and 0.136 / 0.127 at T=64, with no spills at D=72 (bench/kernel_report.py's
-count; RoPE and qk-norm in the prologue: 0.192 / 0.296 at T=16, bench/NOTES.md).
+count; RoPE and qk-norm in the prologue: 0.192 / 0.295 at T=16, 0.299 / 0.397 at T=64, bench/NOTES.md).
 
 Backward recomputes the softmax instead of saving the log-sum-exp: the whole row of T scores is on chip, so
 its max and sum cost one reduction over T, and neither row statistics nor the forward output are written
@@ -228,6 +228,8 @@ def _temporal_attention_bwd_kernel(
     dq = _dot(ds, k, PRECISION, UPCAST)
     dk = _dot(tl.trans(ds, 0, 2, 1), q, PRECISION, UPCAST)
     if ROPE or NORM:
+        if ROPE:  # read again (L1/L2), not held in registers through the five dots: at T=64 that spilled
+            cos, sin = _angles(rotation_ptr, T, HEAD_DIM, BLOCK_T, BLOCK_D)
         dq, dq_weight = _prologue_grad(dq, q_normalized, q_rstd, q_weight, cos, sin, HEAD_DIM, ROPE, NORM,
                                        ROPE_FIRST, BLOCK_S, BLOCK_T, BLOCK_D)
         dk, dk_weight = _prologue_grad(dk, k_normalized, k_rstd, k_weight, cos, sin, HEAD_DIM, ROPE, NORM,
