@@ -1,6 +1,7 @@
 """What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark` (bench/test_bench.py),
 by bench/gpu_check.py (in order of priority: 1 the kernel rows that carry targets, 2 the model rows, 3
-torch.compile's target rows, 4 and up while time remains, None the pytest suite only) and by bench/report.py. Adding
+torch.compile's target rows and STDiT2's, 4 STDiT2's sampling and the sampling cache, 5 and up while time remains,
+None the pytest suite only) and by bench/report.py. Adding
 an op or a bench: bench/NOTES.md. Needs neither torch nor a GPU (bench/report.py reads it).
 """
 
@@ -96,11 +97,13 @@ ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)),
                            (Shape("16x512", 16, 16, 1024, 1152), ("bf16",)),
                            (Shape("64x512", 4, 64, 1024, 1152), ("bf16",))],
                     False: [(Shape("tiny", 2, 4, 8, 64, heads=4), ("fp32",))]}
+# qk_norm: STDiT2-XL/2's spatial attention at 16x240x426 (16 frames of 15x27 tokens), qkv (B*T, S, 3C) of 1.8 GB.
+QK_NORM_SHAPES = {True: [(Shape("16x240x426", 40, 16, 405, 1152), ("bf16",))], False: ATTENTION_SHAPES[False]}
 PLAIN_PROVIDERS = ("sora", "torch", "torch.compile")
 LN_PROVIDERS = (*PLAIN_PROVIDERS, "apex", "liger")
 KERNEL_PROVIDERS = {**dict.fromkeys(("layernorm_modulate", "layernorm_modulate_temporal"), LN_PROVIDERS),
                     **dict.fromkeys(("gated_residual", "gated_residual_temporal", "to_temporal"), PLAIN_PROVIDERS),
-                    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile")}
+                    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile"), "qk_norm": PLAIN_PROVIDERS}
 
 # Training steps: 16x256 at batch 8 (else 4), 16x512 at 2 (else 1), 64x512 at 1 under gradient checkpointing.
 VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 16, 512, 512, (2, 1)),
@@ -108,6 +111,9 @@ VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 
           False: [Video("4x64x64", 4, 64, 64, (2,))]}
 IMAGES = {True: Video("1x256x256", 1, 256, 256, (128, 64)), False: Video("1x64x64", 1, 64, 64, (4,))}
 CPU_GC_VIDEO = Video("4x64x64-gc", 4, 64, 64, (2,), grad_checkpoint=True)  # the 64x512 rows' path, on a CPU
+# STDiT2-XL/2 at Open-Sora v1.1's 240p: latent 16x30x53, padded to 16x30x54 tokens (15x27 per frame); a width that
+# the patch does not divide on a CPU too.
+STDIT2_VIDEO = {True: Video("16x240x426", 16, 240, 426, (4, 2)), False: Video("4x48x72", 4, 48, 72, (2,))}
 
 SP_SIZES = {True: (2, 4, 8), False: (2, 4)}
 # Per rank the batch is sp x the single-GPU training batch (Shape.B): each rank holds T/sp frames. Volume rows are
@@ -146,6 +152,7 @@ def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) 
         "gated_residual": (3 * tokens + rows, 3 * tokens + 2 * rows),  # x, y, gate -> out; dout, y, gate -> dy, dgate
         "to_temporal": (2 * tokens, 2 * tokens),  # x -> the permuted copy; dout -> dx
         "temporal_attention": (4 * tokens, 7 * tokens),  # qkv (3 tokens) -> out; qkv, dout -> d(qkv)
+        "qk_norm": (4 * tokens, 8 * tokens),  # q, k -> q', k' (v: a view); q, k, dq', dk', dv -> d(qkv)
     }
     name = bench.removesuffix("_temporal") if bench != "to_temporal" else bench
     if name not in formulas:
@@ -172,13 +179,20 @@ PEAK, SPEEDUP = "peak_mem_gb:peak GB:fmt", "-:speedup:speedup"
 TRAIN = ("model", "shape::gc", "encoders", "provider", "batch_size:batch", "ms:ms / step:f1",
          "samples_per_s:samples/s:fmt", "tokens_per_s:tokens/s:fmt", PEAK, SPEEDUP)
 THEIRS = ("-:ours / theirs:vs_open_sora", "-:Open-Sora:open_sora")
+SAMPLING = ("model", "shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
+            "steps_per_call:steps per timed call:int", SPEEDUP)
+OPEN_SORA_V11 = ("Open-Sora v1.1's STDiT2 forward written out op for op (tests/stdit2_reference.py, flash attention "
+                 "where theirs has it) on the same weights cast to the compute dtype, without autocast, as their "
+                 "bf16 runs compute; eager: sora's STDiT2 with the kernels off.")
 STEP_NOTE = (
     "One step = `sora.train.train_step`, the step `python -m sora.train` runs: IDDPM `training_losses` under bf16 "
     "autocast with fp32 master weights (fp32 on a CPU), backward, `clip_grad_norm_(1.0)`, **the AdamW step (lr 2e-5, "
     "weight decay 0) and the fp32 EMA update are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and "
     "120-token prompts encoded on the fly by T5-v1.1-XXL and the SD VAE (bf16, 32 frames per call); none: "
     "pre-encoded latents and captions (class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; "
-    "flash attention on in both. Open-Sora's figures: per GPU of 8x H800 (ZeRO-2, encoders on the fly).")
+    "flash attention on in both. Open-Sora's figures: per GPU of 8x H800 (ZeRO-2, encoders on the fly). "
+    "STDiT2-XL/2: Open-Sora v1.1's size inputs and stage-1 mask_ratios (x_mask on every step, as their training "
+    "passes it); open-sora: " + OPEN_SORA_V11)
 BENCHES = {
     **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
@@ -186,11 +200,18 @@ BENCHES = {
         "eager and >= torch.compile; the temporal variant within 10% of the plain one and >= 2x eager.")),
     "temporal_attention": Bench("kernels", "temporal_attention", target=(
         "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path.")),
+    "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth."),
     "temporal_branch": Bench(
-        "models", "STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> "
-        "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y)",
-        target="fused >= 1.3x eager.",
-        columns=("shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
+        "models", "Temporal branch, fwd+bwd",
+        "STDiT-XL/2: sora runs qkv Linear -> K.temporal_attention -> proj -> K.gated_residual; eager rearrange + "
+        "contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y. STDiT2-XL/2, x_mask given (a condition frame "
+        "per sample, as masked training passes it): norm, modulate, qkv, RoPE, qk-norm, attention, proj, gated "
+        "residual; sora: K.layernorm_modulate and K.gated_residual on the per-frame rows, K.temporal_attention with "
+        "RoPE and qk-norm in its prologue; open-sora: Open-Sora v1.1's branch as their code runs it "
+        "(tests/stdit2_reference.py: both modulations and a select, RoPE and the fp32 RMSNorm as separate passes, "
+        "the rearranges, fp32 softmax), eager and under torch.compile.",
+        "STDiT: sora >= 1.3x eager. STDiT2: sora >= 3x open-sora and >= 1.5x open-sora+compile.",
+        ("model", "shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
     "all_to_all_pack": Bench(
         "comm", "The permutes around `all_to_all_single` in STDiT-XL/2's temporal attention",
         "On one GPU: the pack before and the unpack after the exchange of each rank's qkv (B*S, T/sp, 3, H, D) "
@@ -212,14 +233,19 @@ BENCHES = {
                  "step_bytes:per step GB (fwd+bwd):G", "step_bytes_gc:per step GB with GC:G",
                  "step_comm_ms:ms per step at the assumed rate:fmt", "step_comm_ms_gc:with GC:fmt")),
     "sampling_step": Bench(
-        "pipeline", "STDiT-XL/2 sampling step (IDDPM, classifier-free guidance)",
+        "pipeline", "Sampling step (IDDPM, classifier-free guidance)",
         "One IDDPM step timed through `IDDPM.sample` (several steps per call, divided): the model call on the "
         "CFG-doubled batch, guidance and the posterior step, one host generator per prompt as sora/sample.py. "
         "Random weights, model and captions in the row's dtype (fp16: Open-Sora v1's inference dtype). sora: "
-        "enable_layernorm_kernel=True; eager: False; flash attention on in both; +compile: per block.",
-        "sora >= 1.2x eager; sora+compile >= eager+compile.",
-        ("shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
-         "steps_per_call:steps per timed call:int", SPEEDUP)),
+        "enable_layernorm_kernel=True; eager: False; flash attention on in both; +compile: per block. STDiT2-XL/2: "
+        "100 steps per call, Open-Sora v1.1's size inputs (fps 24); open-sora: " + OPEN_SORA_V11,
+        "STDiT: sora >= 1.2x eager; sora+compile >= eager+compile.", SAMPLING),
+    "sampling_cache": Bench(
+        "pipeline", "100-step sampling with the residual cache (sora/schedulers/cache.py)",
+        "STDiT-XL/2 as the sampling_step rows, 100 IDDPM steps per call; sora+cache: `cache=dict(type='residual')` "
+        "(its defaults). **Random weights: the rows report time and the number of full model calls only**; how "
+        "the cache changes a trained model's videos is measured on trained models, not here.",
+        columns=SAMPLING[:5] + ("cache", "model_calls:model calls:int", "ms_call:ms / call:f1", SPEEDUP)),
     "t5_encode": Bench("pipeline", "T5-v1.1-XXL encoder (random weights from its config)",
                        "`T5Encoder.encode`: tokenize (ByT5, file-less: the ids' values do not change the speed) + "
                        "encoder forward, padded to the row's token count.", "",
@@ -239,7 +265,8 @@ BENCHES = {
         ("shape", "provider", "steps", "dtype", "s_per_video:s / video:f2", PEAK, SPEEDUP)),
     "train_step_full": Bench("train", "Open-Sora's acceleration table on one GPU: full training step", STEP_NOTE,
                              "STDiT-XL/2 16x256 with T5+VAE on the fly, sora: >= 1.3x Open-Sora's 7.00 samples/s/GPU "
-                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile.", TRAIN + THEIRS),
+                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile. STDiT2-XL/2 "
+                             "16x240x426: sora >= 1.5x open-sora.", TRAIN + THEIRS),
     "dit_image_train": Bench("train", "Open-Sora's image table on one GPU: DiT-XL/2 (class-conditioned) on 256x256 "
                                       "images", columns=TRAIN[:2] + TRAIN[3:6] + ("samples_per_s:img/s:fmt",)
                              + TRAIN[7:] + THEIRS),
@@ -268,22 +295,25 @@ def model_name(model: str, cuda: bool) -> str:
     return model if cuda else model.split("-")[0] + " (tiny)"
 
 
-def kernel_priority(first: bool, provider: str, dtype: str, C: int) -> int | None:
-    """sora and torch at the first shape and dtype (the targets) first, then torch.compile there; then the other
-    bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger and flash-attn in the pytest suite only."""
+def kernel_priority(bench: str, first: bool, provider: str, dtype: str, C: int) -> int | None:
+    """sora and torch at the first shape and dtype (the targets) first (STDiT2's qk_norm with its other target
+    rows, 3), then torch.compile there; then the other bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger and
+    flash-attn in the pytest suite only."""
     if provider in ("sora", "torch"):
-        return 1 if first else 4 if dtype == "bf16" and C == 1152 else 5
+        return (3 if bench == "qk_norm" else 1) if first else 5 if dtype == "bf16" and C == 1152 else 6
     return 3 if provider == "torch.compile" and first else None
+
+
+HEADS_SHAPES = {"temporal_attention": ATTENTION_SHAPES, "qk_norm": QK_NORM_SHAPES}  # ops that split C in heads
 
 
 def kernel_cases(cuda: bool) -> list[Case]:
     return [Case(bench, provider, shape, {"direction": direction, "shape": [shape.B, shape.N, shape.C],
                                           "video": shape.video, "T": shape.T, "dtype": dtype,
-                                          **({"heads": shape.heads} if bench == "temporal_attention" else {})},
-                 priority=kernel_priority(index == 0 and dtype == dtypes[0], provider, dtype, shape.C))
+                                          **({"heads": shape.heads} if bench in HEADS_SHAPES else {})},
+                 priority=kernel_priority(bench, index == 0 and dtype == dtypes[0], provider, dtype, shape.C))
             for bench, providers in KERNEL_PROVIDERS.items()
-            for index, (shape, dtypes) in enumerate((ATTENTION_SHAPES if bench == "temporal_attention"
-                                                     else KERNEL_SHAPES)[cuda])
+            for index, (shape, dtypes) in enumerate(HEADS_SHAPES.get(bench, KERNEL_SHAPES)[cuda])
             for dtype in dtypes for direction in ("fwd", "fwd+bwd") for provider in providers]
 
 
@@ -312,13 +342,19 @@ def model_cases(cuda: bool) -> list[Case]:
     videos = VIDEOS[cuda]
     sample_dtype = "fp16" if cuda else "fp32"
     compile_providers = ("sora", "sora+compile", "eager", "eager+compile")
-    cases = [Case("temporal_branch", provider, video, {"direction": "fwd+bwd", "shape": video.label},
-                  video.batches[:1], 2 if i == 0 else None)
-             for i, video in enumerate(videos) for provider in ("sora", "eager")]
+    stdit2, open_sora = STDIT2_VIDEO[cuda], ("sora", "open-sora", "eager")  # eager: sora, kernels off
+    branches = [("STDiT-XL/2", video, dict.fromkeys(("sora", "eager"), None if i else 2))
+                for i, video in enumerate(videos)]
+    branches.append(("STDiT2-XL/2", stdit2, dict.fromkeys(("sora", "open-sora", "open-sora+compile"), 3)))
+    cases = [Case("temporal_branch", provider, video, {"model": model_name(model, cuda), "direction": "fwd+bwd",
+                                                       "shape": video.label}, video.batches[:1], priority)
+             for model, video, providers in branches for provider, priority in providers.items()]
+    cases += [train_case("train_step_full", "STDiT2-XL/2", stdit2, False, provider, cuda, priority)
+              for provider, priority in zip(open_sora, (3, 3, 4))]
     # The training step, once: with encoders on the fly (T5 built once and kept for the cases after it), then
     # pre-encoded, under torch.compile too. STDiT-XL/2's priorities by (encoders, video, provider):
-    priority = {(False, 0, "sora"): 2, (False, 0, "eager"): 2, (True, 0, "sora"): 6, (False, 1, "sora"): 7,
-                (False, 1, "eager"): 7}
+    priority = {(False, 0, "sora"): 2, (False, 0, "eager"): 2, (True, 0, "sora"): 7, (False, 1, "sora"): 8,
+                (False, 1, "eager"): 8}
     cases += [train_case("train_step_full", model, video, encoders, provider, cuda,
                          priority.get((encoders, i, provider)) if model == "STDiT-XL/2" else None)
               for encoders in (True, False) for i, video in enumerate(videos)
@@ -329,12 +365,19 @@ def model_cases(cuda: bool) -> list[Case]:
     cases += [train_case("dit_image_train", "DiT-XL/2", IMAGES[cuda], False, provider, cuda)
               for provider in ("sora", "eager", "eager+compile")]
     cases += [train_case("latte_train", "Latte-XL/2", videos[0], False, p, cuda) for p in ("sora", "eager")]
-    steps = STEPS_PER_CALL if cuda else 2
-    cases += [Case("sampling_step", provider, video,
-                   {"model": model_name("STDiT-XL/2", cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,
-                    "dtype": sample_dtype, "steps_per_call": steps, **CFG},
-                   (SAMPLE_PROMPTS,), 2 if i == 0 and provider in ("sora", "eager") else None)
+    def sampling(bench, model, video, provider, steps, priority):  # steps: (on a GPU, on a CPU)
+        return Case(bench, provider, (model, video),
+                    {"model": model_name(model, cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,
+                     "dtype": sample_dtype, "steps_per_call": steps[not cuda], **CFG},
+                    (SAMPLE_PROMPTS,), priority)
+
+    cases += [sampling("sampling_step", "STDiT-XL/2", video, provider, (STEPS_PER_CALL, 2),
+                       2 if i == 0 and provider in ("sora", "eager") else None)
               for i, video in enumerate(videos) for provider in compile_providers]
+    cases += [sampling("sampling_step", "STDiT2-XL/2", stdit2, provider, (SAMPLING_STEPS, 2), priority)
+              for provider, priority in zip(open_sora, (4, 4, None))]
+    cases += [sampling("sampling_cache", "STDiT-XL/2", videos[0], provider, (SAMPLING_STEPS, 6), 4)
+              for provider in ("sora", "sora+cache")]
     cases.append(Case("t5_encode", "transformers", None,
                       {"model": "T5-v1.1-XXL encoder" if cuda else "T5 (tiny)",
                        "shape": f"{120 if cuda else 8} tokens", "dtype": "bf16" if cuda else "fp32"},
@@ -347,13 +390,13 @@ def model_cases(cuda: bool) -> list[Case]:
     cases += [Case("sample_e2e", provider, videos[0],
                    {"model": model_name("STDiT-XL/2", cuda), "shape": videos[0].label, "dtype": sample_dtype,
                     "steps": SAMPLING_STEPS if cuda else 3, **CFG, "vae_micro_batch_size": SAMPLE_VAE_MICRO_BATCH},
-                   (1,), 6 if provider == "sora" else None)
+                   (1,), 7 if provider == "sora" else None)
               for provider in ("sora", "sora+compile", "eager")]
     cases.append(Case("optimizer_step", "sora", videos[0],
                       {"model": model_name("STDiT-XL/2", cuda), "shape": "parameters", "dtype": "fp32",
                        "optimizer": "AdamW fused" if cuda else "AdamW foreach"}, priority=2))
     return cases + [Case("diffusers_block", provider, (model, latent, text, config), {"model": model, "shape": shape,
-                         "direction": direction, "dtype": "bf16" if cuda else "fp32"}, (batch,), 8)
+                         "direction": direction, "dtype": "bf16" if cuda else "fp32"}, (batch,), 9)
                     for model, shape, latent, text, batch, config in BLOCKS[cuda] for direction in ("fwd", "fwd+bwd")
                     for provider in ("sora", "eager", "torch.compile")]
 

@@ -37,7 +37,8 @@ OPEN_SORA_IMAGES = (" / ".join(f"{r['name']} {r['img_per_s']}" for r in _IMAGES)
                     + " / ".join(f"{r['ktokens_per_s']}k" for r in _IMAGES) + " tokens/s)")
 OPEN_SORA_IMAGES_BEST = float(max(r["img_per_s"] for r in _IMAGES))
 MODEL_BENCH = {"STDiT-XL/2": "stdit_train", "PixArt-XL/2": "pixart_train"}
-SPEEDUP_BASE = {"sora": "eager", "sora+compile": "eager+compile", "eager+compile": "eager"}
+SPEEDUP_BASE = {"sora": ("eager", "open-sora", "open-sora+compile"), "sora+compile": ("eager+compile",),
+                "eager+compile": ("eager",), "sora+cache": ("sora",)}
 
 
 def heading(bench):
@@ -190,13 +191,14 @@ def theirs(row):
 
 
 def speedup(row, measured):
-    """Samples/s (else time) against the provider's base (SPEEDUP_BASE) at the same SETTING, else "-"."""
-    base = measured.get(tuple(row.get(f) for f in SETTING) + (SPEEDUP_BASE.get(row["provider"]),))
-    if base is None or row.get("ms") is None:
-        return "-"
-    key = "samples_per_s" if row.get("samples_per_s") and base.get("samples_per_s") else None
-    times = row[key] / base[key] if key else base["ms"] / row["ms"]
-    return f"{times:.2f}x vs {base['provider']}"
+    """Samples/s (else time) against each of the provider's bases (SPEEDUP_BASE) at the same SETTING, else "-"."""
+    texts = []
+    for provider in SPEEDUP_BASE.get(row["provider"], ()) if row.get("ms") is not None else ():
+        base = measured.get(tuple(row.get(f) for f in SETTING) + (provider,))
+        if base is not None:
+            key = "samples_per_s" if row.get("samples_per_s") and base.get("samples_per_s") else None
+            texts.append(f"{row[key] / base[key] if key else base['ms'] / row['ms']:.2f}x vs {provider}")
+    return ", ".join(texts) or "-"
 
 
 SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size", "direction")  # what a speedup compares at

@@ -37,7 +37,7 @@ def _size_embedder(P, name, s, bs):
     return emb.reshape(b, -1)
 
 
-def _rms_norm(weight, x, fp32_casts):
+def rms_norm(weight, x, fp32_casts):
     dtype = x.dtype
     h = x.to(torch.float32) if fp32_casts else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -69,7 +69,7 @@ def _attention(P, name, x, heads, qk_norm, rope_freqs, legacy, fp32_casts, flash
     B, N, C = x.shape
     D = C // heads
     q, k, v = _linear(P, f"{name}.qkv", x).view(B, N, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)
-    norm = (lambda w, t: _rms_norm(P[w], t, fp32_casts)) if qk_norm else (lambda w, t: t)
+    norm = (lambda w, t: rms_norm(P[w], t, fp32_casts)) if qk_norm else (lambda w, t: t)
     if rope_freqs is not None and legacy:
         q, k = _rope(rope_freqs, q), _rope(rope_freqs, k)
     q, k = norm(f"{name}.q_norm.weight", q), norm(f"{name}.k_norm.weight", k)
