@@ -1,9 +1,8 @@
 """What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark` (bench/test_bench.py),
 by bench/gpu_check.py (in order of priority: 1 the kernel rows that carry targets, 2 the model rows, 3
 torch.compile's target rows and STDiT2's, 4 STDiT2's sampling and the sampling cache, 5 and up while time remains,
-None the pytest suite only) and by bench/report.py. Adding
-an op or a bench: bench/NOTES.md. Needs neither torch nor a GPU (bench/report.py reads it).
-"""
+None the pytest suite only) and by bench/report.py. Adding an op or a bench: bench/NOTES.md. Needs neither torch
+nor a GPU (bench/report.py reads it)."""
 
 from dataclasses import dataclass, field
 
@@ -181,18 +180,15 @@ TRAIN = ("model", "shape::gc", "encoders", "provider", "batch_size:batch", "ms:m
 THEIRS = ("-:ours / theirs:vs_open_sora", "-:Open-Sora:open_sora")
 SAMPLING = ("model", "shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
             "steps_per_call:steps per timed call:int", SPEEDUP)
-OPEN_SORA_V11 = ("Open-Sora v1.1's STDiT2 forward written out op for op (tests/stdit2_reference.py, flash attention "
-                 "where theirs has it) on the same weights cast to the compute dtype, without autocast, as their "
-                 "bf16 runs compute; eager: sora's STDiT2 with the kernels off.")
+OPEN_SORA_V11 = ("open-sora: Open-Sora v1.1's STDiT2 forward op for op (tests/stdit2_reference.py, flash attention "
+                 "where theirs has it) on the same weights in the compute dtype, no autocast; eager: sora's STDiT2, "
+                 "kernels off.")
 STEP_NOTE = (
-    "One step = `sora.train.train_step`, the step `python -m sora.train` runs: IDDPM `training_losses` under bf16 "
-    "autocast with fp32 master weights (fp32 on a CPU), backward, `clip_grad_norm_(1.0)`, **the AdamW step (lr 2e-5, "
-    "weight decay 0) and the fp32 EMA update are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and "
-    "120-token prompts encoded on the fly by T5-v1.1-XXL and the SD VAE (bf16, 32 frames per call); none: "
-    "pre-encoded latents and captions (class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; "
-    "flash attention on in both. Open-Sora's figures: per GPU of 8x H800 (ZeRO-2, encoders on the fly). "
-    "STDiT2-XL/2: Open-Sora v1.1's size inputs and stage-1 mask_ratios (x_mask on every step, as their training "
-    "passes it); open-sora: " + OPEN_SORA_V11)
+    "One step = `sora.train.train_step` (`python -m sora.train`'s): IDDPM loss under bf16 autocast with fp32 master "
+    "weights (fp32 on a CPU), backward, clipping, **the AdamW step and the fp32 EMA update INCLUDED**. Random "
+    "weights. `encoders` T5+VAE: raw videos and prompts encoded on the fly; none: pre-encoded (class ids for DiT and "
+    "Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention in both. Open-Sora's figures: per GPU "
+    "of 8x H800. STDiT2: their size inputs and stage-1 mask_ratios (x_mask on every step). " + OPEN_SORA_V11)
 BENCHES = {
     **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
@@ -203,64 +199,48 @@ BENCHES = {
     "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth."),
     "temporal_branch": Bench(
         "models", "Temporal branch, fwd+bwd",
-        "STDiT-XL/2: sora runs qkv Linear -> K.temporal_attention -> proj -> K.gated_residual; eager rearrange + "
-        "contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y. STDiT2-XL/2, x_mask given (a condition frame "
-        "per sample, as masked training passes it): norm, modulate, qkv, RoPE, qk-norm, attention, proj, gated "
-        "residual; sora: K.layernorm_modulate and K.gated_residual on the per-frame rows, K.temporal_attention with "
-        "RoPE and qk-norm in its prologue; open-sora: Open-Sora v1.1's branch as their code runs it "
-        "(tests/stdit2_reference.py: both modulations and a select, RoPE and the fp32 RMSNorm as separate passes, "
-        "the rearranges, fp32 softmax), eager and under torch.compile.",
+        "STDiT: qkv, attention, proj, gated residual; eager adds the rearranges. STDiT2 with x_mask: norm, modulate, "
+        "qkv, RoPE, qk-norm, attention, proj, gated residual; sora: its kernels on the per-frame rows; open-sora: "
+        "Open-Sora v1.1's branch (tests/stdit2_reference.py), eager and compiled. bench/NOTES.md has the details.",
         "STDiT: sora >= 1.3x eager. STDiT2: sora >= 3x open-sora and >= 1.5x open-sora+compile.",
         ("model", "shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
     "all_to_all_pack": Bench(
         "comm", "The permutes around `all_to_all_single` in STDiT-XL/2's temporal attention",
-        "On one GPU: the pack before and the unpack after the exchange of each rank's qkv (B*S, T/sp, 3, H, D) "
-        "(scatter heads, gather frames) and attention output (B*S, T, H/sp, D) (scatter frames, gather heads), H=16, "
-        "D=72 on a GPU; the backward runs the same permutes transposed. view: the swap (A, B, M) -> (B, A, M). batch "
-        "= sp x the single-GPU training batch (each rank holds T/sp frames). Cell: median time, GB/s counting the "
-        "tensor read and written once, and that as a share of the measured copy bandwidth. sora: the Triton kernel "
-        "as `_exchange` calls it; torch: `view(A, B, M).transpose(0, 1).contiguous()`. exact: sora's output equals "
-        "torch's bit for bit.", "sora >= 80% of copy bandwidth."),
+        "The pack and unpack of each rank's qkv (B*S, T/sp, 3, H, D) and output (B*S, T, H/sp, D) on one GPU, as the "
+        "swap (A, B, M) -> (B, A, M); batch = sp x the training batch. GB/s: the tensor read and written once. sora: "
+        "the Triton kernel; torch: view + transpose + contiguous; exact: bit for bit equal.",
+        "sora >= 80% of copy bandwidth."),
     "all_to_all_volume": Bench(
         "comm", "All-to-all volume per rank: computed, not timed",
-        "Bytes one rank sends to the others for one sample of bf16 STDiT-XL/2 split over sp ranks by frames (the "
-        "(sp-1)/sp of each tensor that leaves the rank): per layer, the forward's two exchanges (qkv and output); "
-        f"backward sends the same again; gradient checkpointing recomputes the forward's. Per step: x {DEPTH} layers. "
-        f"The ms columns divide by an **assumed** {LINK_GBPS_ASSUMED:.0f} GB/s per direction per GPU (H100 NVLink 4 "
-        "datasheet, not a measurement; achieved all-to-all bandwidth is lower). Formulas: bench/NOTES.md.",
+        f"Bytes one rank sends for a sample of bf16 STDiT-XL/2 split over sp ranks by frames, per layer and per step "
+        f"({DEPTH} layers); ms at an **assumed** {LINK_GBPS_ASSUMED:.0f} GB/s per direction (a datasheet figure, not "
+        "a measurement). Formulas: bench/NOTES.md.",
         columns=("video", "sp", "tokens_per_rank:tokens per rank:fmt", "qkv_send_bytes:qkv MB:M",
                  "out_send_bytes:output MB:M", "layer_fwd_bytes:per layer fwd MB (= bwd):M",
                  "step_bytes:per step GB (fwd+bwd):G", "step_bytes_gc:per step GB with GC:G",
                  "step_comm_ms:ms per step at the assumed rate:fmt", "step_comm_ms_gc:with GC:fmt")),
     "sampling_step": Bench(
         "pipeline", "Sampling step (IDDPM, classifier-free guidance)",
-        "One IDDPM step timed through `IDDPM.sample` (several steps per call, divided): the model call on the "
-        "CFG-doubled batch, guidance and the posterior step, one host generator per prompt as sora/sample.py. "
-        "Random weights, model and captions in the row's dtype (fp16: Open-Sora v1's inference dtype). sora: "
-        "enable_layernorm_kernel=True; eager: False; flash attention on in both; +compile: per block. STDiT2-XL/2: "
-        "100 steps per call, Open-Sora v1.1's size inputs (fps 24); open-sora: " + OPEN_SORA_V11,
+        "IDDPM steps timed through `IDDPM.sample` (model call on the doubled batch, guidance, posterior step) divided "
+        "by the steps per call. Random weights in the row's dtype. sora / eager: the kernels on / off; +compile: per "
+        "block. STDiT2: 100 steps per call, their size inputs. " + OPEN_SORA_V11,
         "STDiT: sora >= 1.2x eager; sora+compile >= eager+compile.", SAMPLING),
     "sampling_cache": Bench(
         "pipeline", "100-step sampling with the residual cache (sora/schedulers/cache.py)",
-        "STDiT-XL/2 as the sampling_step rows, 100 IDDPM steps per call; sora+cache: `cache=dict(type='residual')` "
-        "(its defaults). **Random weights: the rows report time and the number of full model calls only**; how "
-        "the cache changes a trained model's videos is measured on trained models, not here.",
+        "STDiT-XL/2 as in sampling_step, 100 steps per call; sora+cache: `cache=dict(type='residual')`, its defaults. "
+        "**Random weights: time and the number of full model calls only**, nothing about the videos' quality.",
         columns=SAMPLING[:5] + ("cache", "model_calls:model calls:int", "ms_call:ms / call:f1", SPEEDUP)),
     "t5_encode": Bench("pipeline", "T5-v1.1-XXL encoder (random weights from its config)",
-                       "`T5Encoder.encode`: tokenize (ByT5, file-less: the ids' values do not change the speed) + "
-                       "encoder forward, padded to the row's token count.", "",
-                       ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1", "prompts_per_s:prompts/s:fmt",
-                        "tokens_per_s:tokens/s:fmt", PEAK)),
+                       "`T5Encoder.encode`: tokenize (ByT5, file-less) + encoder forward, padded to the token count.",
+                       "", ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1",
+                            "prompts_per_s:prompts/s:fmt", "tokens_per_s:tokens/s:fmt", PEAK)),
     "vae_decode": Bench("pipeline", "SD VAE decode per frame (random weights from sd-vae-ft-ema's config)",
-                        "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per "
-                        "AutoencoderKL call.", "",
+                        "`VideoAutoencoderKL.decode`, `micro_batch_size` frames per AutoencoderKL call.", "",
                         ("shape:resolution", "micro_batch_size:micro-batch (frames)", "batch_size:frames per call",
                          "dtype", "ms::f1", "frames_per_s:frames/s:fmt", PEAK)),
     "sample_e2e": Bench(
         "pipeline", "End-to-end sampling of one video: T5 encode + IDDPM steps + VAE decode",
-        "sora.sample.sample_videos, one prompt: T5 encode (bf16), IDDPM sampling with CFG (batch 1, the model sees "
-        "2), VAE decode, video copied to the host (not written to a file). sora+compile: the model call under "
-        "torch.compile, as `python -m sora.sample --compile true`.",
+        "sora.sample.sample_videos, one prompt, video copied to the host; sora+compile: `--compile true`.",
         "sora faster than eager; 100 IDDPM steps at 16x256 under Open-Sora's published 5 s per sample (H800).",
         ("shape", "provider", "steps", "dtype", "s_per_video:s / video:f2", PEAK, SPEEDUP)),
     "train_step_full": Bench("train", "Open-Sora's acceleration table on one GPU: full training step", STEP_NOTE,
@@ -273,17 +253,15 @@ BENCHES = {
     "latte_train": Bench("train", "Latte-XL/2 (class-conditioned), training step", columns=TRAIN[:2] + TRAIN[3:]),
     "diffusers_block": Bench(
         "models", "One diffusers transformer block (Wan2.1's WanTransformerBlock, PixArt's BasicTransformerBlock)",
-        "A block of a one-block model (diffusers' defaults and the row's size, random weights, bf16); sora: the model "
-        "after `sora.kernels.patch`, eager and torch.compile: unpatched. GB/s: the bytes of the elementwise passes "
-        "sora fuses (2 layernorm_modulate + 2 gated_residual, their minimum bytes) over the whole block's time.",
+        "The block of a one-block model, random weights, bf16; sora: after `sora.kernels.patch`. GB/s: the minimum "
+        "bytes of the passes sora fuses (2 layernorm_modulate + 2 gated_residual) over the whole block's time.",
         columns=("model", "shape", "direction", "provider", "batch_size:batch", "ms::f2", "gbps:elementwise GB/s:fmt",
                  "frac_copy_bw:share of copy:pct", SPEEDUP)),
     "optimizer_step": Bench(
         "optimizer", "Optimizer step",
-        "`sora.train.optimizer_step`, what follows a training step's backward: gradient clipping (foreach), AdamW "
-        "(fused on CUDA, foreach elsewhere), the fp32 EMA's foreach lerp, over every parameter with fp32 master "
-        "weights, gradients and EMA. GB/s counts the bytes it must move (bytes / param, from its docstring) over "
-        "the measured time.", f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth.",
+        "`sora.train.optimizer_step`: clipping, AdamW (fused on CUDA), the fp32 EMA, over fp32 master weights. GB/s: "
+        "the bytes it must move (its docstring's bytes / param) over the time.",
+        f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth.",
         ("model", "optimizer", "dtype", "params:params (M):M", "bytes_per_param:bytes / param", "ms::f2",
          "gbps:GB/s:fmt", "frac_copy_bw:share of copy:pct", "-:target:target_met")),
 }

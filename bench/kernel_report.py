@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels: must be set before triton decorates anything
@@ -54,25 +55,17 @@ def resources(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}
 
 
-class _Sm90Driver:
-    """Enough of a Triton driver to compile for sm_90 without a GPU and read a kernel's registers (one_wave)."""
+def _load_binary(name, cubin, shared, device):
+    usage = resources(cubin)
+    return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
 
-    launcher_cls = staticmethod(lambda src, metadata: None)
 
-    class utils:
-        @staticmethod
-        def get_device_properties(device):
-            return {"max_shared_mem": H100_SHARED_PER_BLOCK, "max_num_regs": REGISTERS_PER_SM,
-                    "multiprocessor_count": SMS, "warpSize": 32}
-
-        @staticmethod
-        def load_binary(name, cubin, shared, device):
-            usage = resources(cubin)
-            return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
-
-    get_current_device = staticmethod(lambda: 0)
-    get_current_stream = staticmethod(lambda device: 0)
-    get_current_target = staticmethod(lambda: SM90)
+# Enough of a Triton driver to compile for sm_90 without a GPU and read a kernel's registers (one_wave).
+SM90_DRIVER = SimpleNamespace(
+    launcher_cls=lambda src, metadata: None, get_current_device=lambda: 0, get_current_stream=lambda device: 0,
+    get_current_target=lambda: SM90, utils=SimpleNamespace(load_binary=_load_binary, get_device_properties=lambda d: {
+        "max_shared_mem": H100_SHARED_PER_BLOCK, "max_num_regs": REGISTERS_PER_SM, "multiprocessor_count": SMS,
+        "warpSize": 32}))
 
 
 @dataclasses.dataclass
@@ -146,7 +139,7 @@ def sm90_capture(case: str, launches: list):
         launches.append(launch)
 
     active = driver._active
-    driver.set_active(_Sm90Driver())
+    driver.set_active(SM90_DRIVER)
     try:
         with mock.patch.object(JITFunction, "run", capture), mock.patch.object(_common, "INTERPRETED", True), \
                 mock.patch.object(torch.Tensor, "is_cuda", property(lambda x: True)):  # one_wave compiles for sm_90
