@@ -185,10 +185,11 @@ OPEN_SORA_V11 = ("open-sora: Open-Sora v1.1's STDiT2 forward op for op (tests/st
                  "kernels off.")
 STEP_NOTE = (
     "One step = `sora.train.train_step` (`python -m sora.train`'s): IDDPM loss under bf16 autocast with fp32 master "
-    "weights (fp32 on a CPU), backward, clipping, **the AdamW step and the fp32 EMA update INCLUDED**. Random "
-    "weights. `encoders` T5+VAE: raw videos and prompts encoded on the fly; none: pre-encoded (class ids for DiT and "
-    "Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention in both. Open-Sora's figures: per GPU "
-    "of 8x H800. STDiT2: their size inputs and stage-1 mask_ratios (x_mask on every step). " + OPEN_SORA_V11)
+    "weights (fp32 on a CPU), backward, clipping, **the AdamW step (lr 2e-5, weight decay 0) and the fp32 EMA update "
+    "are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and prompts encoded on the fly; none: "
+    "pre-encoded (class ids for DiT and Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention in "
+    "both. Open-Sora's figures: per GPU of 8x H800. STDiT2: their size inputs and stage-1 mask_ratios (x_mask on "
+    "every step). " + OPEN_SORA_V11)
 BENCHES = {
     **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
