@@ -34,10 +34,8 @@ from bench.cases import by_priority  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
 DEFAULT_DEADLINE_S = 520.0  # with GRACE_S and the start-up, under a 10-minute call (bench/NOTES.md)
-# After the deadline the main thread gets this long to write what it has; then the process exits (exit code 3).
-GRACE_S = 45.0
-# The kernel tests stop this long before the deadline, so the rows get their turn (an estimate: bench/NOTES.md).
-ROWS_RESERVE_S = 340.0
+GRACE_S = 45.0  # after the deadline, the time to write what the run has; then the process exits (exit code 3)
+ROWS_RESERVE_S = 340.0  # the kernel tests stop this long before the deadline, leaving it to the rows (bench/NOTES.md)
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py", "tests/test_qk_norm.py",
                 "tests/test_models.py::test_kernels_on_equals_off", "tests/test_stdit2.py::test_kernels_on_equals_off"]
 # On the GPU every test but the ones that check the interpreter itself; with --tiny a quick selection.
@@ -51,8 +49,7 @@ class Deadline(BaseException):
     """The run's time, or a section's share of it, is up. BaseException: no `except Exception` swallows it."""
 
 
-# run(check); required: the deadline cutting it fails the run (exit code 3).
-Section = namedtuple("Section", "name run required")
+Section = namedtuple("Section", "name run required")  # run(check); required: cut by the deadline, exit code 3
 
 
 class Check:
