@@ -10,7 +10,7 @@ import platform
 import re
 import statistics
 import subprocess
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -20,13 +20,9 @@ RESULTS_DIR = REPO / "bench" / "results"
 CPU_SLUG = "cpu-smoke"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
 
-# do_bench's warm-up and repetition times (ms): long enough for a stable median of 1-10 ms kernels.
-WARMUP_MS = 25
-REP_MS = 200
-# Working sets below this get several input sets to rotate through (H100's L2 is 50 MB); ours are far over.
-L2_FALLBACK_BYTES = 50 * 2**20
-# Whole steps (training, sampling, encoders): about this much time of timed calls per case.
-STEPS_MS = 6000
+WARMUP_MS, REP_MS = 25, 200  # do_bench's warm-up and repetition (ms): a stable median of 1-10 ms kernels
+L2_FALLBACK_BYTES = 50 * 2**20  # working sets below this rotate through several input sets (an H100's L2: 50 MB)
+STEPS_MS = 6000  # whole steps (training, sampling, encoders): about this much of timed calls per case
 
 
 def on_cuda() -> bool:
@@ -42,7 +38,6 @@ def git_commit() -> str:
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True).stdout
-
     try:
         return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -77,7 +72,6 @@ def read_clocks(index: int) -> dict | None:
         return {f"{name}{kind}_mhz": get(handle, clock) for name, clock in (("sm", nv.NVML_CLOCK_SM),
                                                                             ("mem", nv.NVML_CLOCK_MEM))
                 for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
-
     try:
         return nvml(index, read)
     except Exception:
@@ -97,7 +91,6 @@ def device_info(device: torch.device) -> dict:
         text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
         return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
                 "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1)}
-
     try:
         info.update(nvml(device.index, read))
     except Exception as error:  # keep CUDA's view of the device, and say why NVML's is missing
@@ -159,12 +152,7 @@ def time_ms(fn, device: torch.device, repeats: int = 3) -> float:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats)) * 1e3
 
 
 class Timer:
@@ -185,13 +173,11 @@ class Timer:
 
     def kernel(self, fn) -> float:
         """fn's median time in ms after two warm-up calls (Triton JIT, torch.compile's graphs), measured once."""
-
         def measure():
             for _ in range(2 if self.device.type == "cuda" else 1):
                 fn()
             synchronize(self.device)
             return time_ms(fn, self.device)
-
         return self.once(measure)
 
     def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
@@ -209,7 +195,6 @@ class Timer:
                 times.append(start.elapsed_time(end))
             else:
                 times.append(time_ms(step, self.device, repeats=1))
-
         for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
         rounds = max(3, min(10, int(total_ms / times[-1]))) if cuda else 2
@@ -233,8 +218,8 @@ class Rotation:
     is not served from it on every repetition."""
 
     def __init__(self, make_inputs, step, set_bytes: int, device: torch.device):
-        cuda = device.type == "cuda"
-        l2 = (cuda and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or L2_FALLBACK_BYTES
+        l2 = ((device.type == "cuda" and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+              or L2_FALLBACK_BYTES)
         count = 1 if set_bytes > l2 else min(8, 2 * l2 // max(set_bytes, 1) + 1)
         self.sets, self.step, self.calls = [make_inputs() for _ in range(count)], step, 0
 

@@ -344,6 +344,7 @@ def model_cases(cuda: bool) -> list[Case]:
     cases += [train_case("dit_image_train", "DiT-XL/2", IMAGES[cuda], False, provider, cuda)
               for provider in ("sora", "eager", "eager+compile")]
     cases += [train_case("latte_train", "Latte-XL/2", videos[0], False, p, cuda) for p in ("sora", "eager")]
+
     def sampling(bench, model, video, provider, steps, priority):  # steps: (on a GPU, on a CPU)
         return Case(bench, provider, (model, video),
                     {"model": model_name(model, cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,

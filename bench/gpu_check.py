@@ -291,18 +291,16 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
     for line in where_results_come_from(args.tiny)[:-1]:
         check.log(line)
 
-    def stop(why):
-        def handler(signum, frame):
-            raise Deadline(why)
-        return handler
+    why = {signal.SIGALRM: "the deadline", signal.SIGTERM: "terminated (SIGTERM)"}  # `timeout` sends SIGTERM first
+
+    def stop(signum, frame):
+        raise Deadline(why[signum])
 
     def hard_stop():
         check.log(f"still running {GRACE_S:.0f} s after the deadline: exiting; summary.json holds what was done")
         os._exit(3)
 
-    # `timeout` sends SIGTERM before SIGKILL.
-    previous = {signum: signal.signal(signum, stop(why))
-                for signum, why in ((signal.SIGALRM, "the deadline"), (signal.SIGTERM, "terminated (SIGTERM)"))}
+    previous = {signum: signal.signal(signum, stop) for signum in why}
     signal.setitimer(signal.ITIMER_REAL, max(check.remaining(), 1e-3))
     stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop)
     stopper.daemon = True

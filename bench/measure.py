@@ -1,7 +1,6 @@
-"""How each bench of bench/cases.py is measured (MEASURES), and run_case: the one function that measures a case
-and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike. Nothing is downloaded: every
-model has random weights, T5-v1.1-XXL's encoder and the SD VAE are built from their published configs; on a CPU
-the same code runs tiny sizes (the smoke set)."""
+"""How each bench of bench/cases.py is measured (MEASURES), and run_case, the one function that measures a case for
+`pytest bench/ --benchmark` and bench/gpu_check.py alike. Nothing is downloaded: random weights, T5-v1.1-XXL's
+encoder and the SD VAE built from their published configs; on a CPU the same code runs tiny sizes (the smoke set)."""
 
 import copy
 import importlib
@@ -35,8 +34,7 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
                      scaling_factor=0.18215)
 SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
 LR, GRAD_CLIP, EMA_DECAY = 2e-5, 1.0, 0.9999  # Open-Sora v1's training configs
-# Frames per VAE call when encoding on the fly (Open-Sora's configs: 128 or 64); 32 leaves room for T5 and the EMA.
-TRAIN_VAE_MICRO_BATCH = 32
+TRAIN_VAE_MICRO_BATCH = 32  # frames per VAE call on the fly (Open-Sora's: 128 or 64): room for T5 and the EMA
 CUDA_ONLY = ("apex", "liger", "flash-attn")  # with torch.compile's providers: skipped on a CPU
 LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
 STAGE1 = REPO / "configs" / "opensora-v1-1" / "train" / "stage1.py"  # Open-Sora v1.1's mask_ratios
@@ -67,15 +65,15 @@ def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | N
 TOKENS_OUT, TEMPORAL_OUT = (lambda s: [(s.B, s.N, s.C)]), (lambda s: [(s.B * s.S, s.T, s.C)])  # an op's outputs
 
 
-def temporal(s, x):
-    return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
+def temporal(T, x):
+    return rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
 
 
 def layernorm_modulate_op(temporal_layout: bool):
     def eager(s, norm, flash):
         def forward(x, shift, scale):
             y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
-            return temporal(s, y) if temporal_layout else y
+            return temporal(s.T, y) if temporal_layout else y
         return forward
 
     return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1),
@@ -124,7 +122,7 @@ KERNEL_OPS = {
     "gated_residual": gated_residual_op(False),
     "gated_residual_temporal": gated_residual_op(True),
     "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
-                    lambda s, norm, flash: lambda x: temporal(s, x), TEMPORAL_OUT),
+                    lambda s, norm, flash: lambda x: temporal(s.T, x), TEMPORAL_OUT),
     "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
                            lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads), eager_temporal_attention,
                            TOKENS_OUT),
@@ -135,26 +133,21 @@ KERNEL_OPS = {
 }
 
 
-def external(provider: str, case, device) -> dict:
-    """apex FusedLayerNorm, Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode) or flash-attn."""
-    names = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
-             "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
-    if provider not in names:
-        return {}
-    found = importable(*names[provider])
-    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
-    if provider == "apex":
-        return dict(norm=found(C, eps=EPS, elementwise_affine=False).to(device))
-    if provider == "liger":
-        return dict(norm=found(C, eps=EPS).to(device=device, dtype=dtype).requires_grad_(False))
-    return dict(flash=found)
+EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
+            "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
 
 
 def kernel_forward(case, device):
+    """sora's call, or the eager path: plain, compiled, with apex's FusedLayerNorm, Liger's LayerNorm (weight 1, bias
+    0: Liger has no affine-free mode) or flash-attn."""
     _, sora, eager, _ = KERNEL_OPS[case.bench]
     if case.provider == "sora":
         return sora(case.spec)
-    forward = eager(case.spec, **{"norm": None, "flash": None, **external(case.provider, case, device)})
+    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
+    found = importable(*EXTERNAL[case.provider]) if case.provider in EXTERNAL else None
+    norm = (found(C, eps=EPS, elementwise_affine=False).to(device) if case.provider == "apex" else
+            found(C, eps=EPS).to(device, dtype).requires_grad_(False) if case.provider == "liger" else None)
+    forward = eager(case.spec, norm, found if case.provider == "flash-attn" else None)
     return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
 
 
@@ -174,9 +167,7 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
     s, device, dtype = case.spec, timer.device, DTYPES[case.fields["dtype"]]
     backward = case.fields["direction"] == "fwd+bwd"
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
-    forward = kernel_forward(case, device)
-
-    inputs_of, _, eager, out_shapes = KERNEL_OPS[case.bench]
+    forward, (inputs_of, _, eager, out_shapes) = kernel_forward(case, device), KERNEL_OPS[case.bench]
 
     def randn(*shape, scale=1.0):
         tensor = torch.randn(shape, device=device, dtype=dtype)
@@ -191,8 +182,7 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
         out = forward(**inputs)
         return torch.autograd.grad(out, list(inputs.values()), douts) if backward else out
 
-    run = Rotation(make_inputs, step, nbytes, device)
-    row = {}
+    run, row = Rotation(make_inputs, step, nbytes, device), {}
     if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward (all its outputs) against the fp32 eager op
         with torch.no_grad():
             probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
@@ -251,19 +241,20 @@ def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False
                enable_layernorm_kernel=provider.startswith("sora"), grad_checkpoint=grad_checkpoint, **kwargs)
     if device.type != "cuda":
         cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
-    from sora.models import build_model
-
     with device:  # parameters created (and initialised) on the device: much faster than on the host
-        model = build_model(cfg)
-    model.to(device=device, dtype=dtype)
+        model = importable("sora.models", "build_model")(cfg).to(device=device, dtype=dtype)
     randomize(model)
     return model
 
 
-def compiled(model):
-    if compile_mode() == "model":
+def model_forward(model, provider, dtype):
+    """What computes the model's output for a provider: the model, compiled (a +compile provider, per block by
+    default: block 0 with STDiT's temporal position embedding and the others, two graphs) or Open-Sora v1.1's."""
+    if provider == "open-sora":
+        return open_sora_v11(model, dtype)
+    if provider.endswith("compile") and compile_mode() == "model":
         return torch.compile(model, dynamic=False)
-    for block in model.blocks:  # block 0 (temporal position embedding) and the others: two graphs
+    for block in model.blocks if provider.endswith("compile") else ():
         block.compile(dynamic=False)
     return model
 
@@ -274,23 +265,6 @@ def captions(model, batch, device, dtype, generator):
     y = torch.randn(batch, 1, L, C, device=device, dtype=dtype, generator=generator)
     lengths = torch.randint(max(1, L // 6), max(2, (5 * L) // 6), (batch,), device=device, generator=generator)
     return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
-
-
-def stdit_branch(provider, x, T, heads, randn):
-    """STDiT's temporal branch: sora frame-major throughout, eager with rearrange + contiguous and back."""
-    from sora.models.layers import Attention
-
-    B, _, C = x.shape
-    attention = Attention(C, heads, qkv_bias=True, enable_flashattn=True).to(x)
-    randomize(attention)
-    gate = randn(B, 1, C)
-    if provider == "sora":
-        return lambda: K.gated_residual(x, attention(x, temporal=T), gate), [gate, *attention.parameters()]
-
-    def branch():
-        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
-        return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=B)
-    return branch, [gate, *attention.parameters()]
 
 
 def stdit2_branch(provider, x, T, heads, randn):
@@ -320,8 +294,7 @@ def stdit2_branch(provider, x, T, heads, randn):
 
 
 def measure_temporal_branch(case, batch, timer: Timer) -> dict:
-    """A temporal branch fwd+bwd at XL width (C=1152, 16 heads; TINY's on a CPU), timed once, as its bench's note in
-    bench/cases.py says."""
+    """A temporal branch fwd+bwd at XL width (C=1152, 16 heads; TINY's on a CPU), timed once (bench/NOTES.md)."""
     device, (T, H, W) = timer.device, case.spec.latent
     dtype, hidden, heads = ((torch.bfloat16, 1152, 16) if device.type == "cuda"
                             else (torch.float32, TINY["hidden_size"], TINY["num_heads"]))
@@ -329,8 +302,15 @@ def measure_temporal_branch(case, batch, timer: Timer) -> dict:
     randn = lambda *shape: (0.1 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_()  # noqa: E731
     x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
     dout = torch.randn_like(x)
-    stdit2 = case.fields["model"].startswith("STDiT2")
-    branch, params = (stdit2_branch if stdit2 else stdit_branch)(case.provider, x, T, heads, randn)
+    if case.fields["model"].startswith("STDiT2"):
+        branch, params = stdit2_branch(case.provider, x, T, heads, randn)
+    else:  # STDiT's: sora frame-major throughout, eager with rearrange + contiguous and back
+        attention = importable("sora.models.layers", "Attention")(hidden, heads, qkv_bias=True, enable_flashattn=True)
+        randomize(attention.to(x))
+        gate = randn(batch, 1, hidden)
+        params = [gate, *attention.parameters()]
+        branch = ((lambda: K.gated_residual(x, attention(x, temporal=T), gate)) if case.provider == "sora" else
+                  lambda: x + gate * rearrange(attention(temporal(T, x)), "(B S) T C -> B (T S) C", B=batch))
     ms = timer.kernel(lambda: torch.autograd.grad(branch(), [x, *params], dout))
     return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
 
@@ -415,9 +395,7 @@ def train_step_fn(case, batch, device):
     model = build_dit(model_type, video.latent, case.provider, device, torch.float32,
                       grad_checkpoint=video.grad_checkpoint, **LABEL_MODELS.get(model_type, {})).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    forward = compiled(model) if case.provider.endswith("compile") else model  # the EMA is never compiled
-    if case.provider == "open-sora":
-        forward = open_sora_v11(model, dtype)
+    forward = model_forward(model, case.provider, dtype)  # the EMA is copied before: never compiled
     optimizer = build_optimizer(model, LR)
     generator = torch.Generator(device=device).manual_seed(1)
     if encoders:
@@ -459,9 +437,7 @@ def measure_sampling_step(case, batch, timer: Timer) -> dict:
     model_type, video = case.spec
     latent = video.latent
     model = build_dit(model_type, latent, case.provider, device, dtype).eval()
-    forward = compiled(model) if case.provider.endswith("compile") else model  # compiles the blocks in place
-    if case.provider == "open-sora":
-        forward = open_sora_v11(model, dtype)
+    forward = model_forward(model, case.provider, dtype)
     y, mask = captions(model, batch, device, dtype, torch.Generator(device=device).manual_seed(1))
     sizes = size_inputs(model, video, batch, device, ar=video.height / video.width)  # as their sampling scripts
     scheduler = IDDPM(num_sampling_steps=steps, **CFG)
