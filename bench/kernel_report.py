@@ -9,7 +9,6 @@ The launches of CASES are captured while Triton's driver is an sm_90 stand-in (c
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -37,8 +36,7 @@ from bench.bench_utils import DTYPES  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
-# Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
-# memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
+# Hopper SXM: 132 SMs issuing 4 warp-instructions per clock each, at a clock between base and boost (NVIDIA's specs).
 SMS, ISSUE_PER_CLOCK, CLOCKS_GHZ = 132, 4, (1.755, 1.98)
 REGISTERS_PER_SM, WARPS_PER_SM, SHARED_PER_SM, H100_SHARED_PER_BLOCK = 65536, 64, 228 * 1024, 227 * 1024
 COPY_TBS = {"H100": 3.0, "H200": 4.3}  # copy rates the targets are set against (datasheet-level, not measured here)
@@ -68,38 +66,15 @@ SM90_DRIVER = SimpleNamespace(
         "warpSize": 32}))
 
 
-@dataclasses.dataclass
-class Launch:
-    case: str
-    kernel: str
-    grid: tuple
-    num_warps: int
-    constexprs: dict
-    ints: dict  # the int arguments as the JIT saw them: name -> value
-    useful_bytes: int
-    loop_trips: int  # loop iterations summed over all programs; 0 for a kernel without a loop
-    registers: int = 0
-    spill_bytes: int = 0
-    shared_bytes: int = 0
-    loads: str = ""
-    stores: str = ""
-    instructions: int = 0  # issued per program (outside the loop, fast paths only)
-    loop_instructions: int = 0  # issued per loop iteration
-    blocks_per_sm: int = 0
-    error: str = ""
-
-    def per_byte(self) -> float:
-        """Warp instructions issued per useful byte."""
-        issued = self.instructions * math.prod(self.grid) + self.loop_instructions * self.loop_trips
-        return issued * self.num_warps / self.useful_bytes
-
-    def waves(self) -> float:
-        """Programs per resident slot on an H100 (132 SMs): above 1, the last wave runs part-empty."""
-        return math.prod(self.grid) / (self.blocks_per_sm * SMS) if self.blocks_per_sm else math.inf
-
-    def loop_per_byte(self) -> float:
-        """Warp instructions per byte of the loop alone: what the steady state of a long loop issues."""
-        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes
+# A launch: case, kernel, grid, num_warps, constexprs, ints (the int arguments as the JIT saw them), useful_bytes,
+# loop_trips (loop iterations summed over all programs, 0 without a loop), error; analyse adds what the cubin and
+# SASS say: registers, spill_bytes, shared_bytes, loads, stores, instructions (per program outside the loop, fast
+# paths only), loop_instructions (per iteration), blocks_per_sm, per_byte, loop_per_byte, waves.
+def per_byte(launch: dict, loop_only=False) -> float:
+    """Warp instructions issued per useful byte; loop_only: the loop's alone (a long loop's steady state)."""
+    issued = launch["loop_instructions"] * launch["loop_trips"]
+    issued += 0 if loop_only else launch["instructions"] * math.prod(launch["grid"])
+    return issued * launch["num_warps"] / launch["useful_bytes"]
 
 
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
@@ -125,17 +100,16 @@ def sm90_capture(case: str, launches: list):
         bound.update(kwargs)
         grid = tuple(grid(bound) if callable(grid) else grid)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        launch = Launch(
+        launch = dict(
             case=case, kernel=kernel.fn.__name__, grid=grid, num_warps=kwargs.get("num_warps", 4),
             constexprs={p.name: bound[p.name] for p in kernel.params if p.is_constexpr and p.name in bound},
             ints={k: v for k, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)},
             useful_bytes=sum(t.numel() * t.element_size() for t in tensors),
-            loop_trips=_loop_trips(kernel, bound, grid),
-        )
+            loop_trips=_loop_trips(kernel, bound, grid), error="")
         try:
-            launch.compiled = original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            launch["compiled"] = original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
         except Exception as e:  # reported per launch; the test fails on it
-            launch.error = f"{type(e).__name__}: {e}"
+            launch["error"] = f"{type(e).__name__}: {e}"
         launches.append(launch)
 
     active = driver._active
@@ -235,19 +209,20 @@ def blocks_per_sm(registers: int, num_warps: int, shared: int) -> int:
     return min(by_registers, WARPS_PER_SM // num_warps, by_shared, 32)
 
 
-def analyse(launch: Launch) -> Launch:
-    """Fill in what the cubin and its SASS say about a compiled launch."""
-    if launch.error:
-        return launch
-    compiled, sass = launch.compiled, launch.compiled.asm["sass"]
-    usage = resources(compiled.asm["cubin"])
+def analyse(launch: dict) -> dict:
+    """Add what the cubin and its SASS say about a compiled launch (None for one that failed to compile)."""
+    compiled = launch.pop("compiled", None)
+    if launch["error"]:
+        return {**launch, **dict.fromkeys(ANALYSED)}
+    sass, usage = compiled.asm["sass"], resources(compiled.asm["cubin"])
     # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
-    launch.registers, launch.spill_bytes = usage["REG"], usage["STACK"] + usage["LOCAL"]
-    launch.shared_bytes = compiled.metadata.shared
-    launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
-    launch.instructions, launch.loop_instructions = count_instructions(sass)
-    launch.blocks_per_sm = blocks_per_sm(launch.registers, launch.num_warps, launch.shared_bytes)
-    return launch
+    launch.update(registers=usage["REG"], spill_bytes=usage["STACK"] + usage["LOCAL"],
+                  shared_bytes=compiled.metadata.shared, loads=_widths(sass, "LDG"), stores=_widths(sass, "STG"))
+    launch["instructions"], launch["loop_instructions"] = count_instructions(sass)
+    launch["blocks_per_sm"] = blocks_per_sm(launch["registers"], launch["num_warps"], launch["shared_bytes"])
+    programs, slots = math.prod(launch["grid"]), launch["blocks_per_sm"] * SMS  # waves: above 1, a part-empty last
+    return dict(launch, per_byte=per_byte(launch), loop_per_byte=per_byte(launch, True),
+                waves=programs / slots if slots else math.inf)
 
 
 def ceiling_tbs(per_byte: float) -> tuple[float, float]:
@@ -339,7 +314,7 @@ CASES = [
 ]
 
 
-def capture(cases) -> list[Launch]:
+def capture(cases) -> list[dict]:
     """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
     launches = []
     for name, run, args in cases:
@@ -348,29 +323,33 @@ def capture(cases) -> list[Launch]:
     return [analyse(launch) for launch in launches]
 
 
-def _constexprs(launch: Launch) -> str:
-    shown = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
+def _constexprs(launch: dict) -> str:
+    shown = {k: v for k, v in launch["constexprs"].items()
+             if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
     return " ".join(f"{k}={v}" for k, v in shown.items() if v is not True) + "".join(
         f" {k}" for k, v in shown.items() if v is True and k in ("TEMPORAL", "TO_TEMPORAL"))
 
 
+ANALYSED = ("registers", "spill_bytes", "shared_bytes", "blocks_per_sm", "loads", "stores", "instructions",
+            "loop_instructions", "per_byte", "loop_per_byte", "waves")
 COLUMNS = ["case", "kernel", "tile", "warps", "grid", "regs", "spill B", "smem B", "blocks/SM", "waves", "LDG bits",
            "STG bits", "instr/program", "loop instr", "warp-instr/B", "loop warp-instr/B", "issue ceiling TB/s"]
 
 
-def table(launches: list[Launch]) -> str:
+def table(launches: list[dict]) -> str:
     """A markdown table, one row per launch."""
     body = []
     for launch in launches:
-        cells = [launch.case, launch.kernel.strip("_").replace("_kernel", ""), _constexprs(launch), launch.num_warps]
-        if launch.error:
-            body.append(cells + [launch.grid, f"FAILED: {launch.error.splitlines()[0]}"] + [""] * 11)
+        cells = [launch["case"], launch["kernel"].strip("_").replace("_kernel", ""), _constexprs(launch),
+                 launch["num_warps"]]
+        if launch["error"]:
+            body.append(cells + [launch["grid"], f"FAILED: {launch['error'].splitlines()[0]}"] + [""] * 11)
             continue
-        low, high = ceiling_tbs(launch.per_byte())
-        body.append(cells + ["x".join(map(str, launch.grid)), launch.registers, launch.spill_bytes,
-                             launch.shared_bytes, launch.blocks_per_sm, f"{launch.waves():.2f}", launch.loads,
-                             launch.stores, launch.instructions, launch.loop_instructions or "-",
-                             f"{launch.per_byte():.3f}", f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-",
+        low, high = ceiling_tbs(launch["per_byte"])
+        body.append(cells + ["x".join(map(str, launch["grid"])), *(launch[key] for key in ANALYSED[:4]),
+                             f"{launch['waves']:.2f}", launch["loads"], launch["stores"], launch["instructions"],
+                             launch["loop_instructions"] or "-", f"{launch['per_byte']:.3f}",
+                             f"{launch['loop_per_byte']:.3f}" if launch["loop_trips"] else "-",
                              f"{low:.1f}-{high:.1f}"])
     return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
 
@@ -390,12 +369,8 @@ def main(argv=None):
           f"H200 ~{COPY_TBS['H200']} TB/s\n")
     print(table(launches))
     if args.json:
-        fields = [f.name for f in dataclasses.fields(Launch)]
-        found = [{**{f: getattr(launch, f) for f in fields}, **{key: None if launch.error else getattr(launch, key)()
-                                                                for key in ("per_byte", "loop_per_byte", "waves")}}
-                 for launch in launches]
-        Path(args.json).write_text(json.dumps(found, indent=1))
-    return 1 if any(launch.error for launch in launches) else 0
+        Path(args.json).write_text(json.dumps(launches, indent=1))
+    return 1 if any(launch["error"] for launch in launches) else 0
 
 
 if __name__ == "__main__":
