@@ -2,6 +2,7 @@
 medians for kernels, CUDA events per call for whole steps, wall clock on a CPU; bench/NOTES.md), random weights, and
 the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
 
+import contextlib
 import datetime
 import gc
 import json
@@ -49,33 +50,27 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
 
 
-def nvml(index: int, read):
-    """read(pynvml, handle) of CUDA device `index` (matched by UUID: NVML and CUDA may number devices differently),
-    NVML opened around it; raises where nvidia-ml-py or the driver is missing."""
-    import pynvml
+def nvml(index: int) -> dict:
+    """NVML's name, driver, memory and SM and memory clocks (current and maximum, MHz) of CUDA device `index`,
+    matched by UUID (NVML and CUDA may number devices differently); raises where nvidia-ml-py or the driver is
+    missing."""
+    import pynvml as nv
 
-    pynvml.nvmlInit()
+    nv.nvmlInit()
     try:
         uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
         try:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
-        except pynvml.NVMLError:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return read(pynvml, handle)
+            handle = nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        except nv.NVMLError:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+        text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
+        clocks = {f"{name}{kind}_mhz": get(handle, clock)
+                  for name, clock in (("sm", nv.NVML_CLOCK_SM), ("mem", nv.NVML_CLOCK_MEM))
+                  for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
+        return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
+                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1), "clocks": clocks}
     finally:
-        pynvml.nvmlShutdown()
-
-
-def read_clocks(index: int) -> dict | None:
-    """Current and maximum SM and memory clocks (MHz); None where NVML is unavailable (the run still measures)."""
-    def read(nv, handle):
-        return {f"{name}{kind}_mhz": get(handle, clock) for name, clock in (("sm", nv.NVML_CLOCK_SM),
-                                                                            ("mem", nv.NVML_CLOCK_MEM))
-                for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
-    try:
-        return nvml(index, read)
-    except Exception:
-        return None
+        nv.nvmlShutdown()
 
 
 def device_info(device: torch.device) -> dict:
@@ -86,13 +81,8 @@ def device_info(device: torch.device) -> dict:
     info = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1),
             "sm_count": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}",
             "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None, "driver": None}
-
-    def read(nv, handle):
-        text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
-        return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
-                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1)}
     try:
-        info.update(nvml(device.index, read))
+        info.update({key: value for key, value in nvml(device.index).items() if key != "clocks"})
     except Exception as error:  # keep CUDA's view of the device, and say why NVML's is missing
         info["nvml_error"] = f"{type(error).__name__}: {error}"
     return info
@@ -126,7 +116,8 @@ def collect_env(device: torch.device) -> dict:
                      "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
                      else "CPU smoke set: wall clock (time.perf_counter) median; not results")
     env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
-    env["clocks"] = read_clocks(device.index) if device.type == "cuda" else None
+    with contextlib.suppress(Exception):  # None where NVML is unavailable: the run still measures
+        env["clocks"] = nvml(device.index)["clocks"] if device.type == "cuda" else None
     return env
 
 

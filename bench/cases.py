@@ -329,7 +329,7 @@ def model_cases(cuda: bool) -> list[Case]:
 
     branches = [("STDiT-XL/2", video, dict.fromkeys(("sora", "eager"), None if i else 2))
                 for i, video in enumerate(videos)]
-    branches.append(("STDiT2-XL/2", stdit2, dict.fromkeys(("sora", "open-sora", "open-sora+compile"), 3)))
+    branches.append(("STDiT2-XL/2", stdit2, {p: heavy(p, 3) for p in ("sora", "open-sora", "open-sora+compile")}))
     cases = [Case("temporal_branch", provider, video, {"model": model_name(model, cuda), "direction": "fwd+bwd",
                                                        "shape": video.label}, video.batches[:1], priority)
              for model, video, providers in branches for provider, priority in providers.items()]
