@@ -26,14 +26,9 @@ L2_FALLBACK_BYTES = 50 * 2**20  # working sets below this rotate through several
 STEPS_MS = 6000  # whole steps (training, sampling, encoders): about this much of timed calls per case
 
 
-def on_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
 # ---- environment ------------------------------------------------------------------------------------
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files changed. SORA_BENCH_COMMIT overrides it (a copy of the working tree
-    without .git)."""
+    """HEAD, "-dirty" when tracked files changed; SORA_BENCH_COMMIT overrides it (a tree copied without .git)."""
     if os.environ.get("SORA_BENCH_COMMIT"):
         return os.environ["SORA_BENCH_COMMIT"]
 
@@ -51,9 +46,8 @@ def slug(name: str) -> str:
 
 
 def nvml(index: int) -> dict:
-    """NVML's name, driver, memory and SM and memory clocks (current and maximum, MHz) of CUDA device `index`,
-    matched by UUID (NVML and CUDA may number devices differently); raises where nvidia-ml-py or the driver is
-    missing."""
+    """NVML's name, driver, memory and clocks (MHz) of CUDA device `index`, matched by UUID (NVML and CUDA may number
+    devices differently); raises where nvidia-ml-py or the driver is missing."""
     import pynvml as nv
 
     nv.nvmlInit()
@@ -123,8 +117,7 @@ def collect_env(device: torch.device) -> dict:
 
 # ---- models ----------------------------------------------------------------------------------------------
 def randomize(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Random weights everywhere: the zero-initialised projections would multiply zeros, which can run
-    faster than real weights do."""
+    """Random weights everywhere: zero-initialised projections would multiply zeros, faster than real weights."""
     generator = torch.Generator(device=next(module.parameters()).device).manual_seed(0)
     with torch.no_grad():
         for parameter in module.parameters():
@@ -205,8 +198,7 @@ class Timer:
 
 
 class Rotation:
-    """Calls step(inputs) on each of several input sets in turn, so that a working set that fits in L2
-    is not served from it on every repetition."""
+    """Calls step(inputs) on several input sets in turn, so that a working set fitting in L2 is not served from it."""
 
     def __init__(self, make_inputs, step, set_bytes: int, device: torch.device):
         l2 = ((device.type == "cuda" and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))

@@ -143,8 +143,7 @@ BLOCKS = {True: [("Wan2.1-1.3B", "81x480x832", (16, 21, 60, 104), 512, 1,
 
 # ---- minimum bytes (bench/NOTES.md has the formulas) ------------------------------------------------------------
 def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) -> int:
-    """The fewest bytes an op must move through device memory (each input read once, each output written
-    once). The temporal variants move the same bytes (the layout is free)."""
+    """The fewest bytes an op must move: each input read once, each output written once (a layout costs none)."""
     tokens = B * N * C * elem  # one (B, N, C) tensor
     rows = B * C * elem  # one per-sample (B, 1, C) vector: shift, scale, gate or their gradients
     formulas = {  # bench: (forward, what backward adds)
@@ -276,9 +275,8 @@ def model_name(model: str, cuda: bool) -> str:
 
 
 def kernel_priority(bench: str, first: bool, provider: str, dtype: str, C: int) -> int | None:
-    """sora and torch at the first shape and dtype (the targets) first (STDiT2's qk_norm with its other target
-    rows, 3), then torch.compile there; then the other bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger and
-    flash-attn in the pytest suite only."""
+    """sora and torch at the first shape and dtype (the targets) first (qk_norm with STDiT2's targets, 3), then
+    torch.compile there; then the other bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger, flash-attn: None."""
     if provider in ("sora", "torch"):
         return (3 if bench == "qk_norm" else 1) if first else 5 if dtype == "bf16" and C == 1152 else 6
     return 3 if provider == "torch.compile" and first else None

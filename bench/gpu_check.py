@@ -82,11 +82,12 @@ class Check:
         self.log_file.write(line + "\n")
         self.log_file.flush()
 
-    def save(self) -> None:
+    def save(self, paths=()) -> None:
+        """summary.json (and `paths` written beside it), copied to --out from bench/results/<gpu-slug>/."""
         self.status["elapsed_s"] = round(self.elapsed(), 1)
-        path, _ = self.results.save()
-        if path.parent != self.out:
-            shutil.copy(path, self.out / path.name)
+        for path in [self.results.save()[0], *paths]:
+            if path.parent != self.out:
+                shutil.copy(path, self.out / path.name)
 
     def add_row(self, row: dict) -> None:
         row.setdefault("skipped", None)
@@ -107,9 +108,7 @@ class Check:
         self.status["exit_code"] = code
         self.save()
         try:
-            for path in self.results.finish():
-                if path.parent != self.out:
-                    shutil.copy(path, self.out / path.name)
+            self.save(self.results.finish())
         except Exception as error:  # the summary is written; a report that cannot be drawn must not hide it
             self.log(f"report not written: {type(error).__name__}: {error}")
         for name, outcome in self.status["sections"].items():

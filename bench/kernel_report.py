@@ -1,10 +1,8 @@
-"""What the kernels cost on a Hopper GPU, read on a CPU: compile every launch the public ops make, ahead of
-time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump and nvdisasm), and read the SASS.
+"""What the kernels cost on a Hopper GPU, read on a CPU: every launch of CASES, captured while Triton's driver is an
+sm_90 stand-in, compiled ahead of time (never run) with Triton's own ptxas, and its SASS read (bench/NOTES.md,
+"Kernel report", says what each column means).
 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
-
-The launches of CASES are captured while Triton's driver is an sm_90 stand-in (compiled, never run); bench/NOTES.md
-("Kernel report") says what each column means and how the issue ceiling is computed.
 """
 
 import argparse

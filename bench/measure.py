@@ -225,8 +225,7 @@ def measure_pack(case, batch, timer: Timer) -> dict:
 
 
 def compute_volume(case, batch, timer: Timer) -> dict:
-    """Bytes per rank of one temporal attention's exchanges per layer and per step, and the time at the assumed
-    link bandwidth: arithmetic, not timed (computed=True, no ms)."""
+    """all_to_all_volume and the time at the assumed link bandwidth: arithmetic, not timed (computed, no ms)."""
     s, fields = case.spec, case.fields
     volume = timer.once(lambda: all_to_all_volume(s.S, s.T, s.C, fields["sp"], elem=2, depth=fields["depth"]))
     per_ms = fields["link_gbps_assumed"] * 1e6
@@ -248,8 +247,7 @@ def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False
 
 
 def model_forward(model, provider, dtype):
-    """What computes the model's output for a provider: the model, compiled (a +compile provider, per block by
-    default: block 0 with STDiT's temporal position embedding and the others, two graphs) or Open-Sora v1.1's."""
+    """The model's forward for a provider: the model, compiled (per block by default: two graphs) or Open-Sora's."""
     if provider == "open-sora":
         return open_sora_v11(model, dtype)
     if provider.endswith("compile") and compile_mode() == "model":
@@ -316,9 +314,8 @@ def measure_temporal_branch(case, batch, timer: Timer) -> dict:
 
 
 def open_sora_v11(model, dtype):
-    """Open-Sora v1.1's STDiT2 forward (tests/stdit2_reference.py: their order of operations, fp32 casts and flash
-    attention where theirs has it) on the model's weights cast to dtype, without autocast (their bf16 training
-    holds bf16 weights)."""
+    """Open-Sora v1.1's STDiT2 forward (tests/stdit2_reference.py, flash attention where theirs has it) on the model's
+    weights cast to dtype, without autocast: their bf16 training holds bf16 weights."""
     stdit2_forward = importable("tests.stdit2_reference", "stdit2_forward")
     config = dict(hidden_size=model.hidden_size, num_heads=model.num_heads, patch_size=model.patch_size,
                   input_sq_size=model.input_sq_size, qk_norm=True, qk_norm_legacy=True)
@@ -430,8 +427,7 @@ def measure_train(case, batch, timer: Timer) -> dict:
 
 
 def measure_sampling_step(case, batch, timer: Timer) -> dict:
-    """IDDPM.sample with classifier-free guidance (and the residual cache for sora+cache), steps_per_call steps per
-    timed call; ms per step and per call, full model calls per call."""
+    """IDDPM.sample with guidance (sora+cache: the residual cache): ms per step and per call, full model calls."""
     drop_text_encoder()
     device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
     model_type, video = case.spec

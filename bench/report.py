@@ -2,11 +2,9 @@
 
     python bench/report.py bench/results/<gpu-slug>/summary.json   # regenerate README.md and the plots beside it
 
-write_report(summary, out_dir) writes out_dir/README.md (render_markdown: a header about the run, bench/gpu_check.py's
-sections and kernel tests when the run was one, then the tables of each suite, titled, noted and targeted as
-bench/cases.py's BENCHES say) and the plots (kernel GB/s per provider, model and training samples/s relative to
-eager). Open-Sora's published figures shown beside ours are data, in reference_figures.json next to this file.
-Standard library, matplotlib and bench/cases.py only, so it runs without torch.
+write_report(summary, out_dir): README.md (the run, bench/gpu_check.py's sections and kernel tests when the run was
+one, then each suite's tables as bench/cases.py's BENCHES lay them out) and the plots. Open-Sora's published figures
+are data, in reference_figures.json beside this file. Needs no torch: standard library, matplotlib, bench/cases.py.
 """
 
 import argparse
@@ -94,11 +92,6 @@ def kernel_cell(row):
     return f"{row['ms']:.3f} ms<br>{fmt(row['gbps'])} GB/s ({100 * row['frac_copy_bw']:.0f}%)"
 
 
-def ratio(rows_by_provider, numerator, denominator):
-    """How many times faster `numerator` ran than `denominator` (time ratio), or "-"."""
-    return rate_ratio(rows_by_provider.get(denominator) or {}, rows_by_provider.get(numerator), "ms")
-
-
 def provider_table(group, keys, texts, extras):
     """One line per setting (the rows' `keys`), one cell per provider (time, GB/s, share of copy bandwidth);
     texts: (header, cell(first row)) before the providers, extras: (header, cell(rows by provider)) after."""
@@ -116,16 +109,21 @@ def text(field):
     return lambda row: str(row.get(field, ""))
 
 
+def faster(rows_by_provider, base):
+    """How many times faster sora ran than `base` (time ratio), or "-"."""
+    return rate_ratio(rows_by_provider.get(base) or {}, rows_by_provider.get("sora"), "ms")
+
+
 KERNEL_TEXTS = (("shape (B, N, C)", lambda row: shape_text(row["shape"])), ("video", text("video")), ("T", text("T")),
                 ("dtype", text("dtype")))
-KERNEL_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
-                 ("sora vs torch.compile", lambda cases: ratio(cases, "sora", "torch.compile")),
+KERNEL_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
+                 ("sora vs torch.compile", lambda cases: faster(cases, "torch.compile")),
                  ("sora rel. error", lambda cases: f"{cases['sora']['rel_err']:.1e}"
                   if cases.get("sora", {}).get("rel_err") is not None else "-"))
 PACK_TEXTS = (*((name, text(name)) for name in ("video", "sp", "exchange", "direction")),
               ("view (A, B, M)", lambda row: shape_text(row.get("shape"))), ("batch", text("batch_size")),
               ("tensor MB", lambda row: scaled(row["bytes"] / 2 if row.get("bytes") else None)))  # bytes: read + write
-PACK_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
+PACK_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
                ("exact", lambda cases: {None: "-", True: "yes", False: "**NO**"}[cases.get("sora", {}).get("exact")]))
 
 
@@ -234,8 +232,7 @@ def plotted(rows, plot):
 
 
 def bench_tables(suite, rows):
-    """One table per bench, laid out by its columns in bench/cases.py; a skipped row shows its reason in its first
-    column of a measured value."""
+    """One table per bench, columns as bench/cases.py says; a skipped row's reason fills its first measured cell."""
     lines = [f"## {SUITE_TITLES[suite]}", ""] + ([SUITE_NOTES[suite], ""] if suite in SUITE_NOTES else [])
     for bench in unique(row["bench"] for row in rows):
         group = [row for row in rows if row["bench"] == bench]
