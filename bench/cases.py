@@ -111,8 +111,7 @@ VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 
           False: [Video("4x64x64", 4, 64, 64, (2,))]}
 IMAGES = {True: Video("1x256x256", 1, 256, 256, (128, 64)), False: Video("1x64x64", 1, 64, 64, (4,))}
 CPU_GC_VIDEO = Video("4x64x64-gc", 4, 64, 64, (2,), grad_checkpoint=True)  # the 64x512 rows' path, on a CPU
-# STDiT2-XL/2 at Open-Sora v1.1's 240p: latent 16x30x53, padded to 16x30x54 tokens (15x27 per frame); a width that
-# the patch does not divide on a CPU too.
+# STDiT2-XL/2 at Open-Sora v1.1's 240p: latent 16x30x53, padded to 15x27 tokens a frame (odd widths on a CPU too).
 STDIT2_VIDEO = {True: Video("16x240x426", 16, 240, 426, (4, 2)), False: Video("2x16x40", 2, 16, 40, (2,))}
 
 SP_SIZES = {True: (2, 4, 8), False: (2, 4)}

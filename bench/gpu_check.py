@@ -38,8 +38,7 @@ GRACE_S = 45.0  # after the deadline, the time to write what the run has; then t
 ROWS_RESERVE_S = 340.0  # the kernel tests stop this long before the deadline, leaving it to the rows (bench/NOTES.md)
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py", "tests/test_qk_norm.py",
                 "tests/test_models.py::test_kernels_on_equals_off", "tests/test_stdit2.py::test_kernels_on_equals_off"]
-# On the GPU every test but the ones that check the interpreter itself; with --tiny a quick selection.
-GPU_SELECTION = "not triton_kernels_ran"
+GPU_SELECTION = "not triton_kernels_ran"  # every test but those that check the interpreter; --tiny: a selection
 TINY_SELECTION = ("(matches_reference and chunk or test_matches_reference or round_trip or swap_leading or strided) "
                   "and not float16 and not bfloat16")
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")

@@ -219,13 +219,10 @@ def analyse(launch: dict) -> dict:
     launch["instructions"], launch["loop_instructions"] = count_instructions(sass)
     launch["blocks_per_sm"] = blocks_per_sm(launch["registers"], launch["num_warps"], launch["shared_bytes"])
     programs, slots = math.prod(launch["grid"]), launch["blocks_per_sm"] * SMS  # waves: above 1, a part-empty last
-    return dict(launch, per_byte=per_byte(launch), loop_per_byte=per_byte(launch, True),
-                waves=programs / slots if slots else math.inf)
-
-
-def ceiling_tbs(per_byte: float) -> tuple[float, float]:
-    """The bytes/s an SM array issuing flat out can move at `per_byte` warp-instructions per byte (TB/s)."""
-    return tuple(SMS * ISSUE_PER_CLOCK * ghz * 1e9 / per_byte / 1e12 for ghz in CLOCKS_GHZ)
+    launch.update(per_byte=per_byte(launch), loop_per_byte=per_byte(launch, True),
+                  waves=programs / slots if slots else math.inf)
+    # The TB/s the SMs issuing flat out move at that many warp-instructions per byte, at either clock.
+    return dict(launch, ceiling_tbs=[SMS * ISSUE_PER_CLOCK * ghz / launch["per_byte"] / 1e3 for ghz in CLOCKS_GHZ])
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -312,15 +309,6 @@ CASES = [
 ]
 
 
-def capture(cases) -> list[dict]:
-    """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
-    launches = []
-    for name, run, args in cases:
-        with sm90_capture(name, launches):
-            run(*args)
-    return [analyse(launch) for launch in launches]
-
-
 def _constexprs(launch: dict) -> str:
     shown = {k: v for k, v in launch["constexprs"].items()
              if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
@@ -329,7 +317,7 @@ def _constexprs(launch: dict) -> str:
 
 
 ANALYSED = ("registers", "spill_bytes", "shared_bytes", "blocks_per_sm", "loads", "stores", "instructions",
-            "loop_instructions", "per_byte", "loop_per_byte", "waves")
+            "loop_instructions", "per_byte", "loop_per_byte", "waves", "ceiling_tbs")
 COLUMNS = ["case", "kernel", "tile", "warps", "grid", "regs", "spill B", "smem B", "blocks/SM", "waves", "LDG bits",
            "STG bits", "instr/program", "loop instr", "warp-instr/B", "loop warp-instr/B", "issue ceiling TB/s"]
 
@@ -343,7 +331,7 @@ def table(launches: list[dict]) -> str:
         if launch["error"]:
             body.append(cells + [launch["grid"], f"FAILED: {launch['error'].splitlines()[0]}"] + [""] * 11)
             continue
-        low, high = ceiling_tbs(launch["per_byte"])
+        low, high = launch["ceiling_tbs"]
         body.append(cells + ["x".join(map(str, launch["grid"])), *(launch[key] for key in ANALYSED[:4]),
                              f"{launch['waves']:.2f}", launch["loads"], launch["stores"], launch["instructions"],
                              launch["loop_instructions"] or "-", f"{launch['per_byte']:.3f}",
@@ -361,7 +349,11 @@ def main(argv=None):
     if not cases:
         print(f"no case matches -k {args.k!r}", file=sys.stderr)
         return 2
-    launches = capture(cases)
+    launches = []
+    for name, run, case_args in cases:  # each (name, function, arguments): its launches, compiled and analysed
+        with sm90_capture(name, launches):
+            run(*case_args)
+    launches = [analyse(launch) for launch in launches]
     print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
           f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, "
           f"H200 ~{COPY_TBS['H200']} TB/s\n")

@@ -268,8 +268,7 @@ def captions(model, batch, device, dtype, generator):
 def stdit2_branch(provider, x, T, heads, randn):
     """STDiT2's temporal branch with x_mask (frame 0 of each sample a condition frame): sora's STDiT2Block with the
     kernels, or Open-Sora v1.1's (tests/stdit2_reference.py), eager or compiled."""
-    from sora.models.layers import RotaryEmbedding
-    from sora.models.stdit2 import STDiT2Block, frame_rows
+    from sora.models.stdit2 import RotaryEmbedding, STDiT2Block, frame_rows
 
     B, N, C = x.shape
     block = STDiT2Block(C, heads, qk_norm=True, enable_flashattn=True, enable_layernorm_kernel=True).to(x)
@@ -337,9 +336,7 @@ def size_inputs(model, video, batch, device, ar) -> dict:
     return {name: torch.full((batch,), float(value), device=device) for name, value in values.items()}
 
 
-# T5-XXL (9.5 GB), built once per run and kept for the cases that encode text; the others drop it first, so the
-# batch that fits does not depend on which cases ran before.
-RESIDENT = {}
+RESIDENT = {}  # T5-XXL (9.5 GB), built once, kept for the cases that encode text; the others drop it first
 
 
 def text_encoder(device):
@@ -377,8 +374,8 @@ def prompts(n: int) -> list[str]:
 
 
 def train_step_fn(case, batch, device):
-    """(sora.train.train_step for a training case at batch, ready to call; the model): model, EMA, AdamW, IDDPM and
-    the batch (raw videos and prompts with encoders, else what sora.preprocess stores: latents' mean and std, y)."""
+    """(sora.train.train_step for the case at batch, ready to call; the model), on raw videos and prompts (encoders)
+    or on what sora.preprocess stores (latents' mean and std, captions), STDiT2's sizes and masks too."""
     build_optimizer, train_step = importable("sora.train", "build_optimizer", "train_step")
     MaskGenerator, load_config = importable("sora.masks", "MaskGenerator"), importable("sora.config", "load_config")
     cuda = device.type == "cuda"
@@ -474,8 +471,7 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
     device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
     encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
     model = build_dit("STDiT-XL/2", video.latent, case.provider, device, dtype).eval()
-    if case.provider.endswith("compile"):
-        model = torch.compile(model)  # as sora.sample.run does for --compile true
+    model = torch.compile(model) if case.provider.endswith("compile") else model  # as sora.sample's --compile true
     scheduler = IDDPM(num_sampling_steps=case.fields["steps"], **CFG)
     texts = prompts(batch)
     timing = timer.steps(lambda: sample_videos(model, vae, encoder, scheduler, texts, video.latent, 0, device, dtype),
@@ -519,11 +515,9 @@ def measure_diffusers_block(case, batch, timer: Timer) -> dict:
              else dict(timestep=randn(batch, 6 * C)))  # Wan: 6 modulation rows and RoPE; PixArt: adaLN-single's 6C
     forward = torch.compile(block, dynamic=False) if case.provider == "torch.compile" else block
     step = lambda: forward(hidden_states=x, encoder_hidden_states=text, **extra)  # noqa: E731
-    if direction == "fwd+bwd":
-        wrt, dout = [x, *block.parameters()], randn(batch, N, C)
-        ms = timer.kernel(lambda: torch.autograd.grad(step(), wrt, dout))
-    else:
-        ms = timer.kernel(torch.no_grad()(step))
+    wrt, dout = [x, *block.parameters()], randn(batch, N, C)
+    backward = lambda: torch.autograd.grad(step(), wrt, dout)  # noqa: E731
+    ms = timer.kernel(backward if direction == "fwd+bwd" else torch.no_grad()(step))
     ops = ("layernorm_modulate", "gated_residual")
     return bandwidth(2 * sum(kernel_bytes(op, direction, batch, N, C, dtype.itemsize) for op in ops), ms, timer)
 

@@ -299,16 +299,6 @@ def render_markdown(summary) -> str:
 
 
 # ---- plots ---------------------------------------------------------------------------------------------
-def bar_groups(ax, labels, providers, value_of):
-    width = 0.8 / max(len(providers), 1)
-    for i, provider in enumerate(providers):
-        values = [value_of(label, provider) for label in labels]
-        positions = [x + (i - (len(providers) - 1) / 2) * width for x in range(len(labels))]
-        ax.bar(positions, [v or 0 for v in values], width, label=provider)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-
-
 def plot(summary, path, kind):
     """kernels: each kernel bench's GB/s per provider against the copy bandwidth; models: each model and training
     bench's samples/s per provider relative to eager at the same shape (shapes differ by 100x in absolute terms)."""
@@ -338,7 +328,13 @@ def plot(summary, path, kind):
                 rate.setdefault((row["shape"], row["provider"]), row["samples_per_s"])
             values = {key: value / rate[(key[0], "eager")] for key, value in rate.items() if (key[0], "eager") in rate}
             ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-        bar_groups(ax, unique(label(row) for row in group), providers_of(group), lambda *key: values.get(key))
+        labels, providers = unique(label(row) for row in group), providers_of(group)
+        for i, provider in enumerate(providers):  # one bar per provider in each label's group
+            positions = [x + (i - (len(providers) - 1) / 2) * 0.8 / len(providers) for x in range(len(labels))]
+            ax.bar(positions, [values.get((label, provider)) or 0 for label in labels], 0.8 / len(providers),
+                   label=provider)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(bench, fontsize=9)
         ax.set_ylabel("GB/s (minimum bytes)" if kernels else "samples/s relative to eager")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
