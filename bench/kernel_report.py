@@ -121,14 +121,6 @@ def sm90_capture(case: str, launches: list):
 
 
 # ----------------------------------------------------------------------------------------------- SASS
-
-
-def _instructions(sass: str) -> list[str]:
-    """The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels."""
-    lines = (line.split("\t")[-1].strip() for line in sass.splitlines())
-    return [line for line in lines if line and not line.startswith("Function:")]
-
-
 def _blocks(lines: list[str]) -> list[list[str]]:
     """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
     blocks, current = [], []
@@ -151,15 +143,10 @@ def _subroutine_length(lines: list[str], address: int) -> int:
 
 
 def _issued(block: list[str], lines: list[str]) -> int:
-    count = 0
-    for line in block:
-        if line.endswith(":") or line.startswith("NOP"):
-            continue
-        count += 1
-        call = re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line)
-        if call:
-            count += _subroutine_length(lines, int(call.group(1), 16))
-    return count
+    """A block's instructions but labels and NOPs, a CALL with its subroutine's straight-line length."""
+    calls = (re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line) for line in block)
+    return sum(1 + (_subroutine_length(lines, int(call.group(1), 16)) if call else 0)
+               for line, call in zip(block, calls) if not (line.endswith(":") or line.startswith("NOP")))
 
 
 def _slow_path(block: list[str]) -> bool:
@@ -172,7 +159,9 @@ def count_instructions(sass: str) -> tuple[int, int]:
     """(per program outside the loop, per loop iteration), counting the common path only: up to the last EXIT,
     slow-path blocks left out, a called subroutine at its straight-line length; the loop runs from a label to the
     last branch back to it."""
-    lines = _instructions(sass)
+    # The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels.
+    lines = [line for line in (raw.split("\t")[-1].strip() for raw in sass.splitlines())
+             if line and not line.startswith("Function:")]
     blocks = _blocks(lines)
     last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
     blocks = blocks[:last_exit + 1]
