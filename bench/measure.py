@@ -403,7 +403,7 @@ def train_step_fn(case, batch, device):
         else:
             inputs["y"], inputs["mask"] = captions(model, batch, device, dtype, generator)
     inputs.update(size_inputs(model, video, batch, device, ar=video.width / video.height))  # as their dataset
-    masks = MaskGenerator(load_config(STAGE1).mask_ratios) if inputs.keys() & {"height"} else None
+    masks = MaskGenerator(load_config(STAGE1).mask_ratios) if "height" in inputs else None  # STDiT2: x_mask
     diffusion, seeds = IDDPM(), itertools.count()  # Open-Sora's training scheduler: 1000 steps, hybrid loss
 
     def step():
@@ -419,8 +419,9 @@ def measure_train(case, batch, timer: Timer) -> dict:
     step, model = train_step_fn(case, batch, timer.device)
     timing = timer.steps(step)
     samples_per_s = batch / (timing["ms"] * 1e-3)
+    tokens = math.prod(-(-n // p) for n, p in zip(case.spec[1].latent, model.patch_size))  # STDiT2 pads to the patch
     return dict(timing, samples_per_s=samples_per_s, compile_mode=compile_mode(case.provider),
-                tokens_per_s=samples_per_s * math.prod(model.token_grid(case.spec[1].latent)))
+                tokens_per_s=samples_per_s * tokens)
 
 
 def measure_sampling_step(case, batch, timer: Timer) -> dict:
