@@ -96,10 +96,8 @@ def gated_residual_op(temporal_layout: bool):
 def eager_temporal_attention(s, norm, flash):
     def forward(qkv):
         q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
-        if flash is None:
-            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        else:
-            out = flash(q, k, v)
+        out = flash(q, k, v) if flash else F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
     return forward
 
