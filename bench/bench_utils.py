@@ -2,6 +2,7 @@
 medians for kernels, CUDA events per call for whole steps, wall clock on a CPU; bench/NOTES.md), random weights, and
 the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
 
+import contextlib
 import datetime
 import gc
 import json
@@ -10,7 +11,7 @@ import platform
 import re
 import statistics
 import subprocess
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -20,29 +21,19 @@ RESULTS_DIR = REPO / "bench" / "results"
 CPU_SLUG = "cpu-smoke"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
 
-# do_bench's warm-up and repetition times (ms): long enough for a stable median of 1-10 ms kernels.
-WARMUP_MS = 25
-REP_MS = 200
-# Working sets below this get several input sets to rotate through (H100's L2 is 50 MB); ours are far over.
-L2_FALLBACK_BYTES = 50 * 2**20
-# Whole steps (training, sampling, encoders): about this much time of timed calls per case.
-STEPS_MS = 6000
-
-
-def on_cuda() -> bool:
-    return torch.cuda.is_available()
+WARMUP_MS, REP_MS = 25, 200  # do_bench's warm-up and repetition (ms): a stable median of 1-10 ms kernels
+L2_FALLBACK_BYTES = 50 * 2**20  # working sets below this rotate through several input sets (an H100's L2: 50 MB)
+STEPS_MS = 6000  # whole steps (training, sampling, encoders): about this much of timed calls per case
 
 
 # ---- environment ------------------------------------------------------------------------------------
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files changed. SORA_BENCH_COMMIT overrides it (a copy of the working tree
-    without .git)."""
+    """HEAD, "-dirty" when tracked files changed; SORA_BENCH_COMMIT overrides it (a tree copied without .git)."""
     if os.environ.get("SORA_BENCH_COMMIT"):
         return os.environ["SORA_BENCH_COMMIT"]
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True).stdout
-
     try:
         return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -54,34 +45,26 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
 
 
-def nvml(index: int, read):
-    """read(pynvml, handle) of CUDA device `index` (matched by UUID: NVML and CUDA may number devices differently),
-    NVML opened around it; raises where nvidia-ml-py or the driver is missing."""
-    import pynvml
+def nvml(index: int) -> dict:
+    """NVML's name, driver, memory and clocks (MHz) of CUDA device `index`, matched by UUID (NVML and CUDA may number
+    devices differently); raises where nvidia-ml-py or the driver is missing."""
+    import pynvml as nv
 
-    pynvml.nvmlInit()
+    nv.nvmlInit()
     try:
         uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
         try:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
-        except pynvml.NVMLError:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return read(pynvml, handle)
+            handle = nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        except nv.NVMLError:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+        text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
+        clocks = {f"{name}{kind}_mhz": get(handle, clock)
+                  for name, clock in (("sm", nv.NVML_CLOCK_SM), ("mem", nv.NVML_CLOCK_MEM))
+                  for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
+        return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
+                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1), "clocks": clocks}
     finally:
-        pynvml.nvmlShutdown()
-
-
-def read_clocks(index: int) -> dict | None:
-    """Current and maximum SM and memory clocks (MHz); None where NVML is unavailable (the run still measures)."""
-    def read(nv, handle):
-        return {f"{name}{kind}_mhz": get(handle, clock) for name, clock in (("sm", nv.NVML_CLOCK_SM),
-                                                                            ("mem", nv.NVML_CLOCK_MEM))
-                for kind, get in (("", nv.nvmlDeviceGetClockInfo), ("_max", nv.nvmlDeviceGetMaxClockInfo))}
-
-    try:
-        return nvml(index, read)
-    except Exception:
-        return None
+        nv.nvmlShutdown()
 
 
 def device_info(device: torch.device) -> dict:
@@ -92,14 +75,8 @@ def device_info(device: torch.device) -> dict:
     info = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1),
             "sm_count": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}",
             "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None, "driver": None}
-
-    def read(nv, handle):
-        text = lambda value: value.decode() if isinstance(value, bytes) else value  # noqa: E731
-        return {"name": text(nv.nvmlDeviceGetName(handle)), "driver": text(nv.nvmlSystemGetDriverVersion()),
-                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(handle).total / 1e9, 1)}
-
     try:
-        info.update(nvml(device.index, read))
+        info.update({key: value for key, value in nvml(device.index).items() if key != "clocks"})
     except Exception as error:  # keep CUDA's view of the device, and say why NVML's is missing
         info["nvml_error"] = f"{type(error).__name__}: {error}"
     return info
@@ -133,14 +110,14 @@ def collect_env(device: torch.device) -> dict:
                      "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
                      else "CPU smoke set: wall clock (time.perf_counter) median; not results")
     env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
-    env["clocks"] = read_clocks(device.index) if device.type == "cuda" else None
+    with contextlib.suppress(Exception):  # None where NVML is unavailable: the run still measures
+        env["clocks"] = nvml(device.index)["clocks"] if device.type == "cuda" else None
     return env
 
 
 # ---- models ----------------------------------------------------------------------------------------------
 def randomize(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Random weights everywhere: the zero-initialised projections would multiply zeros, which can run
-    faster than real weights do."""
+    """Random weights everywhere: zero-initialised projections would multiply zeros, faster than real weights."""
     generator = torch.Generator(device=next(module.parameters()).device).manual_seed(0)
     with torch.no_grad():
         for parameter in module.parameters():
@@ -159,12 +136,7 @@ def time_ms(fn, device: torch.device, repeats: int = 3) -> float:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats)) * 1e3
 
 
 class Timer:
@@ -185,13 +157,11 @@ class Timer:
 
     def kernel(self, fn) -> float:
         """fn's median time in ms after two warm-up calls (Triton JIT, torch.compile's graphs), measured once."""
-
         def measure():
             for _ in range(2 if self.device.type == "cuda" else 1):
                 fn()
             synchronize(self.device)
             return time_ms(fn, self.device)
-
         return self.once(measure)
 
     def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
@@ -209,7 +179,6 @@ class Timer:
                 times.append(start.elapsed_time(end))
             else:
                 times.append(time_ms(step, self.device, repeats=1))
-
         for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
         rounds = max(3, min(10, int(total_ms / times[-1]))) if cuda else 2
@@ -229,12 +198,11 @@ class Timer:
 
 
 class Rotation:
-    """Calls step(inputs) on each of several input sets in turn, so that a working set that fits in L2
-    is not served from it on every repetition."""
+    """Calls step(inputs) on several input sets in turn, so that a working set fitting in L2 is not served from it."""
 
     def __init__(self, make_inputs, step, set_bytes: int, device: torch.device):
-        cuda = device.type == "cuda"
-        l2 = (cuda and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or L2_FALLBACK_BYTES
+        l2 = ((device.type == "cuda" and getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+              or L2_FALLBACK_BYTES)
         count = 1 if set_bytes > l2 else min(8, 2 * l2 // max(set_bytes, 1) + 1)
         self.sets, self.step, self.calls = [make_inputs() for _ in range(count)], step, 0
 

@@ -1,8 +1,8 @@
 """What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark` (bench/test_bench.py),
 by bench/gpu_check.py (in order of priority: 1 the kernel rows that carry targets, 2 the model rows, 3
-torch.compile's target rows, 4 and up while time remains, None the pytest suite only) and by bench/report.py. Adding
-an op or a bench: bench/NOTES.md. Needs neither torch nor a GPU (bench/report.py reads it).
-"""
+torch.compile's target rows and STDiT2's, 4 STDiT2's sampling and the sampling cache, 5 and up while time remains,
+None the pytest suite only) and by bench/report.py. Adding an op or a bench: bench/NOTES.md. Needs neither torch
+nor a GPU (bench/report.py reads it)."""
 
 from dataclasses import dataclass, field
 
@@ -96,11 +96,14 @@ ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)),
                            (Shape("16x512", 16, 16, 1024, 1152), ("bf16",)),
                            (Shape("64x512", 4, 64, 1024, 1152), ("bf16",))],
                     False: [(Shape("tiny", 2, 4, 8, 64, heads=4), ("fp32",))]}
+# qk_norm: STDiT2-XL/2's spatial attention at 16x240x426 (16 frames of 15x27 tokens), qkv (B*T, S, 3C) of 1.8 GB.
+QK_NORM_SHAPES = {True: [(Shape("16x240x426", 40, 16, 405, 1152), ("bf16",))],
+                  False: [(Shape("tiny", 1, 2, 8, 64, heads=2), ("fp32",))]}
 PLAIN_PROVIDERS = ("sora", "torch", "torch.compile")
 LN_PROVIDERS = (*PLAIN_PROVIDERS, "apex", "liger")
 KERNEL_PROVIDERS = {**dict.fromkeys(("layernorm_modulate", "layernorm_modulate_temporal"), LN_PROVIDERS),
                     **dict.fromkeys(("gated_residual", "gated_residual_temporal", "to_temporal"), PLAIN_PROVIDERS),
-                    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile")}
+                    "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile"), "qk_norm": PLAIN_PROVIDERS}
 
 # Training steps: 16x256 at batch 8 (else 4), 16x512 at 2 (else 1), 64x512 at 1 under gradient checkpointing.
 VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 16, 512, 512, (2, 1)),
@@ -108,6 +111,8 @@ VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 
           False: [Video("4x64x64", 4, 64, 64, (2,))]}
 IMAGES = {True: Video("1x256x256", 1, 256, 256, (128, 64)), False: Video("1x64x64", 1, 64, 64, (4,))}
 CPU_GC_VIDEO = Video("4x64x64-gc", 4, 64, 64, (2,), grad_checkpoint=True)  # the 64x512 rows' path, on a CPU
+# STDiT2-XL/2 at Open-Sora v1.1's 240p: latent 16x30x53, padded to 15x27 tokens a frame (odd widths on a CPU too).
+STDIT2_VIDEO = {True: Video("16x240x426", 16, 240, 426, (4, 2)), False: Video("2x16x40", 2, 16, 40, (2,))}
 
 SP_SIZES = {True: (2, 4, 8), False: (2, 4)}
 # Per rank the batch is sp x the single-GPU training batch (Shape.B): each rank holds T/sp frames. Volume rows are
@@ -137,8 +142,7 @@ BLOCKS = {True: [("Wan2.1-1.3B", "81x480x832", (16, 21, 60, 104), 512, 1,
 
 # ---- minimum bytes (bench/NOTES.md has the formulas) ------------------------------------------------------------
 def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) -> int:
-    """The fewest bytes an op must move through device memory (each input read once, each output written
-    once). The temporal variants move the same bytes (the layout is free)."""
+    """The fewest bytes an op must move: each input read once, each output written once (a layout costs none)."""
     tokens = B * N * C * elem  # one (B, N, C) tensor
     rows = B * C * elem  # one per-sample (B, 1, C) vector: shift, scale, gate or their gradients
     formulas = {  # bench: (forward, what backward adds)
@@ -146,6 +150,7 @@ def kernel_bytes(bench: str, direction: str, B: int, N: int, C: int, elem: int) 
         "gated_residual": (3 * tokens + rows, 3 * tokens + 2 * rows),  # x, y, gate -> out; dout, y, gate -> dy, dgate
         "to_temporal": (2 * tokens, 2 * tokens),  # x -> the permuted copy; dout -> dx
         "temporal_attention": (4 * tokens, 7 * tokens),  # qkv (3 tokens) -> out; qkv, dout -> d(qkv)
+        "qk_norm": (4 * tokens, 8 * tokens),  # q, k -> q', k' (v: a view); q, k, dq', dk', dv -> d(qkv)
     }
     name = bench.removesuffix("_temporal") if bench != "to_temporal" else bench
     if name not in formulas:
@@ -172,13 +177,18 @@ PEAK, SPEEDUP = "peak_mem_gb:peak GB:fmt", "-:speedup:speedup"
 TRAIN = ("model", "shape::gc", "encoders", "provider", "batch_size:batch", "ms:ms / step:f1",
          "samples_per_s:samples/s:fmt", "tokens_per_s:tokens/s:fmt", PEAK, SPEEDUP)
 THEIRS = ("-:ours / theirs:vs_open_sora", "-:Open-Sora:open_sora")
+SAMPLING = ("model", "shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
+            "steps_per_call:steps per timed call:int", SPEEDUP)
+OPEN_SORA_V11 = ("open-sora: Open-Sora v1.1's STDiT2 forward op for op (tests/stdit2_reference.py, flash attention "
+                 "where theirs has it) on the same weights in the compute dtype, no autocast; eager: sora's STDiT2, "
+                 "kernels off.")
 STEP_NOTE = (
-    "One step = `sora.train.train_step`, the step `python -m sora.train` runs: IDDPM `training_losses` under bf16 "
-    "autocast with fp32 master weights (fp32 on a CPU), backward, `clip_grad_norm_(1.0)`, **the AdamW step (lr 2e-5, "
-    "weight decay 0) and the fp32 EMA update are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and "
-    "120-token prompts encoded on the fly by T5-v1.1-XXL and the SD VAE (bf16, 32 frames per call); none: "
-    "pre-encoded latents and captions (class ids for DiT/Latte). sora: enable_layernorm_kernel=True; eager: False; "
-    "flash attention on in both. Open-Sora's figures: per GPU of 8x H800 (ZeRO-2, encoders on the fly).")
+    "One step = `sora.train.train_step` (`python -m sora.train`'s): IDDPM loss under bf16 autocast with fp32 master "
+    "weights (fp32 on a CPU), backward, clipping, **the AdamW step (lr 2e-5, weight decay 0) and the fp32 EMA update "
+    "are all INCLUDED**. Random weights. `encoders` T5+VAE: raw videos and prompts encoded on the fly; none: "
+    "pre-encoded (class ids for DiT and Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention in "
+    "both. Open-Sora's figures: per GPU of 8x H800. STDiT2: their size inputs and stage-1 mask_ratios (x_mask on "
+    "every step). " + OPEN_SORA_V11)
 BENCHES = {
     **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
@@ -186,77 +196,72 @@ BENCHES = {
         "eager and >= torch.compile; the temporal variant within 10% of the plain one and >= 2x eager.")),
     "temporal_attention": Bench("kernels", "temporal_attention", target=(
         "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path.")),
+    "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth."),
     "temporal_branch": Bench(
-        "models", "STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> "
-        "K.gated_residual; eager: rearrange + contiguous -> qkv -> SDPA -> proj -> rearrange -> x + gate * y)",
-        target="fused >= 1.3x eager.",
-        columns=("shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
+        "models", "Temporal branch, fwd+bwd",
+        "STDiT: qkv, attention, proj, gated residual; eager adds the rearranges. STDiT2 with x_mask: norm, modulate, "
+        "qkv, RoPE, qk-norm, attention, proj, gated residual; sora: its kernels on the per-frame rows; open-sora: "
+        "Open-Sora v1.1's branch (tests/stdit2_reference.py), eager and compiled. bench/NOTES.md has the details.",
+        "STDiT: sora >= 1.3x eager. STDiT2: sora >= 3x open-sora and >= 1.5x open-sora+compile.",
+        ("model", "shape", "provider", "batch_size:batch", "ms::f2", "tokens_per_s:tokens/s:fmt", SPEEDUP)),
     "all_to_all_pack": Bench(
         "comm", "The permutes around `all_to_all_single` in STDiT-XL/2's temporal attention",
-        "On one GPU: the pack before and the unpack after the exchange of each rank's qkv (B*S, T/sp, 3, H, D) "
-        "(scatter heads, gather frames) and attention output (B*S, T, H/sp, D) (scatter frames, gather heads), H=16, "
-        "D=72 on a GPU; the backward runs the same permutes transposed. view: the swap (A, B, M) -> (B, A, M). batch "
-        "= sp x the single-GPU training batch (each rank holds T/sp frames). Cell: median time, GB/s counting the "
-        "tensor read and written once, and that as a share of the measured copy bandwidth. sora: the Triton kernel "
-        "as `_exchange` calls it; torch: `view(A, B, M).transpose(0, 1).contiguous()`. exact: sora's output equals "
-        "torch's bit for bit.", "sora >= 80% of copy bandwidth."),
+        "The pack and unpack of each rank's qkv (B*S, T/sp, 3, H, D) and output (B*S, T, H/sp, D) on one GPU, as the "
+        "swap (A, B, M) -> (B, A, M); batch = sp x the training batch. GB/s: the tensor read and written once. sora: "
+        "the Triton kernel; torch: view + transpose + contiguous; exact: bit for bit equal.",
+        "sora >= 80% of copy bandwidth."),
     "all_to_all_volume": Bench(
         "comm", "All-to-all volume per rank: computed, not timed",
-        "Bytes one rank sends to the others for one sample of bf16 STDiT-XL/2 split over sp ranks by frames (the "
-        "(sp-1)/sp of each tensor that leaves the rank): per layer, the forward's two exchanges (qkv and output); "
-        f"backward sends the same again; gradient checkpointing recomputes the forward's. Per step: x {DEPTH} layers. "
-        f"The ms columns divide by an **assumed** {LINK_GBPS_ASSUMED:.0f} GB/s per direction per GPU (H100 NVLink 4 "
-        "datasheet, not a measurement; achieved all-to-all bandwidth is lower). Formulas: bench/NOTES.md.",
+        f"Bytes one rank sends for a sample of bf16 STDiT-XL/2 split over sp ranks by frames, per layer and per step "
+        f"({DEPTH} layers); ms at an **assumed** {LINK_GBPS_ASSUMED:.0f} GB/s per direction (a datasheet figure, not "
+        "a measurement). Formulas: bench/NOTES.md.",
         columns=("video", "sp", "tokens_per_rank:tokens per rank:fmt", "qkv_send_bytes:qkv MB:M",
                  "out_send_bytes:output MB:M", "layer_fwd_bytes:per layer fwd MB (= bwd):M",
                  "step_bytes:per step GB (fwd+bwd):G", "step_bytes_gc:per step GB with GC:G",
                  "step_comm_ms:ms per step at the assumed rate:fmt", "step_comm_ms_gc:with GC:fmt")),
     "sampling_step": Bench(
-        "pipeline", "STDiT-XL/2 sampling step (IDDPM, classifier-free guidance)",
-        "One IDDPM step timed through `IDDPM.sample` (several steps per call, divided): the model call on the "
-        "CFG-doubled batch, guidance and the posterior step, one host generator per prompt as sora/sample.py. "
-        "Random weights, model and captions in the row's dtype (fp16: Open-Sora v1's inference dtype). sora: "
-        "enable_layernorm_kernel=True; eager: False; flash attention on in both; +compile: per block.",
-        "sora >= 1.2x eager; sora+compile >= eager+compile.",
-        ("shape", "provider", "batch_size:prompts", "model_batch:model batch", "dtype", "ms:ms / step:f1",
-         "steps_per_call:steps per timed call:int", SPEEDUP)),
+        "pipeline", "Sampling step (IDDPM, classifier-free guidance)",
+        "IDDPM steps timed through `IDDPM.sample` (model call on the doubled batch, guidance, posterior step) divided "
+        "by the steps per call. Random weights in the row's dtype. sora / eager: the kernels on / off; +compile: per "
+        "block. STDiT2: 100 steps per call, their size inputs. " + OPEN_SORA_V11,
+        "STDiT: sora >= 1.2x eager; sora+compile >= eager+compile.", SAMPLING),
+    "sampling_cache": Bench(
+        "pipeline", "100-step sampling with the residual cache (sora/schedulers/cache.py)",
+        "STDiT-XL/2 as in sampling_step, 100 steps per call; sora+cache: `cache=dict(type='residual')`, its defaults. "
+        "**Random weights: time and the number of full model calls only**, nothing about the videos' quality.",
+        columns=SAMPLING[:5] + ("cache", "model_calls:model calls:int", "ms_call:ms / call:f1", SPEEDUP)),
     "t5_encode": Bench("pipeline", "T5-v1.1-XXL encoder (random weights from its config)",
-                       "`T5Encoder.encode`: tokenize (ByT5, file-less: the ids' values do not change the speed) + "
-                       "encoder forward, padded to the row's token count.", "",
-                       ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1", "prompts_per_s:prompts/s:fmt",
-                        "tokens_per_s:tokens/s:fmt", PEAK)),
+                       "`T5Encoder.encode`: tokenize (ByT5, file-less) + encoder forward, padded to the token count.",
+                       "", ("model", "shape:tokens", "batch_size:batch", "dtype", "ms::f1",
+                            "prompts_per_s:prompts/s:fmt", "tokens_per_s:tokens/s:fmt", PEAK)),
     "vae_decode": Bench("pipeline", "SD VAE decode per frame (random weights from sd-vae-ft-ema's config)",
-                        "`VideoAutoencoderKL.decode` of one call's frames, `micro_batch_size` frames per "
-                        "AutoencoderKL call.", "",
+                        "`VideoAutoencoderKL.decode`, `micro_batch_size` frames per AutoencoderKL call.", "",
                         ("shape:resolution", "micro_batch_size:micro-batch (frames)", "batch_size:frames per call",
                          "dtype", "ms::f1", "frames_per_s:frames/s:fmt", PEAK)),
     "sample_e2e": Bench(
         "pipeline", "End-to-end sampling of one video: T5 encode + IDDPM steps + VAE decode",
-        "sora.sample.sample_videos, one prompt: T5 encode (bf16), IDDPM sampling with CFG (batch 1, the model sees "
-        "2), VAE decode, video copied to the host (not written to a file). sora+compile: the model call under "
-        "torch.compile, as `python -m sora.sample --compile true`.",
+        "sora.sample.sample_videos, one prompt, video copied to the host; sora+compile: `--compile true`.",
         "sora faster than eager; 100 IDDPM steps at 16x256 under Open-Sora's published 5 s per sample (H800).",
         ("shape", "provider", "steps", "dtype", "s_per_video:s / video:f2", PEAK, SPEEDUP)),
     "train_step_full": Bench("train", "Open-Sora's acceleration table on one GPU: full training step", STEP_NOTE,
                              "STDiT-XL/2 16x256 with T5+VAE on the fly, sora: >= 1.3x Open-Sora's 7.00 samples/s/GPU "
-                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile.", TRAIN + THEIRS),
+                             "and >= 1.2x eager in the same run; sora+compile >= eager+compile. STDiT2-XL/2 "
+                             "16x240x426: sora >= 1.5x open-sora.", TRAIN + THEIRS),
     "dit_image_train": Bench("train", "Open-Sora's image table on one GPU: DiT-XL/2 (class-conditioned) on 256x256 "
                                       "images", columns=TRAIN[:2] + TRAIN[3:6] + ("samples_per_s:img/s:fmt",)
                              + TRAIN[7:] + THEIRS),
     "latte_train": Bench("train", "Latte-XL/2 (class-conditioned), training step", columns=TRAIN[:2] + TRAIN[3:]),
     "diffusers_block": Bench(
         "models", "One diffusers transformer block (Wan2.1's WanTransformerBlock, PixArt's BasicTransformerBlock)",
-        "A block of a one-block model (diffusers' defaults and the row's size, random weights, bf16); sora: the model "
-        "after `sora.kernels.patch`, eager and torch.compile: unpatched. GB/s: the bytes of the elementwise passes "
-        "sora fuses (2 layernorm_modulate + 2 gated_residual, their minimum bytes) over the whole block's time.",
+        "The block of a one-block model, random weights, bf16; sora: after `sora.kernels.patch`. GB/s: the minimum "
+        "bytes of the passes sora fuses (2 layernorm_modulate + 2 gated_residual) over the whole block's time.",
         columns=("model", "shape", "direction", "provider", "batch_size:batch", "ms::f2", "gbps:elementwise GB/s:fmt",
                  "frac_copy_bw:share of copy:pct", SPEEDUP)),
     "optimizer_step": Bench(
         "optimizer", "Optimizer step",
-        "`sora.train.optimizer_step`, what follows a training step's backward: gradient clipping (foreach), AdamW "
-        "(fused on CUDA, foreach elsewhere), the fp32 EMA's foreach lerp, over every parameter with fp32 master "
-        "weights, gradients and EMA. GB/s counts the bytes it must move (bytes / param, from its docstring) over "
-        "the measured time.", f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth.",
+        "`sora.train.optimizer_step`: clipping, AdamW (fused on CUDA), the fp32 EMA, over fp32 master weights. GB/s: "
+        "the bytes it must move (its docstring's bytes / param) over the time.",
+        f"at least {OPTIMIZER_TARGET:.0%} of the copy bandwidth.",
         ("model", "optimizer", "dtype", "params:params (M):M", "bytes_per_param:bytes / param", "ms::f2",
          "gbps:GB/s:fmt", "frac_copy_bw:share of copy:pct", "-:target:target_met")),
 }
@@ -268,22 +273,24 @@ def model_name(model: str, cuda: bool) -> str:
     return model if cuda else model.split("-")[0] + " (tiny)"
 
 
-def kernel_priority(first: bool, provider: str, dtype: str, C: int) -> int | None:
-    """sora and torch at the first shape and dtype (the targets) first, then torch.compile there; then the other
-    bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger and flash-attn in the pytest suite only."""
+def kernel_priority(bench: str, first: bool, provider: str, dtype: str, C: int) -> int | None:
+    """sora and torch at the first shape and dtype (the targets) first (qk_norm with STDiT2's targets, 3), then
+    torch.compile there; then the other bf16 shapes of C=1152, then fp32 and C=4096; apex, Liger, flash-attn: None."""
     if provider in ("sora", "torch"):
-        return 1 if first else 4 if dtype == "bf16" and C == 1152 else 5
+        return (3 if bench == "qk_norm" else 1) if first else 5 if dtype == "bf16" and C == 1152 else 6
     return 3 if provider == "torch.compile" and first else None
+
+
+HEADS_SHAPES = {"temporal_attention": ATTENTION_SHAPES, "qk_norm": QK_NORM_SHAPES}  # ops that split C in heads
 
 
 def kernel_cases(cuda: bool) -> list[Case]:
     return [Case(bench, provider, shape, {"direction": direction, "shape": [shape.B, shape.N, shape.C],
                                           "video": shape.video, "T": shape.T, "dtype": dtype,
-                                          **({"heads": shape.heads} if bench == "temporal_attention" else {})},
-                 priority=kernel_priority(index == 0 and dtype == dtypes[0], provider, dtype, shape.C))
+                                          **({"heads": shape.heads} if bench in HEADS_SHAPES else {})},
+                 priority=kernel_priority(bench, index == 0 and dtype == dtypes[0], provider, dtype, shape.C))
             for bench, providers in KERNEL_PROVIDERS.items()
-            for index, (shape, dtypes) in enumerate((ATTENTION_SHAPES if bench == "temporal_attention"
-                                                     else KERNEL_SHAPES)[cuda])
+            for index, (shape, dtypes) in enumerate(HEADS_SHAPES.get(bench, KERNEL_SHAPES)[cuda])
             for dtype in dtypes for direction in ("fwd", "fwd+bwd") for provider in providers]
 
 
@@ -312,13 +319,23 @@ def model_cases(cuda: bool) -> list[Case]:
     videos = VIDEOS[cuda]
     sample_dtype = "fp16" if cuda else "fp32"
     compile_providers = ("sora", "sora+compile", "eager", "eager+compile")
-    cases = [Case("temporal_branch", provider, video, {"direction": "fwd+bwd", "shape": video.label},
-                  video.batches[:1], 2 if i == 0 else None)
-             for i, video in enumerate(videos) for provider in ("sora", "eager")]
+    stdit2, open_sora = STDIT2_VIDEO[cuda], ("sora", "open-sora", "eager")  # eager: sora, kernels off
+
+    def heavy(provider, priority):  # gpu_check --tiny leaves these out: interpreted, they run for minutes
+        return None if provider.startswith("sora") and not cuda else priority
+
+    branches = [("STDiT-XL/2", video, dict.fromkeys(("sora", "eager"), None if i else 2))
+                for i, video in enumerate(videos)]
+    branches.append(("STDiT2-XL/2", stdit2, {p: heavy(p, 3) for p in ("sora", "open-sora", "open-sora+compile")}))
+    cases = [Case("temporal_branch", provider, video, {"model": model_name(model, cuda), "direction": "fwd+bwd",
+                                                       "shape": video.label}, video.batches[:1], priority)
+             for model, video, providers in branches for provider, priority in providers.items()]
+    cases += [train_case("train_step_full", "STDiT2-XL/2", stdit2, False, provider, cuda, heavy(provider, priority))
+              for provider, priority in zip(open_sora, (3, 3, 4))]
     # The training step, once: with encoders on the fly (T5 built once and kept for the cases after it), then
     # pre-encoded, under torch.compile too. STDiT-XL/2's priorities by (encoders, video, provider):
-    priority = {(False, 0, "sora"): 2, (False, 0, "eager"): 2, (True, 0, "sora"): 6, (False, 1, "sora"): 7,
-                (False, 1, "eager"): 7}
+    priority = {(False, 0, "sora"): 2, (False, 0, "eager"): 2, (True, 0, "sora"): 7, (False, 1, "sora"): 8,
+                (False, 1, "eager"): 8}
     cases += [train_case("train_step_full", model, video, encoders, provider, cuda,
                          priority.get((encoders, i, provider)) if model == "STDiT-XL/2" else None)
               for encoders in (True, False) for i, video in enumerate(videos)
@@ -329,12 +346,20 @@ def model_cases(cuda: bool) -> list[Case]:
     cases += [train_case("dit_image_train", "DiT-XL/2", IMAGES[cuda], False, provider, cuda)
               for provider in ("sora", "eager", "eager+compile")]
     cases += [train_case("latte_train", "Latte-XL/2", videos[0], False, p, cuda) for p in ("sora", "eager")]
-    steps = STEPS_PER_CALL if cuda else 2
-    cases += [Case("sampling_step", provider, video,
-                   {"model": model_name("STDiT-XL/2", cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,
-                    "dtype": sample_dtype, "steps_per_call": steps, **CFG},
-                   (SAMPLE_PROMPTS,), 2 if i == 0 and provider in ("sora", "eager") else None)
+
+    def sampling(bench, model, video, provider, steps, priority):  # steps: (on a GPU, on a CPU)
+        return Case(bench, provider, (model, video),
+                    {"model": model_name(model, cuda), "shape": video.label, "model_batch": 2 * SAMPLE_PROMPTS,
+                     "dtype": sample_dtype, "steps_per_call": steps[not cuda], **CFG},
+                    (SAMPLE_PROMPTS,), priority)
+
+    cases += [sampling("sampling_step", "STDiT-XL/2", video, provider, (STEPS_PER_CALL, 2),
+                       2 if i == 0 and provider in ("sora", "eager") else None)
               for i, video in enumerate(videos) for provider in compile_providers]
+    cases += [sampling("sampling_step", "STDiT2-XL/2", stdit2, p, (SAMPLING_STEPS, 2), heavy(p, priority))
+              for p, priority in zip(open_sora, (4, 4, None))]
+    cases += [sampling("sampling_cache", "STDiT-XL/2", videos[0], provider, (SAMPLING_STEPS, 4), heavy(provider, 4))
+              for provider in ("sora", "sora+cache")]
     cases.append(Case("t5_encode", "transformers", None,
                       {"model": "T5-v1.1-XXL encoder" if cuda else "T5 (tiny)",
                        "shape": f"{120 if cuda else 8} tokens", "dtype": "bf16" if cuda else "fp32"},
@@ -347,13 +372,13 @@ def model_cases(cuda: bool) -> list[Case]:
     cases += [Case("sample_e2e", provider, videos[0],
                    {"model": model_name("STDiT-XL/2", cuda), "shape": videos[0].label, "dtype": sample_dtype,
                     "steps": SAMPLING_STEPS if cuda else 3, **CFG, "vae_micro_batch_size": SAMPLE_VAE_MICRO_BATCH},
-                   (1,), 6 if provider == "sora" else None)
+                   (1,), 7 if provider == "sora" else None)
               for provider in ("sora", "sora+compile", "eager")]
     cases.append(Case("optimizer_step", "sora", videos[0],
                       {"model": model_name("STDiT-XL/2", cuda), "shape": "parameters", "dtype": "fp32",
                        "optimizer": "AdamW fused" if cuda else "AdamW foreach"}, priority=2))
     return cases + [Case("diffusers_block", provider, (model, latent, text, config), {"model": model, "shape": shape,
-                         "direction": direction, "dtype": "bf16" if cuda else "fp32"}, (batch,), 8)
+                         "direction": direction, "dtype": "bf16" if cuda else "fp32"}, (batch,), 9)
                     for model, shape, latent, text, batch, config in BLOCKS[cuda] for direction in ("fwd", "fwd+bwd")
                     for provider in ("sora", "eager", "torch.compile")]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_utils import Results, collect_env, on_cuda
+from bench.bench_utils import Results, collect_env
 
 RESULTS = pytest.StashKey[Results]()
 BENCH_DIR = Path(__file__).resolve().parent
@@ -30,7 +30,7 @@ def benchmarking(config) -> bool:
 def pytest_configure(config):
     out = config.getoption("--bench-out", None)
     config.stash[RESULTS] = Results(out and Path(out), config.getoption("--bench-append", False))
-    if benchmarking(config) and on_cuda() and os.environ.get("TRITON_INTERPRET") == "1":
+    if benchmarking(config) and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 would time the Triton interpreter on the GPU: unset it for bench/")
 
 
@@ -48,7 +48,7 @@ def results(request) -> Results:
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +61,7 @@ def bench_env(results, device) -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_on_cpu(device):
-    """The CPU smoke set runs tiny ops, where handing each to a thread pool costs more than the op itself
-    (bench/NOTES.md): one thread there."""
+    """One thread for the CPU smoke set's tiny ops: a thread pool costs more than such an op (bench/NOTES.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(threads if device.type == "cuda" else 1)
     yield
@@ -82,7 +81,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     write = terminalreporter.write_line
     terminalreporter.section("sora bench")
-    if not on_cuda():
+    if not torch.cuda.is_available():
         write("GPU rows skipped: no CUDA device here (torch.cuda.is_available() is False), so only the CPU smoke set "
               "ran (tiny shapes, wall clock). Its numbers exercise the harness and are not results.")
     skipped = sum(1 for row in results.rows if row.get("skipped"))

@@ -1,6 +1,6 @@
 """The GPU check: the kernel tests on the GPU, then the bench's cases by priority, under one hard deadline.
 
-    python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
+    python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 520] [--tiny]
 
 bench/NOTES.md ("The GPU check") says what each of SECTIONS runs, what it writes (summary.json after every row and
 test, also on a failure, the deadline or SIGTERM) and its exit codes: 0 passed, 1 a failure, 2 bad arguments, 3
@@ -33,15 +33,12 @@ from bench.bench_utils import Results, Timer, collect_env, run_facts  # noqa: E4
 from bench.cases import by_priority  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
-DEFAULT_DEADLINE_S = 420.0
-# After the deadline the main thread gets this long to write what it has; then the process exits (exit code 3).
-GRACE_S = 45.0
-# The kernel tests stop this long before the deadline, so the rows get their turn (an estimate: bench/NOTES.md).
-ROWS_RESERVE_S = 240.0
+DEFAULT_DEADLINE_S = 520.0  # with GRACE_S and the start-up, the whole check under 10 minutes (bench/NOTES.md)
+GRACE_S = 45.0  # after the deadline, the time to write what the run has; then the process exits (exit code 3)
+ROWS_RESERVE_S = 340.0  # the kernel tests stop this long before the deadline, leaving it to the rows (bench/NOTES.md)
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py", "tests/test_qk_norm.py",
                 "tests/test_models.py::test_kernels_on_equals_off", "tests/test_stdit2.py::test_kernels_on_equals_off"]
-# On the GPU every test but the ones that check the interpreter itself; with --tiny a quick selection.
-GPU_SELECTION = "not triton_kernels_ran"
+GPU_SELECTION = "not triton_kernels_ran"  # every test but those that check the interpreter; --tiny: a selection
 TINY_SELECTION = ("(matches_reference and chunk or test_matches_reference or round_trip or swap_leading or strided) "
                   "and not float16 and not bfloat16")
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -51,8 +48,7 @@ class Deadline(BaseException):
     """The run's time, or a section's share of it, is up. BaseException: no `except Exception` swallows it."""
 
 
-# run(check); required: the deadline cutting it fails the run (exit code 3).
-Section = namedtuple("Section", "name run required")
+Section = namedtuple("Section", "name run required")  # run(check); required: cut by the deadline, exit code 3
 
 
 class Check:
@@ -85,11 +81,12 @@ class Check:
         self.log_file.write(line + "\n")
         self.log_file.flush()
 
-    def save(self) -> None:
+    def save(self, paths=()) -> None:
+        """summary.json (and `paths` written beside it), copied to --out from bench/results/<gpu-slug>/."""
         self.status["elapsed_s"] = round(self.elapsed(), 1)
-        path, _ = self.results.save()
-        if path.parent != self.out:
-            shutil.copy(path, self.out / path.name)
+        for path in [self.results.save()[0], *paths]:
+            if path.parent != self.out:
+                shutil.copy(path, self.out / path.name)
 
     def add_row(self, row: dict) -> None:
         row.setdefault("skipped", None)
@@ -110,9 +107,7 @@ class Check:
         self.status["exit_code"] = code
         self.save()
         try:
-            for path in self.results.finish():
-                if path.parent != self.out:
-                    shutil.copy(path, self.out / path.name)
+            self.save(self.results.finish())
         except Exception as error:  # the summary is written; a report that cannot be drawn must not hide it
             self.log(f"report not written: {type(error).__name__}: {error}")
         for name, outcome in self.status["sections"].items():
@@ -294,18 +289,16 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
     for line in where_results_come_from(args.tiny)[:-1]:
         check.log(line)
 
-    def stop(why):
-        def handler(signum, frame):
-            raise Deadline(why)
-        return handler
+    why = {signal.SIGALRM: "the deadline", signal.SIGTERM: "terminated (SIGTERM)"}  # `timeout` sends SIGTERM first
+
+    def stop(signum, frame):
+        raise Deadline(why[signum])
 
     def hard_stop():
         check.log(f"still running {GRACE_S:.0f} s after the deadline: exiting; summary.json holds what was done")
         os._exit(3)
 
-    # `timeout` sends SIGTERM before SIGKILL.
-    previous = {signum: signal.signal(signum, stop(why))
-                for signum, why in ((signal.SIGALRM, "the deadline"), (signal.SIGTERM, "terminated (SIGTERM)"))}
+    previous = {signum: signal.signal(signum, stop) for signum in why}
     signal.setitimer(signal.ITIMER_REAL, max(check.remaining(), 1e-3))
     stopper = threading.Timer(check.remaining() + GRACE_S, hard_stop)
     stopper.daemon = True

@@ -1,15 +1,12 @@
-"""What the kernels cost on a Hopper GPU, read on a CPU: compile every launch the public ops make, ahead of
-time for sm_90, with Triton's own toolchain (its wheel ships ptxas, cuobjdump and nvdisasm), and read the SASS.
+"""What the kernels cost on a Hopper GPU, read on a CPU: every launch of CASES, captured while Triton's driver is an
+sm_90 stand-in, compiled ahead of time (never run) with Triton's own ptxas, and its SASS read (bench/NOTES.md,
+"Kernel report", says what each column means).
 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
-
-The launches of CASES are captured while Triton's driver is an sm_90 stand-in (compiled, never run); bench/NOTES.md
-("Kernel report") says what each column means and how the issue ceiling is computed.
 """
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -18,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels: must be set before triton decorates anything
@@ -36,8 +34,7 @@ from bench.bench_utils import DTYPES  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
-# Hopper SXM: 132 SMs, each issuing 4 warp-instructions per clock (one per scheduler). The clock under a
-# memory-bound load sits between the base-boost range below (NVIDIA's H100/H200 SXM specifications).
+# Hopper SXM: 132 SMs issuing 4 warp-instructions per clock each, at a clock between base and boost (NVIDIA's specs).
 SMS, ISSUE_PER_CLOCK, CLOCKS_GHZ = 132, 4, (1.755, 1.98)
 REGISTERS_PER_SM, WARPS_PER_SM, SHARED_PER_SM, H100_SHARED_PER_BLOCK = 65536, 64, 228 * 1024, 227 * 1024
 COPY_TBS = {"H100": 3.0, "H200": 4.3}  # copy rates the targets are set against (datasheet-level, not measured here)
@@ -54,59 +51,28 @@ def resources(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}
 
 
-class _Sm90Driver:
-    """Enough of a Triton driver to compile for sm_90 without a GPU and read a kernel's registers (one_wave)."""
-
-    launcher_cls = staticmethod(lambda src, metadata: None)
-
-    class utils:
-        @staticmethod
-        def get_device_properties(device):
-            return {"max_shared_mem": H100_SHARED_PER_BLOCK, "max_num_regs": REGISTERS_PER_SM,
-                    "multiprocessor_count": SMS, "warpSize": 32}
-
-        @staticmethod
-        def load_binary(name, cubin, shared, device):
-            usage = resources(cubin)
-            return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
-
-    get_current_device = staticmethod(lambda: 0)
-    get_current_stream = staticmethod(lambda device: 0)
-    get_current_target = staticmethod(lambda: SM90)
+def _load_binary(name, cubin, shared, device):
+    usage = resources(cubin)
+    return None, None, usage["REG"], usage["STACK"] + usage["LOCAL"], 1024
 
 
-@dataclasses.dataclass
-class Launch:
-    case: str
-    kernel: str
-    grid: tuple
-    num_warps: int
-    constexprs: dict
-    ints: dict  # the int arguments as the JIT saw them: name -> value
-    useful_bytes: int
-    loop_trips: int  # loop iterations summed over all programs; 0 for a kernel without a loop
-    registers: int = 0
-    spill_bytes: int = 0
-    shared_bytes: int = 0
-    loads: str = ""
-    stores: str = ""
-    instructions: int = 0  # issued per program (outside the loop, fast paths only)
-    loop_instructions: int = 0  # issued per loop iteration
-    blocks_per_sm: int = 0
-    error: str = ""
+# Enough of a Triton driver to compile for sm_90 without a GPU and read a kernel's registers (one_wave).
+SM90_DRIVER = SimpleNamespace(
+    launcher_cls=lambda src, metadata: None, get_current_device=lambda: 0, get_current_stream=lambda device: 0,
+    get_current_target=lambda: SM90, utils=SimpleNamespace(load_binary=_load_binary, get_device_properties=lambda d: {
+        "max_shared_mem": H100_SHARED_PER_BLOCK, "max_num_regs": REGISTERS_PER_SM, "multiprocessor_count": SMS,
+        "warpSize": 32}))
 
-    def per_byte(self) -> float:
-        """Warp instructions issued per useful byte."""
-        issued = self.instructions * math.prod(self.grid) + self.loop_instructions * self.loop_trips
-        return issued * self.num_warps / self.useful_bytes
 
-    def waves(self) -> float:
-        """Programs per resident slot on an H100 (132 SMs): above 1, the last wave runs part-empty."""
-        return math.prod(self.grid) / (self.blocks_per_sm * SMS) if self.blocks_per_sm else math.inf
-
-    def loop_per_byte(self) -> float:
-        """Warp instructions per byte of the loop alone: what the steady state of a long loop issues."""
-        return self.loop_instructions * self.loop_trips * self.num_warps / self.useful_bytes
+# A launch: case, kernel, grid, num_warps, constexprs, ints (the int arguments as the JIT saw them), useful_bytes,
+# loop_trips (loop iterations summed over all programs, 0 without a loop), error; analyse adds what the cubin and
+# SASS say: registers, spill_bytes, shared_bytes, loads, stores, instructions (per program outside the loop, fast
+# paths only), loop_instructions (per iteration), blocks_per_sm, per_byte, loop_per_byte, waves.
+def per_byte(launch: dict, loop_only=False) -> float:
+    """Warp instructions issued per useful byte; loop_only: the loop's alone (a long loop's steady state)."""
+    issued = launch["loop_instructions"] * launch["loop_trips"]
+    issued += 0 if loop_only else launch["instructions"] * math.prod(launch["grid"])
+    return issued * launch["num_warps"] / launch["useful_bytes"]
 
 
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
@@ -132,21 +98,20 @@ def sm90_capture(case: str, launches: list):
         bound.update(kwargs)
         grid = tuple(grid(bound) if callable(grid) else grid)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        launch = Launch(
+        launch = dict(
             case=case, kernel=kernel.fn.__name__, grid=grid, num_warps=kwargs.get("num_warps", 4),
             constexprs={p.name: bound[p.name] for p in kernel.params if p.is_constexpr and p.name in bound},
             ints={k: v for k, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)},
             useful_bytes=sum(t.numel() * t.element_size() for t in tensors),
-            loop_trips=_loop_trips(kernel, bound, grid),
-        )
+            loop_trips=_loop_trips(kernel, bound, grid), error="")
         try:
-            launch.compiled = original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            launch["compiled"] = original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
         except Exception as e:  # reported per launch; the test fails on it
-            launch.error = f"{type(e).__name__}: {e}"
+            launch["error"] = f"{type(e).__name__}: {e}"
         launches.append(launch)
 
     active = driver._active
-    driver.set_active(_Sm90Driver())
+    driver.set_active(SM90_DRIVER)
     try:
         with mock.patch.object(JITFunction, "run", capture), mock.patch.object(_common, "INTERPRETED", True), \
                 mock.patch.object(torch.Tensor, "is_cuda", property(lambda x: True)):  # one_wave compiles for sm_90
@@ -156,14 +121,6 @@ def sm90_capture(case: str, launches: list):
 
 
 # ----------------------------------------------------------------------------------------------- SASS
-
-
-def _instructions(sass: str) -> list[str]:
-    """The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels."""
-    lines = (line.split("\t")[-1].strip() for line in sass.splitlines())
-    return [line for line in lines if line and not line.startswith("Function:")]
-
-
 def _blocks(lines: list[str]) -> list[list[str]]:
     """Basic blocks, each a list of its lines (labels open a block, branches and exits end one)."""
     blocks, current = [], []
@@ -186,15 +143,10 @@ def _subroutine_length(lines: list[str], address: int) -> int:
 
 
 def _issued(block: list[str], lines: list[str]) -> int:
-    count = 0
-    for line in block:
-        if line.endswith(":") or line.startswith("NOP"):
-            continue
-        count += 1
-        call = re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line)
-        if call:
-            count += _subroutine_length(lines, int(call.group(1), 16))
-    return count
+    """A block's instructions but labels and NOPs, a CALL with its subroutine's straight-line length."""
+    calls = (re.match(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", line) for line in block)
+    return sum(1 + (_subroutine_length(lines, int(call.group(1), 16)) if call else 0)
+               for line, call in zip(block, calls) if not (line.endswith(":") or line.startswith("NOP")))
 
 
 def _slow_path(block: list[str]) -> bool:
@@ -207,7 +159,9 @@ def count_instructions(sass: str) -> tuple[int, int]:
     """(per program outside the loop, per loop iteration), counting the common path only: up to the last EXIT,
     slow-path blocks left out, a called subroutine at its straight-line length; the loop runs from a label to the
     last branch back to it."""
-    lines = _instructions(sass)
+    # The function's lines: instructions (each 16 bytes, so a CALL's target is its index * 16) and labels.
+    lines = [line for line in (raw.split("\t")[-1].strip() for raw in sass.splitlines())
+             if line and not line.startswith("Function:")]
     blocks = _blocks(lines)
     last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
     blocks = blocks[:last_exit + 1]
@@ -242,24 +196,22 @@ def blocks_per_sm(registers: int, num_warps: int, shared: int) -> int:
     return min(by_registers, WARPS_PER_SM // num_warps, by_shared, 32)
 
 
-def analyse(launch: Launch) -> Launch:
-    """Fill in what the cubin and its SASS say about a compiled launch."""
-    if launch.error:
-        return launch
-    compiled, sass = launch.compiled, launch.compiled.asm["sass"]
-    usage = resources(compiled.asm["cubin"])
+def analyse(launch: dict) -> dict:
+    """Add what the cubin and its SASS say about a compiled launch (None for one that failed to compile)."""
+    compiled = launch.pop("compiled", None)
+    if launch["error"]:
+        return {**launch, **dict.fromkeys(ANALYSED)}
+    sass, usage = compiled.asm["sass"], resources(compiled.asm["cubin"])
     # Stack and local memory per thread: these kernels declare no local arrays, so all of it is spilled registers.
-    launch.registers, launch.spill_bytes = usage["REG"], usage["STACK"] + usage["LOCAL"]
-    launch.shared_bytes = compiled.metadata.shared
-    launch.loads, launch.stores = _widths(sass, "LDG"), _widths(sass, "STG")
-    launch.instructions, launch.loop_instructions = count_instructions(sass)
-    launch.blocks_per_sm = blocks_per_sm(launch.registers, launch.num_warps, launch.shared_bytes)
-    return launch
-
-
-def ceiling_tbs(per_byte: float) -> tuple[float, float]:
-    """The bytes/s an SM array issuing flat out can move at `per_byte` warp-instructions per byte (TB/s)."""
-    return tuple(SMS * ISSUE_PER_CLOCK * ghz * 1e9 / per_byte / 1e12 for ghz in CLOCKS_GHZ)
+    launch.update(registers=usage["REG"], spill_bytes=usage["STACK"] + usage["LOCAL"],
+                  shared_bytes=compiled.metadata.shared, loads=_widths(sass, "LDG"), stores=_widths(sass, "STG"))
+    launch["instructions"], launch["loop_instructions"] = count_instructions(sass)
+    launch["blocks_per_sm"] = blocks_per_sm(launch["registers"], launch["num_warps"], launch["shared_bytes"])
+    programs, slots = math.prod(launch["grid"]), launch["blocks_per_sm"] * SMS  # waves: above 1, a part-empty last
+    launch.update(per_byte=per_byte(launch), loop_per_byte=per_byte(launch, True),
+                  waves=programs / slots if slots else math.inf)
+    # The TB/s the SMs issuing flat out move at that many warp-instructions per byte, at either clock.
+    return dict(launch, ceiling_tbs=[SMS * ISSUE_PER_CLOCK * ghz / launch["per_byte"] / 1e3 for ghz in CLOCKS_GHZ])
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -346,38 +298,33 @@ CASES = [
 ]
 
 
-def capture(cases) -> list[Launch]:
-    """Run each (name, function, arguments) case and return its launches, compiled and analysed."""
-    launches = []
-    for name, run, args in cases:
-        with sm90_capture(name, launches):
-            run(*args)
-    return [analyse(launch) for launch in launches]
-
-
-def _constexprs(launch: Launch) -> str:
-    shown = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
+def _constexprs(launch: dict) -> str:
+    shown = {k: v for k, v in launch["constexprs"].items()
+             if k.startswith("BLOCK") or k in ("HEAD", "TAIL") or v is True}
     return " ".join(f"{k}={v}" for k, v in shown.items() if v is not True) + "".join(
         f" {k}" for k, v in shown.items() if v is True and k in ("TEMPORAL", "TO_TEMPORAL"))
 
 
+ANALYSED = ("registers", "spill_bytes", "shared_bytes", "blocks_per_sm", "loads", "stores", "instructions",
+            "loop_instructions", "per_byte", "loop_per_byte", "waves", "ceiling_tbs")
 COLUMNS = ["case", "kernel", "tile", "warps", "grid", "regs", "spill B", "smem B", "blocks/SM", "waves", "LDG bits",
            "STG bits", "instr/program", "loop instr", "warp-instr/B", "loop warp-instr/B", "issue ceiling TB/s"]
 
 
-def table(launches: list[Launch]) -> str:
+def table(launches: list[dict]) -> str:
     """A markdown table, one row per launch."""
     body = []
     for launch in launches:
-        cells = [launch.case, launch.kernel.strip("_").replace("_kernel", ""), _constexprs(launch), launch.num_warps]
-        if launch.error:
-            body.append(cells + [launch.grid, f"FAILED: {launch.error.splitlines()[0]}"] + [""] * 11)
+        cells = [launch["case"], launch["kernel"].strip("_").replace("_kernel", ""), _constexprs(launch),
+                 launch["num_warps"]]
+        if launch["error"]:
+            body.append(cells + [launch["grid"], f"FAILED: {launch['error'].splitlines()[0]}"] + [""] * 11)
             continue
-        low, high = ceiling_tbs(launch.per_byte())
-        body.append(cells + ["x".join(map(str, launch.grid)), launch.registers, launch.spill_bytes,
-                             launch.shared_bytes, launch.blocks_per_sm, f"{launch.waves():.2f}", launch.loads,
-                             launch.stores, launch.instructions, launch.loop_instructions or "-",
-                             f"{launch.per_byte():.3f}", f"{launch.loop_per_byte():.3f}" if launch.loop_trips else "-",
+        low, high = launch["ceiling_tbs"]
+        body.append(cells + ["x".join(map(str, launch["grid"])), *(launch[key] for key in ANALYSED[:4]),
+                             f"{launch['waves']:.2f}", launch["loads"], launch["stores"], launch["instructions"],
+                             launch["loop_instructions"] or "-", f"{launch['per_byte']:.3f}",
+                             f"{launch['loop_per_byte']:.3f}" if launch["loop_trips"] else "-",
                              f"{low:.1f}-{high:.1f}"])
     return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
 
@@ -391,18 +338,18 @@ def main(argv=None):
     if not cases:
         print(f"no case matches -k {args.k!r}", file=sys.stderr)
         return 2
-    launches = capture(cases)
+    launches = []
+    for name, run, case_args in cases:  # each (name, function, arguments): its launches, compiled and analysed
+        with sm90_capture(name, launches):
+            run(*case_args)
+    launches = [analyse(launch) for launch in launches]
     print(f"Triton {triton.__version__}, sm_90; issue ceiling at {SMS} SMs x {ISSUE_PER_CLOCK} warp-instr/clk x "
           f"{CLOCKS_GHZ[0]}-{CLOCKS_GHZ[1]} GHz; copy rate H100 ~{COPY_TBS['H100']} TB/s, "
           f"H200 ~{COPY_TBS['H200']} TB/s\n")
     print(table(launches))
     if args.json:
-        fields = [f.name for f in dataclasses.fields(Launch)]
-        found = [{**{f: getattr(launch, f) for f in fields}, **{key: None if launch.error else getattr(launch, key)()
-                                                                for key in ("per_byte", "loop_per_byte", "waves")}}
-                 for launch in launches]
-        Path(args.json).write_text(json.dumps(found, indent=1))
-    return 1 if any(launch.error for launch in launches) else 0
+        Path(args.json).write_text(json.dumps(launches, indent=1))
+    return 1 if any(launch["error"] for launch in launches) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""How each bench of bench/cases.py is measured (MEASURES), and run_case: the one function that measures a case
-and records its rows, for `pytest bench/ --benchmark` and bench/gpu_check.py alike. Nothing is downloaded: every
-model has random weights, T5-v1.1-XXL's encoder and the SD VAE are built from their published configs; on a CPU
-the same code runs tiny sizes (the smoke set)."""
+"""How each bench of bench/cases.py is measured (MEASURES), and run_case, the one function that measures a case for
+`pytest bench/ --benchmark` and bench/gpu_check.py alike. Nothing is downloaded: random weights, T5-v1.1-XXL's
+encoder and the SD VAE built from their published configs; on a CPU the same code runs tiny sizes (the smoke set)."""
 
 import copy
 import importlib
@@ -14,14 +13,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import DTYPES, Rotation, Timer, free_memory, is_oom, randomize
+from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, is_oom, randomize
 from bench.cases import (CFG, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS, all_to_all_volume,
                          kernel_bytes)
 from sora.kernels.layout import swap_leading, swap_leading_reference
 from sora.schedulers import IDDPM
+from sora.schedulers.cache import check_cache
 
 EPS = 1e-6
-TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8)
+TINY = dict(hidden_size=48, depth=2, num_heads=4, caption_channels=32, model_max_length=8)  # STDiT2: C % 12 == 0
 # DeepFloyd/t5-v1_1-xxl's config.json, the encoder's part: 4.76B parameters (9.5 GB in bf16).
 T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -34,10 +34,10 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
                      scaling_factor=0.18215)
 SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
 LR, GRAD_CLIP, EMA_DECAY = 2e-5, 1.0, 0.9999  # Open-Sora v1's training configs
-# Frames per VAE call when encoding on the fly (Open-Sora's configs: 128 or 64); 32 leaves room for T5 and the EMA.
-TRAIN_VAE_MICRO_BATCH = 32
+TRAIN_VAE_MICRO_BATCH = 32  # frames per VAE call on the fly (Open-Sora's: 128 or 64): room for T5 and the EMA
 CUDA_ONLY = ("apex", "liger", "flash-attn")  # with torch.compile's providers: skipped on a CPU
 LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
+STAGE1 = REPO / "configs" / "opensora-v1-1" / "train" / "stage1.py"  # Open-Sora v1.1's mask_ratios
 
 
 class Unavailable(Exception):
@@ -62,22 +62,25 @@ def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | N
 
 
 # ---- kernels: one entry of KERNEL_OPS per op ------------------------------------------------------------------------
-def temporal(s, x):
-    return rearrange(x, "B (T S) C -> (B S) T C", T=s.T).contiguous()
+TOKENS_OUT, TEMPORAL_OUT = (lambda s: [(s.B, s.N, s.C)]), (lambda s: [(s.B * s.S, s.T, s.C)])  # an op's outputs
+
+
+def temporal(T, x):
+    return rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
 
 
 def layernorm_modulate_op(temporal_layout: bool):
     def eager(s, norm, flash):
         def forward(x, shift, scale):
             y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
-            return temporal(s, y) if temporal_layout else y
+            return temporal(s.T, y) if temporal_layout else y
         return forward
 
     return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1),
                                   scale=randn(s.B, 1, s.C, scale=0.1)),
             lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS,
                                                                    temporal=s.T if temporal_layout else None),
-            eager, temporal_layout)
+            eager, TEMPORAL_OUT if temporal_layout else TOKENS_OUT)
 
 
 def gated_residual_op(temporal_layout: bool):
@@ -87,55 +90,62 @@ def gated_residual_op(temporal_layout: bool):
     return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), gate=randn(s.B, 1, s.C, scale=0.1),
                                   y=randn(*((s.B * s.S, s.T, s.C) if temporal_layout else (s.B, s.N, s.C)))),
             lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T if temporal_layout else None),
-            eager, False)
+            eager, TOKENS_OUT)
 
 
 def eager_temporal_attention(s, norm, flash):
     def forward(qkv):
         q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
-        if flash is None:
-            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        else:
-            out = flash(q, k, v)
+        out = flash(q, k, v) if flash else F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
     return forward
 
 
-# bench -> (its random inputs (never zeros), sora's call, the eager path Open-Sora v1 runs with the kernels off (with
-# apex's or Liger's LayerNorm `norm`, flash-attn's `flash`), whether the output is in the "(B S) T C" layout).
+def eager_qk_norm(s, norm, flash):
+    """Open-Sora v1.1's spatial attention: q, k, v (B*T, H, S, D) views of qkv; q and k through LlamaRMSNorm."""
+    rms_norm = importable("tests.stdit2_reference", "rms_norm")
+
+    def forward(qkv, q_weight, k_weight):
+        q, k, v = qkv.view(*qkv.shape[:2], 3, s.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return rms_norm(q_weight, q, True), rms_norm(k_weight, k, True), v
+    return forward
+
+
+# bench -> (its random inputs (never zeros), sora's call, the eager path Open-Sora v1 (v1.1 for qk_norm) runs with the
+# kernels off (with apex's or Liger's LayerNorm `norm`, flash-attn's `flash`), the shapes of its outputs).
 KERNEL_OPS = {
     "layernorm_modulate": layernorm_modulate_op(False),
     "layernorm_modulate_temporal": layernorm_modulate_op(True),
     "gated_residual": gated_residual_op(False),
     "gated_residual_temporal": gated_residual_op(True),
     "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
-                    lambda s, norm, flash: lambda x: temporal(s, x), True),
+                    lambda s, norm, flash: lambda x: temporal(s.T, x), TEMPORAL_OUT),
     "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
                            lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads), eager_temporal_attention,
-                           False),
+                           TOKENS_OUT),
+    "qk_norm": (lambda s, randn: dict(qkv=randn(s.B * s.T, s.S, 3 * s.C), q_weight=randn(s.C // s.heads),
+                                      k_weight=randn(s.C // s.heads)),
+                lambda s: lambda qkv, q_weight, k_weight: K.qk_norm(qkv, s.heads, q_weight, k_weight, EPS),
+                eager_qk_norm, lambda s: [(s.B * s.T, s.heads, s.S, s.C // s.heads)] * 3),
 }
 
 
-def external(provider: str, case, device) -> dict:
-    """apex FusedLayerNorm, Liger's LayerNorm (weight 1, bias 0: Liger has no affine-free mode) or flash-attn."""
-    names = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
-             "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
-    if provider not in names:
-        return {}
-    found = importable(*names[provider])
-    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
-    if provider == "apex":
-        return dict(norm=found(C, eps=EPS, elementwise_affine=False).to(device))
-    if provider == "liger":
-        return dict(norm=found(C, eps=EPS).to(device=device, dtype=dtype).requires_grad_(False))
-    return dict(flash=found)
+EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
+            "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
 
 
 def kernel_forward(case, device):
+    """sora's call, or the eager path: plain, compiled, with apex's FusedLayerNorm, Liger's LayerNorm (weight 1, bias
+    0: Liger has no affine-free mode) or flash-attn."""
     _, sora, eager, _ = KERNEL_OPS[case.bench]
     if case.provider == "sora":
         return sora(case.spec)
-    forward = eager(case.spec, **{"norm": None, "flash": None, **external(case.provider, case, device)})
+    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
+    found = importable(*EXTERNAL[case.provider]) if case.provider in EXTERNAL else None
+    norm = (found(C, eps=EPS, elementwise_affine=False).to(device) if case.provider == "apex" else
+            found(C, eps=EPS).to(device, dtype).requires_grad_(False) if case.provider == "liger" else None)
+    forward = eager(case.spec, norm, found if case.provider == "flash-attn" else None)
     return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
 
 
@@ -144,35 +154,37 @@ def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
     return dict(ms=ms, gbps=gbps, frac_copy_bw=gbps / timer.copy_bandwidth_gbps, bytes=nbytes)
 
 
+def flat(out) -> torch.Tensor:
+    """An op's output, a tensor or a tuple of them (qk_norm's q, k, v), as one fp32 vector."""
+    return torch.cat([t.float().flatten() for t in (out if isinstance(out, tuple) else [out])])
+
+
 def measure_kernel(case, batch, timer: Timer) -> dict:
     """One op, one direction (Timer.kernel): ms, GB/s of the minimum bytes, their share of the copy bandwidth; sora's
     forward's rel_err against the fp32 eager op. fwd+bwd: fresh gradients by torch.autograd.grad (nothing adds up)."""
     s, device, dtype = case.spec, timer.device, DTYPES[case.fields["dtype"]]
     backward = case.fields["direction"] == "fwd+bwd"
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
-    forward = kernel_forward(case, device)
-
-    inputs_of, _, eager, temporal_out = KERNEL_OPS[case.bench]
+    forward, (inputs_of, _, eager, out_shapes) = kernel_forward(case, device), KERNEL_OPS[case.bench]
 
     def randn(*shape, scale=1.0):
         tensor = torch.randn(shape, device=device, dtype=dtype)
         return (tensor.mul_(scale) if scale != 1.0 else tensor).requires_grad_(backward)  # in place: no copy
 
     def make_inputs():
-        out_shape = (s.B * s.S, s.T, s.C) if temporal_out else (s.B, s.N, s.C)
-        return inputs_of(s, randn), torch.randn(out_shape, device=device, dtype=dtype) if backward else None
+        douts = [torch.randn(shape, device=device, dtype=dtype) for shape in out_shapes(s)] if backward else None
+        return inputs_of(s, randn), douts
 
     def step(inputs_dout):
-        inputs, dout = inputs_dout
+        inputs, douts = inputs_dout
         out = forward(**inputs)
-        return torch.autograd.grad(out, list(inputs.values()), dout) if backward else out
+        return torch.autograd.grad(out, list(inputs.values()), douts) if backward else out
 
-    run = Rotation(make_inputs, step, nbytes, device)
-    row = {}
-    if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward against the fp32 eager op
+    run, row = Rotation(make_inputs, step, nbytes, device), {}
+    if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward (all its outputs) against the fp32 eager op
         with torch.no_grad():
             probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
-            out, ref = forward(**probe).float(), eager(s, None, None)(**{k: t.float() for k, t in probe.items()})
+            out, ref = flat(forward(**probe)), flat(eager(s, None, None)(**{k: t.float() for k, t in probe.items()}))
             row["rel_err"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
             del out, ref
     return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
@@ -211,8 +223,7 @@ def measure_pack(case, batch, timer: Timer) -> dict:
 
 
 def compute_volume(case, batch, timer: Timer) -> dict:
-    """Bytes per rank of one temporal attention's exchanges per layer and per step, and the time at the assumed
-    link bandwidth: arithmetic, not timed (computed=True, no ms)."""
+    """all_to_all_volume and the time at the assumed link bandwidth: arithmetic, not timed (computed, no ms)."""
     s, fields = case.spec, case.fields
     volume = timer.once(lambda: all_to_all_volume(s.S, s.T, s.C, fields["sp"], elem=2, depth=fields["depth"]))
     per_ms = fields["link_gbps_assumed"] * 1e6
@@ -227,19 +238,19 @@ def build_dit(model_type, latent, provider, device, dtype, grad_checkpoint=False
                enable_layernorm_kernel=provider.startswith("sora"), grad_checkpoint=grad_checkpoint, **kwargs)
     if device.type != "cuda":
         cfg.update(type=model_type.split("-")[0], patch_size=(1, 2, 2), **TINY)
-    from sora.models import build_model
-
     with device:  # parameters created (and initialised) on the device: much faster than on the host
-        model = build_model(cfg)
-    model.to(device=device, dtype=dtype)
+        model = importable("sora.models", "build_model")(cfg).to(device=device, dtype=dtype)
     randomize(model)
     return model
 
 
-def compiled(model):
-    if compile_mode() == "model":
+def model_forward(model, provider, dtype):
+    """The model's forward for a provider: the model, compiled (per block by default: two graphs) or Open-Sora's."""
+    if provider == "open-sora":
+        return open_sora_v11(model, dtype)
+    if provider.endswith("compile") and compile_mode() == "model":
         return torch.compile(model, dynamic=False)
-    for block in model.blocks:  # block 0 (temporal position embedding) and the others: two graphs
+    for block in model.blocks if provider.endswith("compile") else ():
         block.compile(dynamic=False)
     return model
 
@@ -252,33 +263,78 @@ def captions(model, batch, device, dtype, generator):
     return y, (torch.arange(L, device=device)[None] < lengths[:, None]).long()
 
 
+def stdit2_branch(provider, x, T, heads, randn):
+    """STDiT2's temporal branch with x_mask (frame 0 of each sample a condition frame): sora's STDiT2Block with the
+    kernels, or Open-Sora v1.1's (tests/stdit2_reference.py), eager or compiled."""
+    from sora.models.stdit2 import RotaryEmbedding, STDiT2Block, frame_rows
+
+    B, N, C = x.shape
+    block = STDiT2Block(C, heads, qk_norm=True, enable_flashattn=True, enable_layernorm_kernel=True).to(x)
+    randomize(block)
+    freqs = RotaryEmbedding(C // heads).freqs.to(x)
+    t_tmp, t0_tmp = randn(B, 3 * C), randn(B, 3 * C)
+    x_mask = torch.arange(T, device=x.device).expand(B, T) > 0
+    params = [t_tmp, t0_tmp, block.scale_shift_table_temporal, *block.attn_temp.parameters()]
+    if provider == "sora":
+        def branch():
+            shift, scale, gate = frame_rows(block.scale_shift_table_temporal, t_tmp, t0_tmp, x_mask).unbind(2)
+            h = block.modulate(x, block.norm_temp, shift, scale)
+            return block.gated(x, block.attn_temp(h, temporal=T, rope_freqs=freqs), gate)
+        return branch, params
+    temporal_branch = importable("tests.stdit2_reference", "temporal_branch")
+    weights = {**{f"block.{name}": p for name, p in block.named_parameters()}, "rope.freqs": freqs}
+    config = dict(num_heads=heads, qk_norm=True, qk_norm_legacy=True)
+    branch = lambda: temporal_branch(weights, "block", x, t_tmp, x_mask, t0_tmp, T, N // T, config, True)  # noqa: E731
+    return torch.compile(branch, dynamic=False) if provider.endswith("compile") else branch, params
+
+
 def measure_temporal_branch(case, batch, timer: Timer) -> dict:
-    """STDiT-XL/2's temporal branch fwd+bwd (C=1152, 16 heads; TINY's on a CPU), timed once, as its bench's title in
-    bench/cases.py says: sora frame-major throughout, eager with rearrange + contiguous and back."""
-    from sora.models.layers import Attention
-
+    """A temporal branch fwd+bwd at XL width (C=1152, 16 heads; TINY's on a CPU), timed once (bench/NOTES.md)."""
     device, (T, H, W) = timer.device, case.spec.latent
-    dtype, hidden, heads = (torch.bfloat16, 1152, 16) if device.type == "cuda" else (torch.float32, 64, 4)
-    S = (H // 2) * (W // 2)
-    attention = Attention(hidden, heads, qkv_bias=True, enable_flashattn=True).to(device=device, dtype=dtype)
-    randomize(attention)
+    dtype, hidden, heads = ((torch.bfloat16, 1152, 16) if device.type == "cuda"
+                            else (torch.float32, TINY["hidden_size"], TINY["num_heads"]))
+    S = -(-H // 2) * -(-W // 2)  # STDiT2 pads to the 2x2 patch
+    randn = lambda *shape: (0.1 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_()  # noqa: E731
     x = torch.randn(batch, T * S, hidden, device=device, dtype=dtype, requires_grad=True)
-    gate = (0.1 * torch.randn(batch, 1, hidden, device=device, dtype=dtype)).requires_grad_()
     dout = torch.randn_like(x)
-    def branch():
-        if case.provider == "sora":
-            return K.gated_residual(x, attention(x, temporal=T), gate)
-        x_t = rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
-        return x + gate * rearrange(attention(x_t), "(B S) T C -> B (T S) C", B=batch)
-
-    wrt = [x, gate, *attention.parameters()]
-    ms = timer.kernel(lambda: torch.autograd.grad(branch(), wrt, dout))
+    if case.fields["model"].startswith("STDiT2"):
+        branch, params = stdit2_branch(case.provider, x, T, heads, randn)
+    else:  # STDiT's: sora frame-major throughout, eager with rearrange + contiguous and back
+        attention = importable("sora.models.layers", "Attention")(hidden, heads, qkv_bias=True, enable_flashattn=True)
+        randomize(attention.to(x))
+        gate = randn(batch, 1, hidden)
+        params = [gate, *attention.parameters()]
+        branch = ((lambda: K.gated_residual(x, attention(x, temporal=T), gate)) if case.provider == "sora" else
+                  lambda: x + gate * rearrange(attention(temporal(T, x)), "(B S) T C -> B (T S) C", B=batch))
+    ms = timer.kernel(lambda: torch.autograd.grad(branch(), [x, *params], dout))
     return dict(ms=ms, samples_per_s=batch / (ms * 1e-3), tokens_per_s=batch * T * S / (ms * 1e-3))
 
 
-# T5-XXL (9.5 GB), built once per run and kept for the cases that encode text; the others drop it first, so the
-# batch that fits does not depend on which cases ran before.
-RESIDENT = {}
+def open_sora_v11(model, dtype):
+    """Open-Sora v1.1's STDiT2 forward (tests/stdit2_reference.py, flash attention where theirs has it) on the model's
+    weights cast to dtype, without autocast: their bf16 training holds bf16 weights."""
+    stdit2_forward = importable("tests.stdit2_reference", "stdit2_forward")
+    config = dict(hidden_size=model.hidden_size, num_heads=model.num_heads, patch_size=model.patch_size,
+                  input_sq_size=model.input_sq_size, qk_norm=True, qk_norm_legacy=True)
+
+    def forward(x, timestep, y, mask=None, x_mask=None, **sizes):
+        with torch.autocast(x.device.type, enabled=False):
+            weights = {name: t.to(dtype) for name, t in itertools.chain(model.named_parameters(),
+                                                                        model.named_buffers())}
+            return stdit2_forward(weights, config, x, timestep, y, mask, x_mask, **sizes, fp32_casts=True,
+                                  flash=True)
+    return forward
+
+
+def size_inputs(model, video, batch, device, ar) -> dict:
+    """STDiT2's size inputs for `batch` videos (others take none): pixels, latent frames, fps 24 and ar."""
+    if not importable("sora.train", "takes")(model, "height"):
+        return {}
+    values = dict(height=video.height, width=video.width, num_frames=video.latent[0], fps=24, ar=ar)
+    return {name: torch.full((batch,), float(value), device=device) for name, value in values.items()}
+
+
+RESIDENT = {}  # T5-XXL (9.5 GB), built once, kept for the cases that encode text; the others drop it first
 
 
 def text_encoder(device):
@@ -316,9 +372,10 @@ def prompts(n: int) -> list[str]:
 
 
 def train_step_fn(case, batch, device):
-    """(sora.train.train_step for a training case at batch, ready to call; the model): model, EMA, AdamW, IDDPM and
-    the batch (raw videos and prompts with encoders, else what sora.preprocess stores: latents' mean and std, y)."""
+    """(sora.train.train_step for the case at batch, ready to call; the model), on raw videos and prompts (encoders)
+    or on what sora.preprocess stores (latents' mean and std, captions), STDiT2's sizes and masks too."""
     build_optimizer, train_step = importable("sora.train", "build_optimizer", "train_step")
+    MaskGenerator, load_config = importable("sora.masks", "MaskGenerator"), importable("sora.config", "load_config")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     model_type, video = case.spec
@@ -330,7 +387,7 @@ def train_step_fn(case, batch, device):
     model = build_dit(model_type, video.latent, case.provider, device, torch.float32,
                       grad_checkpoint=video.grad_checkpoint, **LABEL_MODELS.get(model_type, {})).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    forward = compiled(model) if case.provider.endswith("compile") else model  # the EMA is never compiled
+    forward = model_forward(model, case.provider, dtype)  # the EMA is copied before: never compiled
     optimizer = build_optimizer(model, LR)
     generator = torch.Generator(device=device).manual_seed(1)
     if encoders:
@@ -343,12 +400,14 @@ def train_step_fn(case, batch, device):
             inputs["y"] = torch.randint(0, model.num_classes, (batch,), device=device, generator=generator)
         else:
             inputs["y"], inputs["mask"] = captions(model, batch, device, dtype, generator)
+    inputs.update(size_inputs(model, video, batch, device, ar=video.width / video.height))  # as their dataset
+    masks = MaskGenerator(load_config(STAGE1).mask_ratios) if "height" in inputs else None  # STDiT2: x_mask
     diffusion, seeds = IDDPM(), itertools.count()  # Open-Sora's training scheduler: 1000 steps, hybrid loss
 
     def step():
         train_step(model, ema, optimizer, diffusion, inputs, torch.Generator().manual_seed(next(seeds)),
                    latent_scale=SD_SCALING_FACTOR, dtype=dtype, autocast_dtype=torch.bfloat16 if cuda else None,
-                   grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, **encoders)
+                   grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, forward=forward, mask_generator=masks, **encoders)
 
     return step, model
 
@@ -358,26 +417,32 @@ def measure_train(case, batch, timer: Timer) -> dict:
     step, model = train_step_fn(case, batch, timer.device)
     timing = timer.steps(step)
     samples_per_s = batch / (timing["ms"] * 1e-3)
+    tokens = math.prod(-(-n // p) for n, p in zip(case.spec[1].latent, model.patch_size))  # STDiT2 pads to the patch
     return dict(timing, samples_per_s=samples_per_s, compile_mode=compile_mode(case.provider),
-                tokens_per_s=samples_per_s * math.prod(model.token_grid(case.spec[1].latent)))
+                tokens_per_s=samples_per_s * tokens)
 
 
 def measure_sampling_step(case, batch, timer: Timer) -> dict:
-    """IDDPM.sample with classifier-free guidance, steps_per_call steps per timed call; ms per step."""
+    """IDDPM.sample with guidance (sora+cache: the residual cache): ms per step and per call, full model calls."""
     drop_text_encoder()
     device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
-    latent = case.spec.latent
-    model = build_dit("STDiT-XL/2", latent, case.provider, device, dtype).eval()
-    forward = compiled(model) if case.provider.endswith("compile") else model  # compiles the blocks in place
+    model_type, video = case.spec
+    latent = video.latent
+    model = build_dit(model_type, latent, case.provider, device, dtype).eval()
+    forward = model_forward(model, case.provider, dtype)
     y, mask = captions(model, batch, device, dtype, torch.Generator(device=device).manual_seed(1))
+    sizes = size_inputs(model, video, batch, device, ar=video.height / video.width)  # as their sampling scripts
     scheduler = IDDPM(num_sampling_steps=steps, **CFG)
+    cache = check_cache(dict(type="residual")) if case.provider.endswith("+cache") else None  # the defaults
     # As sora/sample.py: one host generator per prompt, for the initial noise and every step's.
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
     z = torch.stack([torch.randn(model.in_channels, *latent, generator=g) for g in generators]).to(device, dtype)
     timing = timer.steps(lambda: scheduler.sample(forward, z, y, model.y_embedder.null(batch), mask, progress=False,
-                                                  generator=generators), warmup=1)
+                                                  generator=generators, model_kwargs=sizes, cache=cache), warmup=1)
     per_step = {key: timing[key] / steps if timing[key] is not None else None for key in ("ms", "wall_ms")}
-    return dict(timing, **per_step, ms_call=timing["ms"], compile_mode=compile_mode(case.provider))
+    settings = ", ".join(f"{key} {value}" for key, value in (cache or {}).items()) or "none"
+    return dict(timing, **per_step, ms_call=timing["ms"], compile_mode=compile_mode(case.provider),
+                model_calls=scheduler.model_calls[0], cache=settings)
 
 
 def measure_t5(case, batch, timer: Timer) -> dict:
@@ -405,8 +470,7 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
     device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
     encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
     model = build_dit("STDiT-XL/2", video.latent, case.provider, device, dtype).eval()
-    if case.provider.endswith("compile"):
-        model = torch.compile(model)  # as sora.sample.run does for --compile true
+    model = torch.compile(model) if case.provider.endswith("compile") else model  # as sora.sample's --compile true
     scheduler = IDDPM(num_sampling_steps=case.fields["steps"], **CFG)
     texts = prompts(batch)
     timing = timer.steps(lambda: sample_videos(model, vae, encoder, scheduler, texts, video.latent, 0, device, dtype),
@@ -450,11 +514,9 @@ def measure_diffusers_block(case, batch, timer: Timer) -> dict:
              else dict(timestep=randn(batch, 6 * C)))  # Wan: 6 modulation rows and RoPE; PixArt: adaLN-single's 6C
     forward = torch.compile(block, dynamic=False) if case.provider == "torch.compile" else block
     step = lambda: forward(hidden_states=x, encoder_hidden_states=text, **extra)  # noqa: E731
-    if direction == "fwd+bwd":
-        wrt, dout = [x, *block.parameters()], randn(batch, N, C)
-        ms = timer.kernel(lambda: torch.autograd.grad(step(), wrt, dout))
-    else:
-        ms = timer.kernel(torch.no_grad()(step))
+    wrt, dout = [x, *block.parameters()], randn(batch, N, C)
+    backward = lambda: torch.autograd.grad(step(), wrt, dout)  # noqa: E731
+    ms = timer.kernel(backward if direction == "fwd+bwd" else torch.no_grad()(step))
     ops = ("layernorm_modulate", "gated_residual")
     return bandwidth(2 * sum(kernel_bytes(op, direction, batch, N, C, dtype.itemsize) for op in ops), ms, timer)
 
@@ -465,8 +527,8 @@ MEASURES = {
     "all_to_all_volume": compute_volume,
     "temporal_branch": measure_temporal_branch,
     **{bench: measure_train for bench in ("train_step_full", "dit_image_train", "latte_train")},
-    "sampling_step": measure_sampling_step, "t5_encode": measure_t5, "vae_decode": measure_vae_decode,
-    "sample_e2e": measure_sample_e2e, "optimizer_step": measure_optimizer_step,
+    **dict.fromkeys(("sampling_step", "sampling_cache"), measure_sampling_step), "t5_encode": measure_t5,
+    "vae_decode": measure_vae_decode, "sample_e2e": measure_sample_e2e, "optimizer_step": measure_optimizer_step,
     "diffusers_block": measure_diffusers_block,
 }
 

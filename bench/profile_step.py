@@ -1,8 +1,6 @@
-"""Where one STDiT-XL/2 training step spends its time, eager against sora: `python bench/profile_step.py`.
-
-Profiles one step of the train_step_full rows (bench/measure.py's train_step_fn, pre-encoded batch) with
-torch.profiler after two warm-up steps, and prints per provider the kernels (CPU operators without CUDA, the tiny
-STDiT: a check that the script runs) with the most self time, as a table for bench/NOTES.md.
+"""Where one STDiT-XL/2 training step spends its time, eager against sora: torch.profiler's kernels (CPU operators
+without CUDA, a tiny STDiT: a check that the script runs) with the most self time in one train_step_full step
+(bench/measure.py's train_step_fn, pre-encoded) after two warm-up steps, as a table for bench/NOTES.md.
 
     python bench/profile_step.py [--video 16x256x256] [--batch-size 4] [--rows 25] [--out profile.md]
 """

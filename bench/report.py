@@ -2,11 +2,9 @@
 
     python bench/report.py bench/results/<gpu-slug>/summary.json   # regenerate README.md and the plots beside it
 
-write_report(summary, out_dir) writes out_dir/README.md (render_markdown: a header about the run, bench/gpu_check.py's
-sections and kernel tests when the run was one, then the tables of each suite, titled, noted and targeted as
-bench/cases.py's BENCHES say) and the plots (kernel GB/s per provider, model and training samples/s relative to
-eager). Open-Sora's published figures shown beside ours are data, in reference_figures.json next to this file.
-Standard library, matplotlib and bench/cases.py only, so it runs without torch.
+write_report(summary, out_dir): README.md (the run, bench/gpu_check.py's sections and kernel tests when the run was
+one, then each suite's tables as bench/cases.py's BENCHES lay them out) and the plots. Open-Sora's published figures
+are data, in reference_figures.json beside this file. Needs no torch: standard library, matplotlib, bench/cases.py.
 """
 
 import argparse
@@ -37,7 +35,8 @@ OPEN_SORA_IMAGES = (" / ".join(f"{r['name']} {r['img_per_s']}" for r in _IMAGES)
                     + " / ".join(f"{r['ktokens_per_s']}k" for r in _IMAGES) + " tokens/s)")
 OPEN_SORA_IMAGES_BEST = float(max(r["img_per_s"] for r in _IMAGES))
 MODEL_BENCH = {"STDiT-XL/2": "stdit_train", "PixArt-XL/2": "pixart_train"}
-SPEEDUP_BASE = {"sora": "eager", "sora+compile": "eager+compile", "eager+compile": "eager"}
+SPEEDUP_BASE = {"sora": ("eager", "open-sora", "open-sora+compile"), "sora+compile": ("eager+compile",),
+                "eager+compile": ("eager",), "sora+cache": ("sora",)}
 
 
 def heading(bench):
@@ -93,11 +92,6 @@ def kernel_cell(row):
     return f"{row['ms']:.3f} ms<br>{fmt(row['gbps'])} GB/s ({100 * row['frac_copy_bw']:.0f}%)"
 
 
-def ratio(rows_by_provider, numerator, denominator):
-    """How many times faster `numerator` ran than `denominator` (time ratio), or "-"."""
-    return rate_ratio(rows_by_provider.get(denominator) or {}, rows_by_provider.get(numerator), "ms")
-
-
 def provider_table(group, keys, texts, extras):
     """One line per setting (the rows' `keys`), one cell per provider (time, GB/s, share of copy bandwidth);
     texts: (header, cell(first row)) before the providers, extras: (header, cell(rows by provider)) after."""
@@ -115,16 +109,21 @@ def text(field):
     return lambda row: str(row.get(field, ""))
 
 
+def faster(rows_by_provider, base):
+    """How many times faster sora ran than `base` (time ratio), or "-"."""
+    return rate_ratio(rows_by_provider.get(base) or {}, rows_by_provider.get("sora"), "ms")
+
+
 KERNEL_TEXTS = (("shape (B, N, C)", lambda row: shape_text(row["shape"])), ("video", text("video")), ("T", text("T")),
                 ("dtype", text("dtype")))
-KERNEL_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
-                 ("sora vs torch.compile", lambda cases: ratio(cases, "sora", "torch.compile")),
+KERNEL_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
+                 ("sora vs torch.compile", lambda cases: faster(cases, "torch.compile")),
                  ("sora rel. error", lambda cases: f"{cases['sora']['rel_err']:.1e}"
                   if cases.get("sora", {}).get("rel_err") is not None else "-"))
 PACK_TEXTS = (*((name, text(name)) for name in ("video", "sp", "exchange", "direction")),
               ("view (A, B, M)", lambda row: shape_text(row.get("shape"))), ("batch", text("batch_size")),
               ("tensor MB", lambda row: scaled(row["bytes"] / 2 if row.get("bytes") else None)))  # bytes: read + write
-PACK_EXTRAS = (("sora vs torch", lambda cases: ratio(cases, "sora", "torch")),
+PACK_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
                ("exact", lambda cases: {None: "-", True: "yes", False: "**NO**"}[cases.get("sora", {}).get("exact")]))
 
 
@@ -190,13 +189,14 @@ def theirs(row):
 
 
 def speedup(row, measured):
-    """Samples/s (else time) against the provider's base (SPEEDUP_BASE) at the same SETTING, else "-"."""
-    base = measured.get(tuple(row.get(f) for f in SETTING) + (SPEEDUP_BASE.get(row["provider"]),))
-    if base is None or row.get("ms") is None:
-        return "-"
-    key = "samples_per_s" if row.get("samples_per_s") and base.get("samples_per_s") else None
-    times = row[key] / base[key] if key else base["ms"] / row["ms"]
-    return f"{times:.2f}x vs {base['provider']}"
+    """Samples/s (else time) against each of the provider's bases (SPEEDUP_BASE) at the same SETTING, else "-"."""
+    texts = []
+    for provider in SPEEDUP_BASE.get(row["provider"], ()) if row.get("ms") is not None else ():
+        base = measured.get(tuple(row.get(f) for f in SETTING) + (provider,))
+        if base is not None:
+            key = "samples_per_s" if row.get("samples_per_s") and base.get("samples_per_s") else None
+            texts.append(f"{row[key] / base[key] if key else base['ms'] / row['ms']:.2f}x vs {provider}")
+    return ", ".join(texts) or "-"
 
 
 SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size", "direction")  # what a speedup compares at
@@ -232,8 +232,7 @@ def plotted(rows, plot):
 
 
 def bench_tables(suite, rows):
-    """One table per bench, laid out by its columns in bench/cases.py; a skipped row shows its reason in its first
-    column of a measured value."""
+    """One table per bench, columns as bench/cases.py says; a skipped row's reason fills its first measured cell."""
     lines = [f"## {SUITE_TITLES[suite]}", ""] + ([SUITE_NOTES[suite], ""] if suite in SUITE_NOTES else [])
     for bench in unique(row["bench"] for row in rows):
         group = [row for row in rows if row["bench"] == bench]
@@ -300,16 +299,6 @@ def render_markdown(summary) -> str:
 
 
 # ---- plots ---------------------------------------------------------------------------------------------
-def bar_groups(ax, labels, providers, value_of):
-    width = 0.8 / max(len(providers), 1)
-    for i, provider in enumerate(providers):
-        values = [value_of(label, provider) for label in labels]
-        positions = [x + (i - (len(providers) - 1) / 2) * width for x in range(len(labels))]
-        ax.bar(positions, [v or 0 for v in values], width, label=provider)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-
-
 def plot(summary, path, kind):
     """kernels: each kernel bench's GB/s per provider against the copy bandwidth; models: each model and training
     bench's samples/s per provider relative to eager at the same shape (shapes differ by 100x in absolute terms)."""
@@ -339,7 +328,13 @@ def plot(summary, path, kind):
                 rate.setdefault((row["shape"], row["provider"]), row["samples_per_s"])
             values = {key: value / rate[(key[0], "eager")] for key, value in rate.items() if (key[0], "eager") in rate}
             ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-        bar_groups(ax, unique(label(row) for row in group), providers_of(group), lambda *key: values.get(key))
+        labels, providers = unique(label(row) for row in group), providers_of(group)
+        for i, provider in enumerate(providers):  # one bar per provider in each label's group
+            positions = [x + (i - (len(providers) - 1) / 2) * 0.8 / len(providers) for x in range(len(labels))]
+            ax.bar(positions, [values.get((label, provider)) or 0 for label in labels], 0.8 / len(providers),
+                   label=provider)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(bench, fontsize=9)
         ax.set_ylabel("GB/s (minimum bytes)" if kernels else "samples/s relative to eager")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

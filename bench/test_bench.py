@@ -2,12 +2,13 @@
 pytest-benchmark (bench/conftest.py writes the rows and the report)."""
 
 import pytest
+import torch
 
-from bench.bench_utils import Timer, on_cuda
+from bench.bench_utils import Timer
 from bench.cases import cases
 
 
-@pytest.mark.parametrize("case", cases(on_cuda()), ids=str)
+@pytest.mark.parametrize("case", cases(torch.cuda.is_available()), ids=str)
 def test_bench(case, benchmark, bench_env, results, device):
     from bench.measure import run_case
 

@@ -54,6 +54,7 @@ def summary():
             {**model_row("temporal_branch", "sora", 8, skipped="OOM at batch 8"), "direction": "fwd+bwd"},
             {**model_row("temporal_branch", "sora", 8, ms=2.0), "direction": "fwd+bwd"},
             {**model_row("temporal_branch", "eager", 8, ms=3.0), "direction": "fwd+bwd"},
+            {**model_row("temporal_branch", "open-sora", 8, ms=5.0), "direction": "fwd+bwd"},
         ],
     }
 
@@ -72,8 +73,8 @@ def test_report_tables_hold_the_rows_values_and_skip_reasons(summary, tmp_path):
     assert "### layernorm_modulate, fwd+bwd" in text and "skipped: OOM" in text
     # temporal branch rows: the OOM row, ms, tokens/s, the speedup; its title and target from bench/cases.py
     assert "| 16x256x256 | sora | 8 | skipped: OOM at batch 8 | - | - |" in text
-    assert "| 16x256x256 | sora | 8 | 2.00 | 16,384,000 | 1.50x vs eager |" in text
-    assert "### STDiT-XL/2 temporal branch, fwd+bwd (sora: qkv Linear -> K.temporal_attention -> proj -> " in text
+    assert "| 16x256x256 | sora | 8 | 2.00 | 16,384,000 | 1.50x vs eager, 2.50x vs open-sora |" in text
+    assert f"### {BENCHES['temporal_branch'].title} (`temporal_branch`)" in text
     assert f"**Target:** {BENCHES['temporal_branch'].target}" in text
     assert f"**Target, layernorm_modulate:** {BENCHES['layernorm_modulate'].target}" in text
     assert "3000 GB/s" in text or "3,000 GB/s" in text
@@ -215,6 +216,8 @@ def test_minimum_bytes():
     assert kernel_bytes("gated_residual_temporal", "fwd+bwd", B, N, C, e) == 6 * tokens + 3 * rows
     assert kernel_bytes("to_temporal", "fwd", B, N, C, e) == 2 * tokens
     assert kernel_bytes("to_temporal", "fwd+bwd", B, N, C, e) == 4 * tokens
+    assert kernel_bytes("qk_norm", "fwd", B, N, C, e) == 4 * tokens  # q, k read, q', k' written; v is a view
+    assert kernel_bytes("qk_norm", "fwd+bwd", B, N, C, e) == 12 * tokens
     with pytest.raises(ValueError, match="no byte formula"):
         kernel_bytes("softmax", "fwd", B, N, C, e)
 

@@ -149,15 +149,23 @@ def test_the_kernel_tests_stop_at_their_reserve(tmp_path):
 def test_the_gpu_plan_puts_the_targets_first():
     """Priority 1-3 (required): the kernel rows at STDiT-XL/2 16x256 in bf16 (temporal_attention's too) for sora
     and torch, the 16x256 training step, temporal branch and sampling step for sora and eager, the optimizer
-    step, torch.compile's 16x256 kernel rows; then, while time remains, 16x512 and 64x512, the step with T5 + VAE
-    and end-to-end sampling (sora, 100 IDDPM steps, fp16), the 16x512 step, the diffusers blocks."""
+    step, torch.compile's 16x256 kernel rows, STDiT2's target rows (qk_norm, temporal branch, training step); then,
+    while time remains, STDiT2's kernels-off step and 100-step sampling, the sampling cache, 16x512 and 64x512, the
+    step with T5 + VAE and end-to-end sampling (sora, 100 IDDPM steps, fp16), the 16x512 step, the diffusers
+    blocks."""
     required = [(case.bench, case.fields.get("video") or case.fields.get("shape"), case.provider)
                 for case in by_priority(True, 1, 3)]
     for provider in ("sora", "torch", "torch.compile"):
         assert required.count(("temporal_attention", "16x256", provider)) == 2  # fwd, fwd+bwd
         assert required.count(("layernorm_modulate", "16x256", provider)) == 2
     for bench in ("train_step_full", "temporal_branch", "sampling_step"):
-        assert {(b, p) for b, shape, p in required if b == bench} == {(bench, "sora"), (bench, "eager")}
+        assert {(b, p) for b, shape, p in required if b == bench and shape != "16x240x426"} == {(bench, "sora"),
+                                                                                               (bench, "eager")}
+    stdit2 = [(b, p) for b, shape, p in required[required.index(("optimizer_step", "parameters", "sora")) + 1:]
+              if shape == "16x240x426"]
+    assert stdit2 == [("qk_norm", "sora"), ("qk_norm", "torch"), ("qk_norm", "torch.compile")] * 2 + [
+        ("temporal_branch", "sora"), ("temporal_branch", "open-sora"), ("temporal_branch", "open-sora+compile"),
+        ("train_step_full", "sora"), ("train_step_full", "open-sora")]
     assert ("optimizer_step", "parameters", "sora") in required
     assert required.index(("train_step_full", "16x256x256", "sora")) < required.index(
         ("layernorm_modulate", "16x256", "torch.compile"))
@@ -169,11 +177,18 @@ def test_the_gpu_plan_puts_the_targets_first():
     pipeline = [case.row(case.batches[0]) for case in later[:-12] if case.suite != "kernels"]
     planned = [(r["bench"], r["model"], r["shape"], r.get("encoders"), r["provider"], r["batch_size"])
                for r in pipeline]
-    assert planned == [("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
-                       ("sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1),
-                       ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "sora", 2),
-                       ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "eager", 2)]
-    assert pipeline[1]["steps"] == 100 and pipeline[1]["dtype"] == "fp16"
+    assert planned[:5] == [("train_step_full", "STDiT2-XL/2", "16x240x426", "none", "eager", 4),
+                           ("sampling_step", "STDiT2-XL/2", "16x240x426", None, "sora", 2),
+                           ("sampling_step", "STDiT2-XL/2", "16x240x426", None, "open-sora", 2),
+                           ("sampling_cache", "STDiT-XL/2", "16x256x256", None, "sora", 2),
+                           ("sampling_cache", "STDiT-XL/2", "16x256x256", None, "sora+cache", 2)]
+    assert later[:5] == by_priority(True, 4, 4)  # before the 16x512 kernel rows
+    assert all(case.fields["steps_per_call"] == 100 for case in later[1:5])
+    assert planned[5:] == [("train_step_full", "STDiT-XL/2", "16x256x256", "T5+VAE", "sora", 8),
+                           ("sample_e2e", "STDiT-XL/2", "16x256x256", None, "sora", 1),
+                           ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "sora", 2),
+                           ("train_step_full", "STDiT-XL/2", "16x512x512", "none", "eager", 2)]
+    assert pipeline[6]["steps"] == 100 and pipeline[6]["dtype"] == "fp16"
 
 
 def test_run_case_tries_the_next_batch_after_oom_and_skips_what_cannot_run(monkeypatch):
@@ -227,5 +242,5 @@ def test_tiny_says_its_numbers_are_the_interpreters_and_how_to_measure_on_a_gpu(
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert lines[1].startswith("on a CPU under the Triton interpreter: these numbers check the harness, they are "
                                "not results")
-    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 420 s "
+    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 520 s "
                                 "deadline) or pytest bench/ --benchmark")
