@@ -116,7 +116,8 @@ def census(model, kernels=False, x_mask=False, arch=XL, shape=SHAPE):
             with mock.patch.object(ref, "_linear", lambda P, n, h: F.linear(h, P[n + ".weight"], P[n + ".bias"])), \
                     mock.patch.object(ref, "_cross_attention", counted.pause()(ref._cross_attention)):
                 for i in range(depth):
-                    x = ref._block(weights, f"blocks.{i}", x, y.view(1, -1, y.shape[-1]), *rows, T, H * W, cfg, True)
+                    x = ref._block(weights, f"blocks.{i}", x, y.view(1, -1, y.shape[-1]), *rows, T, H * W, cfg,
+                                   True, True)  # fp32 casts; spatial attention a core, as their flash-attn
             return counted, x.shape[:2].numel() * depth
 
 
