@@ -31,6 +31,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sora.kernels as K  # noqa: E402
 from bench.bench_utils import DTYPES  # noqa: E402
+from bench.report import table as markdown_table  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
@@ -284,13 +285,10 @@ CASES = [
     *[(f"{op} C=1152 bf16 {name}", modulated, (op, 1152, "bf16", False, modulation_dtype, frames))
       for name, modulation_dtype, frames in (("per-frame", "bf16", T), ("fp32-per-token", "fp32", T * S))
       for op in ("layernorm_modulate", "gated_residual")],
-    ("all_to_all world=2 bf16", all_to_all, (2,)),
-    ("all_to_all world=4 bf16", all_to_all, (4,)),
+    *[(f"all_to_all world={world} bf16", all_to_all, (world,)) for world in (2, 4)],
     # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).
-    ("temporal_attention T=16 D=72 bf16", temporal_attention, (16, S, "bf16")),
-    ("temporal_attention T=16 D=72 fp16", temporal_attention, (16, S, "fp16")),
-    ("temporal_attention T=64 D=72 bf16", temporal_attention, (64, 64, "bf16")),
-    ("temporal_attention T=16 D=72 fp32", temporal_attention, (16, S, "fp32")),
+    *[(f"temporal_attention T={t} D=72 {dtype}", temporal_attention, (t, positions, dtype))
+      for t, positions, dtype in ((16, S, "bf16"), (16, S, "fp16"), (64, 64, "bf16"), (16, S, "fp32"))],
     # STDiT2: the same with RoPE and qk-norm in the prologue, and the spatial attention's qk-norm.
     *[(f"temporal_attention+rope+qk_norm T={t} D=72 {dtype}", temporal_attention, (t, positions, dtype, 16, 72, True))
       for t, positions, dtype in ((16, S, "bf16"), (64, 64, "bf16"), (16, S, "fp32"))],
@@ -326,7 +324,7 @@ def table(launches: list[dict]) -> str:
                              launch["loop_instructions"] or "-", f"{launch['per_byte']:.3f}",
                              f"{launch['loop_per_byte']:.3f}" if launch["loop_trips"] else "-",
                              f"{low:.1f}-{high:.1f}"])
-    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
+    return "\n".join(markdown_table(COLUMNS, [list(map(str, cells)) for cells in body]))
 
 
 def main(argv=None):
