@@ -1,6 +1,5 @@
-"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing (Timer: do_bench
-medians for kernels, CUDA events per call for whole steps, wall clock on a CPU; bench/NOTES.md), random weights, and
-the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
+"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing (Timer;
+bench/NOTES.md), random weights, and the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
 
 import contextlib
 import datetime
@@ -236,9 +235,8 @@ def row_key(row: dict) -> str:
 
 
 class Results:
-    """A run's rows and environment, saved to out_dir/summary.json after every row and written out with the report
-    at the end (bench/NOTES.md); append: keep the rows of an earlier summary.json there (same device) not measured
-    again, so a suite run in parts ends in one summary."""
+    """A run's rows and environment, saved to out_dir/summary.json after every row, the report at the end; append:
+    keep an earlier summary.json's rows (same device) not measured again, so a suite run in parts ends in one."""
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
         self.rows, self.env, self.written, self._earlier = [], None, [], None

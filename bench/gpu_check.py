@@ -78,8 +78,7 @@ class Check:
     def log(self, message: str) -> None:
         line = f"[{self.elapsed():6.1f} s] {message}"
         print(line, flush=True)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
+        print(line, file=self.log_file, flush=True)
 
     def save(self, paths=()) -> None:
         """summary.json (and `paths` written beside it), copied to --out from bench/results/<gpu-slug>/."""
@@ -89,7 +88,6 @@ class Check:
                 shutil.copy(path, self.out / path.name)
 
     def add_row(self, row: dict) -> None:
-        row.setdefault("skipped", None)
         self.results.rows.append(row)
         self.save()
         self.log(f"row {row_label(row)}: {row_numbers(row)}")
