@@ -74,12 +74,17 @@ class Case:
         return {"suite": self.suite, "bench": self.bench, "provider": self.provider, **self.fields, **batch_size}
 
     def __str__(self):
-        values = ["x".join(map(str, v)) if isinstance(v, list) else str(v).split(" ")[0]
-                  for k, v in self.fields.items() if k in ID_FIELDS]
-        return "-".join((self.bench, *values, self.provider))
+        return row_id(self.row())
 
 
 ID_FIELDS = ("model", "direction", "exchange", "video", "shape", "encoders", "dtype", "sp", "micro_batch_size")
+
+
+def row_id(row: dict) -> str:
+    """The name of a case and of its rows: its pytest id (bench, the ID_FIELDS it has, provider)."""
+    values = ["x".join(map(str, v)) if isinstance(v, list) else str(v).split(" ")[0]
+              for k, v in row.items() if k in ID_FIELDS]
+    return "-".join((row["bench"], *values, row["provider"]))
 
 # ---- sizes --------------------------------------------------------------------------------------------------
 # STDiT-XL/2 (C=1152) at Open-Sora's three sizes, batches giving 1M rows (> 2 GB per bf16 tensor, 40x L2); the

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.bench_utils import Results, collect_env
+from bench.gpu_check import where_results_come_from
 
 RESULTS = pytest.StashKey[Results]()
 BENCH_DIR = Path(__file__).resolve().parent
@@ -86,6 +87,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
           + (f", copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s" if results.env else ""))
     for path in results.written:
         write(f"wrote {path}")
-    from bench.gpu_check import where_results_come_from
-
     write(where_results_come_from(tiny=False)[-1])

@@ -5,7 +5,6 @@ sm_90 stand-in, compiled ahead of time (never run) with Triton's own ptxas, and 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -31,7 +30,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sora.kernels as K  # noqa: E402
 from bench.bench_utils import DTYPES  # noqa: E402
-from bench.report import table as markdown_table  # noqa: E402
+from bench.report import OneLineParser, table as markdown_table  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
@@ -328,14 +327,13 @@ def table(launches: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python bench/kernel_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
     parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
     args = parser.parse_args(argv)
     cases = [case for case in CASES if not args.k or any(k in case[0] for k in args.k)]
     if not cases:
-        print(f"no case matches -k {args.k!r}", file=sys.stderr)
-        return 2
+        parser.error(f"no case matches -k {args.k!r}")
     launches = []
     for name, run, case_args in cases:  # each (name, function, arguments): its launches, compiled and analysed
         with sm90_capture(name, launches):

@@ -363,15 +363,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = OneLineParser(prog="python bench/report.py",
-                     description="Regenerate README.md and the plots beside a bench run's summary.json.")
+                           description="Regenerate README.md and the plots beside a bench run's summary.json.")
     parser.add_argument("summary", type=Path, help="a summary.json written by the bench, e.g. "
                         "bench/results/<gpu-slug>/summary.json")
     path = parser.parse_args(argv).summary
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        print(f"python bench/report.py: cannot read {path} as a bench summary.json ({error})", file=sys.stderr)
-        return 2
+        parser.error(f"cannot read {path} as a bench summary.json ({error})")
     for written in write_report(summary, path.parent):
         print(f"wrote {written}")
     return 0
