@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bench.cases import ID_FIELDS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 CPU_SLUG = "cpu-smoke"
@@ -163,8 +165,8 @@ class Timer:
             return time_ms(fn, self.device)
         return self.once(measure)
 
-    def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
-        """A whole step, as bench/NOTES.md says: `warmup` untimed calls, then 3-10 (about total_ms; 2 on a CPU)
+    def steps(self, step, warmup: int = 2) -> dict:
+        """A whole step, as bench/NOTES.md says: `warmup` untimed calls, then 3-10 (about STEPS_MS; 2 on a CPU)
         timed with CUDA events. Returns ms (their median), wall_ms (pytest-benchmark's), rounds, peak_mem_gb."""
         cuda, times = self.device.type == "cuda", []
 
@@ -180,7 +182,7 @@ class Timer:
                 times.append(time_ms(step, self.device, repeats=1))
         for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
-        rounds = max(3, min(10, int(total_ms / times[-1]))) if cuda else 2
+        rounds = max(3, min(10, int(STEPS_MS / times[-1]))) if cuda else 2
         times.clear()
         if cuda:
             synchronize(self.device)
@@ -225,13 +227,9 @@ def is_oom(error: BaseException) -> bool:
 
 
 # ---- rows ----------------------------------------------------------------------------------------------
-ROW_KEY_FIELDS = ("suite", "bench", "direction", "shape", "dtype", "provider", "batch_size",
-                  "model", "video", "exchange", "sp", "micro_batch_size", "encoders")
-
-
 def row_key(row: dict) -> str:
     """Rows of two runs with this key measure the same thing (a later run replaces the earlier row)."""
-    return json.dumps([row.get(field) for field in ROW_KEY_FIELDS])
+    return json.dumps([row.get(field) for field in ("suite", "bench", "provider", "batch_size", *ID_FIELDS)])
 
 
 class Results:
