@@ -3,6 +3,7 @@ bench/NOTES.md), random weights, and the rows collector that bench/conftest.py a
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import os
@@ -237,7 +238,7 @@ class Results:
     keep an earlier summary.json's rows (same device) not measured again, so a suite run in parts ends in one."""
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
-        self.rows, self.env, self.written, self._earlier = [], None, [], None
+        self.rows, self.env, self.written = [], None, []
         self.out_override, self.append = out_dir, append
 
     @property
@@ -251,19 +252,17 @@ class Results:
         if self.env is not None:
             self.save()
 
+    @functools.cached_property
     def earlier(self) -> dict:
         """The summary.json (same device) this run appends to, read once, before this run first writes there."""
-        if self._earlier is None:
-            path = self.out_dir / "summary.json"
-            earlier = json.loads(path.read_text()) if self.append and path.exists() else {}
-            same = earlier.get("device", {}).get("name") == self.env["device"]["name"]
-            self._earlier = earlier if same else {}
-        return self._earlier
+        path = self.out_dir / "summary.json"
+        earlier = json.loads(path.read_text()) if self.append and path.exists() else {}
+        return earlier if earlier.get("device", {}).get("name") == self.env["device"]["name"] else {}
 
     def summary(self) -> dict:
         run = {key: self.env.get(key) for key in ("commit", "date", "copy_bandwidth_gbps", "clocks", "torch",
                                                   "triton")}
-        earlier, measured = self.earlier(), {row_key(row) for row in self.rows}
+        earlier, measured = self.earlier, {row_key(row) for row in self.rows}
         kept = [row for row in earlier.get("rows", []) if row_key(row) not in measured]
         runs = earlier.get("runs", []) + [{**run, "rows": len(self.rows)}]
         return {**self.env, "rows": kept + self.rows, "runs": runs}
