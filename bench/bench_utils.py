@@ -1,9 +1,9 @@
-"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing (Timer: do_bench
-medians for kernels, CUDA events per call for whole steps, wall clock on a CPU; bench/NOTES.md), random weights, and
-the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
+"""What every bench shares: the run's environment (device, versions, commit, copy bandwidth), timing (Timer;
+bench/NOTES.md), random weights, and the rows collector that bench/conftest.py and bench/gpu_check.py write out."""
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import os
@@ -15,6 +15,8 @@ import timeit
 from pathlib import Path
 
 import torch
+
+from bench.cases import ID_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -164,8 +166,8 @@ class Timer:
             return time_ms(fn, self.device)
         return self.once(measure)
 
-    def steps(self, step, warmup: int = 2, total_ms: float = STEPS_MS) -> dict:
-        """A whole step, as bench/NOTES.md says: `warmup` untimed calls, then 3-10 (about total_ms; 2 on a CPU)
+    def steps(self, step, warmup: int = 2) -> dict:
+        """A whole step, as bench/NOTES.md says: `warmup` untimed calls, then 3-10 (about STEPS_MS; 2 on a CPU)
         timed with CUDA events. Returns ms (their median), wall_ms (pytest-benchmark's), rounds, peak_mem_gb."""
         cuda, times = self.device.type == "cuda", []
 
@@ -181,7 +183,7 @@ class Timer:
                 times.append(time_ms(step, self.device, repeats=1))
         for _ in range(max(warmup, 1) if cuda else 1):
             timed_step()
-        rounds = max(3, min(10, int(total_ms / times[-1]))) if cuda else 2
+        rounds = max(3, min(10, int(STEPS_MS / times[-1]))) if cuda else 2
         times.clear()
         if cuda:
             synchronize(self.device)
@@ -226,22 +228,17 @@ def is_oom(error: BaseException) -> bool:
 
 
 # ---- rows ----------------------------------------------------------------------------------------------
-ROW_KEY_FIELDS = ("suite", "bench", "direction", "shape", "dtype", "provider", "batch_size",
-                  "model", "video", "exchange", "sp", "micro_batch_size", "encoders")
-
-
 def row_key(row: dict) -> str:
     """Rows of two runs with this key measure the same thing (a later run replaces the earlier row)."""
-    return json.dumps([row.get(field) for field in ROW_KEY_FIELDS])
+    return json.dumps([row.get(field) for field in ("suite", "bench", "provider", "batch_size", *ID_FIELDS)])
 
 
 class Results:
-    """A run's rows and environment, saved to out_dir/summary.json after every row and written out with the report
-    at the end (bench/NOTES.md); append: keep the rows of an earlier summary.json there (same device) not measured
-    again, so a suite run in parts ends in one summary."""
+    """A run's rows and environment, saved to out_dir/summary.json after every row, the report at the end; append:
+    keep an earlier summary.json's rows (same device) not measured again, so a suite run in parts ends in one."""
 
     def __init__(self, out_dir: Path | None = None, append: bool = False):
-        self.rows, self.env, self.written, self._earlier = [], None, [], None
+        self.rows, self.env, self.written = [], None, []
         self.out_override, self.append = out_dir, append
 
     @property
@@ -255,19 +252,17 @@ class Results:
         if self.env is not None:
             self.save()
 
+    @functools.cached_property
     def earlier(self) -> dict:
         """The summary.json (same device) this run appends to, read once, before this run first writes there."""
-        if self._earlier is None:
-            path = self.out_dir / "summary.json"
-            earlier = json.loads(path.read_text()) if self.append and path.exists() else {}
-            same = earlier.get("device", {}).get("name") == self.env["device"]["name"]
-            self._earlier = earlier if same else {}
-        return self._earlier
+        path = self.out_dir / "summary.json"
+        earlier = json.loads(path.read_text()) if self.append and path.exists() else {}
+        return earlier if earlier.get("device", {}).get("name") == self.env["device"]["name"] else {}
 
     def summary(self) -> dict:
         run = {key: self.env.get(key) for key in ("commit", "date", "copy_bandwidth_gbps", "clocks", "torch",
                                                   "triton")}
-        earlier, measured = self.earlier(), {row_key(row) for row in self.rows}
+        earlier, measured = self.earlier, {row_key(row) for row in self.rows}
         kept = [row for row in earlier.get("rows", []) if row_key(row) not in measured]
         runs = earlier.get("runs", []) + [{**run, "rows": len(self.rows)}]
         return {**self.env, "rows": kept + self.rows, "runs": runs}

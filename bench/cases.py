@@ -1,8 +1,6 @@
-"""What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark` (bench/test_bench.py),
-by bench/gpu_check.py (in order of priority: 1 the kernel rows that carry targets, 2 the model rows, 3
-torch.compile's target rows and STDiT2's, 4 STDiT2's sampling and the sampling cache, 5 and up while time remains,
-None the pytest suite only) and by bench/report.py. Adding an op or a bench: bench/NOTES.md. Needs neither torch
-nor a GPU (bench/report.py reads it)."""
+"""What the bench measures, as data: one table of cases, read by `pytest bench/ --benchmark`, by bench/gpu_check.py
+(by priority, None: the pytest suite only; bench/NOTES.md says what each priority holds and how to add an op or a
+bench) and by bench/report.py. Needs neither torch nor a GPU."""
 
 from dataclasses import dataclass, field
 
@@ -76,12 +74,17 @@ class Case:
         return {"suite": self.suite, "bench": self.bench, "provider": self.provider, **self.fields, **batch_size}
 
     def __str__(self):
-        values = ["x".join(map(str, v)) if isinstance(v, list) else str(v).split(" ")[0]
-                  for k, v in self.fields.items() if k in ID_FIELDS]
-        return "-".join((self.bench, *values, self.provider))
+        return row_id(self.row())
 
 
 ID_FIELDS = ("model", "direction", "exchange", "video", "shape", "encoders", "dtype", "sp", "micro_batch_size")
+
+
+def row_id(row: dict) -> str:
+    """The name of a case and of its rows: its pytest id (bench, the ID_FIELDS it has, provider)."""
+    values = ["x".join(map(str, v)) if isinstance(v, list) else str(v).split(" ")[0]
+              for k, v in row.items() if k in ID_FIELDS]
+    return "-".join((row["bench"], *values, row["provider"]))
 
 # ---- sizes --------------------------------------------------------------------------------------------------
 # STDiT-XL/2 (C=1152) at Open-Sora's three sizes, batches giving 1M rows (> 2 GB per bf16 tensor, 40x L2); the
@@ -163,10 +166,8 @@ def all_to_all_volume(S: int, T: int, C: int, sp: int, elem: int, depth: int) ->
     """Bytes one rank sends to the others in STDiT's sequence-parallel temporal attention, per sample: each
     rank holds n = S*T/sp tokens; per layer forward qkv (n, 3C) and the output (n, C) are exchanged, of which
     (sp-1)/sp leaves the rank; backward sends the same again, gradient checkpointing the forward's once more."""
-    tokens = S * T // sp
-    share = (sp - 1) / sp
-    qkv = round(3 * tokens * C * elem * share)
-    out = round(tokens * C * elem * share)
+    tokens, share = S * T // sp, (sp - 1) / sp
+    qkv, out = round(3 * tokens * C * elem * share), round(tokens * C * elem * share)
     layer_fwd = qkv + out
     return {"tokens_per_rank": tokens, "qkv_send_bytes": qkv, "out_send_bytes": out, "layer_fwd_bytes": layer_fwd,
             "layer_bwd_bytes": layer_fwd, "step_bytes": depth * 2 * layer_fwd, "step_bytes_gc": depth * 3 * layer_fwd}

@@ -2,13 +2,10 @@
 
     python bench/census.py [--latent 16x30x54] [--ops N]
 
-Counted (bench/NOTES.md, "Byte census", says why): the tensor inputs and outputs of every aten op but matmuls,
-attention cores, views and allocations; of a sora custom op once, nothing inside it. Meta tensors: the sora kernels
-take their custom ops as on CUDA, SDPA's output gets the GPU kernels' layout. Only the blocks, per token and block.
-"Open-Sora STDiT2": tests/stdit2_reference.py's block with their nn.Linear and xformers cross-attention (a core).
+Every aten op's tensor inputs and outputs but matmuls, attention cores, views and allocations; a sora custom op's
+once, on meta tensors, the blocks only. bench/NOTES.md, "Byte census", says what is counted and why.
 """
 
-import argparse
 import collections
 import contextlib
 import re
@@ -26,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's sora; Open-Sora v1.1's block, the reference
 
 import stdit2_reference  # noqa: E402
+from bench.report import OneLineParser, table as markdown_table  # noqa: E402
 from sora.kernels import _common  # noqa: E402
 from sora.models import build_model  # noqa: E402
 
@@ -117,33 +115,32 @@ def census(model, kernels=False, x_mask=False, arch=XL, shape=SHAPE):
                     mock.patch.object(ref, "_cross_attention", counted.pause()(ref._cross_attention)):
                 for i in range(depth):
                     x = ref._block(weights, f"blocks.{i}", x, y.view(1, -1, y.shape[-1]), *rows, T, H * W, cfg,
-                                   True, True)  # fp32 casts; spatial attention a core, as their flash-attn
+                                   fp32_casts=True, flash=True)  # spatial attention a core: their flash-attn
             return counted, x.shape[:2].numel() * depth
 
 
 def table(shape=SHAPE, ops=0):
     """The census of ROWS as markdown lines; ops > 0 adds the ops of each row that move the most."""
-    lines = ["bf16, XL (C=1152, 16 heads, 28 blocks), latent {frames}x{height}x{width}, batch {batch}, {caption} "
-             "caption tokens; KiB per token per block".format(**shape), "",
-             "| model | kernels | x_mask | KiB | target |" + " ops that move the most, KiB |" * bool(ops),
-             "| --- | --- | --- | --- | --- |" + " --- |" * bool(ops)]
+    body = []
     for model, kernels, x_mask, target in ROWS:
         counted, count = census(model, kernels, x_mask, shape=shape)
         kib = {name: moved / count / 1024 for name, moved in counted.bytes.most_common()}
         top = ", ".join(f"{name} {value:.1f}" for name, value in list(kib.items())[:ops])
-        lines.append(f"| {model} | {'on' if kernels else 'off'} | {'yes' if x_mask else 'no'} | "
-                     f"{sum(kib.values()):.1f} | {target or ''} |" + f" {top} |" * bool(ops))
-    return lines
+        body.append([model, "on" if kernels else "off", "yes" if x_mask else "no", f"{sum(kib.values()):.1f}",
+                     str(target or "")] + [top] * bool(ops))
+    columns = ["model", "kernels", "x_mask", "KiB", "target"] + ["ops that move the most, KiB"] * bool(ops)
+    return ["bf16, XL (C=1152, 16 heads, 28 blocks), latent {frames}x{height}x{width}, batch {batch}, {caption} "
+            "caption tokens; KiB per token per block".format(**shape), "", *markdown_table(columns, body)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python bench/census.py", description=__doc__.splitlines()[0])
     parser.add_argument("--latent", default="16x30x54", help="latent frames x height x width, height and width even")
     parser.add_argument("--ops", type=int, default=0, help="also list the N ops of each row that move the most")
     args = parser.parse_args(argv)
     size = re.fullmatch(r"([1-9]\d*)x([1-9]\d*)x([1-9]\d*)", args.latent)
     if size is None or int(size[2]) % 2 or int(size[3]) % 2 or args.ops < 0:
-        parser.exit(2, f"--latent must be FxHxW (H and W even), --ops 0 or more; got {args.latent!r}, {args.ops}\n")
+        parser.error(f"--latent must be FxHxW (H and W even), --ops 0 or more; got {args.latent!r}, {args.ops}")
     print("\n".join(table({**SHAPE, **dict(zip(("frames", "height", "width"), map(int, size.groups())))}, args.ops)))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.bench_utils import Results, collect_env
+from bench.gpu_check import where_results_come_from
 
 RESULTS = pytest.StashKey[Results]()
 BENCH_DIR = Path(__file__).resolve().parent
@@ -42,21 +43,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def results(request) -> Results:
-    return request.config.stash[RESULTS]
+def results(request, device) -> Results:
+    """The run's rows, and its env (device, versions, commit, the measured copy bandwidth) collected once."""
+    results = request.config.stash[RESULTS]
+    if results.env is None:
+        results.env = collect_env(device)
+    return results
 
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def bench_env(results, device) -> dict:
-    """Device, versions, commit and the measured copy bandwidth, once per run."""
-    if results.env is None:
-        results.env = collect_env(device)
-    return results.env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -90,6 +87,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
           + (f", copy bandwidth {results.env['copy_bandwidth_gbps']} GB/s" if results.env else ""))
     for path in results.written:
         write(f"wrote {path}")
-    from bench.gpu_check import where_results_come_from
-
     write(where_results_come_from(tiny=False)[-1])

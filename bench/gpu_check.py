@@ -30,7 +30,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from bench.bench_utils import Results, Timer, collect_env, run_facts  # noqa: E402
-from bench.cases import by_priority  # noqa: E402
+from bench.cases import by_priority, row_id  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
 DEFAULT_DEADLINE_S = 520.0  # with GRACE_S and the start-up, the whole check under 10 minutes (bench/NOTES.md)
@@ -78,8 +78,7 @@ class Check:
     def log(self, message: str) -> None:
         line = f"[{self.elapsed():6.1f} s] {message}"
         print(line, flush=True)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
+        print(line, file=self.log_file, flush=True)
 
     def save(self, paths=()) -> None:
         """summary.json (and `paths` written beside it), copied to --out from bench/results/<gpu-slug>/."""
@@ -89,7 +88,6 @@ class Check:
                 shutil.copy(path, self.out / path.name)
 
     def add_row(self, row: dict) -> None:
-        row.setdefault("skipped", None)
         self.results.rows.append(row)
         self.save()
         self.log(f"row {row_label(row)}: {row_numbers(row)}")
@@ -140,10 +138,8 @@ class Check:
 
 
 def row_label(row: dict) -> str:
-    encoders = f"with {row['encoders']}" if row.get("encoders") not in (None, "none") else None
-    parts = (row.get("bench"), row.get("direction"), row.get("video") or row.get("shape"), encoders, row.get("dtype"),
-             row.get("provider"), f"batch {row['batch_size']}" if row.get("batch_size") else None)
-    return " ".join(str(part) for part in parts if part)
+    """The row's case by its pytest id (`pytest bench/ --benchmark -k ID` measures it again), and its batch."""
+    return row_id(row) + (f" batch {row['batch_size']}" if row.get("batch_size") else "")
 
 
 def row_numbers(row: dict) -> str:

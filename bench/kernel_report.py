@@ -5,7 +5,6 @@ sm_90 stand-in, compiled ahead of time (never run) with Triton's own ptxas, and 
     python bench/kernel_report.py [-k SUBSTRING ...] [--json FILE]
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -31,6 +30,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sora.kernels as K  # noqa: E402
 from bench.bench_utils import DTYPES  # noqa: E402
+from bench.report import OneLineParser, table as markdown_table  # noqa: E402
 from sora.kernels import _common, comm  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)  # (backend, compute capability, warp size), as the CUDA driver reports it
@@ -284,13 +284,10 @@ CASES = [
     *[(f"{op} C=1152 bf16 {name}", modulated, (op, 1152, "bf16", False, modulation_dtype, frames))
       for name, modulation_dtype, frames in (("per-frame", "bf16", T), ("fp32-per-token", "fp32", T * S))
       for op in ("layernorm_modulate", "gated_residual")],
-    ("all_to_all world=2 bf16", all_to_all, (2,)),
-    ("all_to_all world=4 bf16", all_to_all, (4,)),
+    *[(f"all_to_all world={world} bf16", all_to_all, (world,)) for world in (2, 4)],
     # T=16 (16x256) and T=64 (64x512) frames; fp32 at T=64 holds more than the register file (it spills).
-    ("temporal_attention T=16 D=72 bf16", temporal_attention, (16, S, "bf16")),
-    ("temporal_attention T=16 D=72 fp16", temporal_attention, (16, S, "fp16")),
-    ("temporal_attention T=64 D=72 bf16", temporal_attention, (64, 64, "bf16")),
-    ("temporal_attention T=16 D=72 fp32", temporal_attention, (16, S, "fp32")),
+    *[(f"temporal_attention T={t} D=72 {dtype}", temporal_attention, (t, positions, dtype))
+      for t, positions, dtype in ((16, S, "bf16"), (16, S, "fp16"), (64, 64, "bf16"), (16, S, "fp32"))],
     # STDiT2: the same with RoPE and qk-norm in the prologue, and the spatial attention's qk-norm.
     *[(f"temporal_attention+rope+qk_norm T={t} D=72 {dtype}", temporal_attention, (t, positions, dtype, 16, 72, True))
       for t, positions, dtype in ((16, S, "bf16"), (64, 64, "bf16"), (16, S, "fp32"))],
@@ -326,18 +323,17 @@ def table(launches: list[dict]) -> str:
                              launch["loop_instructions"] or "-", f"{launch['per_byte']:.3f}",
                              f"{launch['loop_per_byte']:.3f}" if launch["loop_trips"] else "-",
                              f"{low:.1f}-{high:.1f}"])
-    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [COLUMNS, ["---"] * 17] + body)
+    return "\n".join(markdown_table(COLUMNS, [list(map(str, cells)) for cells in body]))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python bench/kernel_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only the cases whose name contains this (repeatable)")
     parser.add_argument("--json", default=None, help="also write the launches to this JSON file")
     args = parser.parse_args(argv)
     cases = [case for case in CASES if not args.k or any(k in case[0] for k in args.k)]
     if not cases:
-        print(f"no case matches -k {args.k!r}", file=sys.stderr)
-        return 2
+        parser.error(f"no case matches -k {args.k!r}")
     launches = []
     for name, run, case_args in cases:  # each (name, function, arguments): its launches, compiled and analysed
         with sm90_capture(name, launches):

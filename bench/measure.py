@@ -334,7 +334,7 @@ def size_inputs(model, video, batch, device, ar) -> dict:
     return {name: torch.full((batch,), float(value), device=device) for name, value in values.items()}
 
 
-RESIDENT = {}  # T5-XXL (9.5 GB), built once, kept for the cases that encode text; the others drop it first
+RESIDENT = {}  # T5-XXL (9.5 GB), built once, kept for the cases that encode text (run_case drops it for the others)
 
 
 def text_encoder(device):
@@ -382,8 +382,6 @@ def train_step_fn(case, batch, device):
     encoders = {}
     if case.fields["encoders"] == "T5+VAE":
         encoders = dict(vae=build_vae(device, dtype, TRAIN_VAE_MICRO_BATCH), text_encoder=text_encoder(device))
-    else:
-        drop_text_encoder()
     model = build_dit(model_type, video.latent, case.provider, device, torch.float32,
                       grad_checkpoint=video.grad_checkpoint, **LABEL_MODELS.get(model_type, {})).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -424,11 +422,9 @@ def measure_train(case, batch, timer: Timer) -> dict:
 
 def measure_sampling_step(case, batch, timer: Timer) -> dict:
     """IDDPM.sample with guidance (sora+cache: the residual cache): ms per step and per call, full model calls."""
-    drop_text_encoder()
     device, dtype, steps = timer.device, DTYPES[case.fields["dtype"]], case.fields["steps_per_call"]
     model_type, video = case.spec
-    latent = video.latent
-    model = build_dit(model_type, latent, case.provider, device, dtype).eval()
+    model = build_dit(model_type, video.latent, case.provider, device, dtype).eval()
     forward = model_forward(model, case.provider, dtype)
     y, mask = captions(model, batch, device, dtype, torch.Generator(device=device).manual_seed(1))
     sizes = size_inputs(model, video, batch, device, ar=video.height / video.width)  # as their sampling scripts
@@ -436,7 +432,7 @@ def measure_sampling_step(case, batch, timer: Timer) -> dict:
     cache = check_cache(dict(type="residual")) if case.provider.endswith("+cache") else None  # the defaults
     # As sora/sample.py: one host generator per prompt, for the initial noise and every step's.
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-    z = torch.stack([torch.randn(model.in_channels, *latent, generator=g) for g in generators]).to(device, dtype)
+    z = torch.stack([torch.randn(model.in_channels, *video.latent, generator=g) for g in generators]).to(device, dtype)
     timing = timer.steps(lambda: scheduler.sample(forward, z, y, model.y_embedder.null(batch), mask, progress=False,
                                                   generator=generators, model_kwargs=sizes, cache=cache), warmup=1)
     per_step = {key: timing[key] / steps if timing[key] is not None else None for key in ("ms", "wall_ms")}
@@ -455,7 +451,6 @@ def measure_t5(case, batch, timer: Timer) -> dict:
 
 
 def measure_vae_decode(case, frames, timer: Timer) -> dict:
-    drop_text_encoder()
     device, dtype = timer.device, DTYPES[case.fields["dtype"]]
     vae = build_vae(device, dtype, case.fields["micro_batch_size"])
     side = case.spec // vae.patch_size[1]
@@ -481,7 +476,6 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
 def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     """sora.train.optimizer_step over STDiT-XL/2's fp32 parameters, gradients and EMA: ms, GB/s, share of copy."""
     build_optimizer, optimizer_step = importable("sora.train", "build_optimizer", "optimizer_step")
-    drop_text_encoder()
     device = timer.device
     model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -537,6 +531,8 @@ def run_case(case, timer: Timer, add) -> dict:
     """Measure a case at the first of case.batches that fits, handing each row to add(row) as it is done; returns
     the last row. Out of memory is a skipped row ("OOM at batch 8") and the next batch is tried; a provider that
     cannot run here is a skipped row with the reason; any other error is a row "error: ...", and raised."""
+    if case.bench not in ("t5_encode", "sample_e2e") and case.fields.get("encoders") != "T5+VAE":
+        drop_text_encoder()
     for batch in case.batches:
         row, oom = case.row(batch), False
         try:

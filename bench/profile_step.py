@@ -1,6 +1,5 @@
-"""Where one STDiT-XL/2 training step spends its time, eager against sora: torch.profiler's kernels (CPU operators
-without CUDA, a tiny STDiT: a check that the script runs) with the most self time in one train_step_full step
-(bench/measure.py's train_step_fn, pre-encoded) after two warm-up steps, as a table for bench/NOTES.md.
+"""Where one STDiT-XL/2 training step (train_step_full, pre-encoded) spends its time, eager against sora: the kernels
+with the most self time after two warm-up steps (CPU operators, tiny STDiT, without CUDA), for bench/NOTES.md.
 
     python bench/profile_step.py [--video 16x256x256] [--batch-size 4] [--rows 25] [--out profile.md]
 """

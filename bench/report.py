@@ -1,10 +1,7 @@
-"""Write a bench run's summary.json as markdown tables and plots.
+"""A bench run's summary.json as README.md (the run, gpu_check's sections and kernel tests, each suite's tables as
+bench/cases.py's BENCHES lay them out) and plots; Open-Sora's figures from reference_figures.json. Needs no torch.
 
     python bench/report.py bench/results/<gpu-slug>/summary.json   # regenerate README.md and the plots beside it
-
-write_report(summary, out_dir): README.md (the run, bench/gpu_check.py's sections and kernel tests when the run was
-one, then each suite's tables as bench/cases.py's BENCHES lay them out) and the plots. Open-Sora's published figures
-are data, in reference_figures.json beside this file. Needs no torch: standard library, matplotlib, bench/cases.py.
 """
 
 import argparse
@@ -350,9 +347,8 @@ def write_report(summary: dict, out_dir) -> list[Path]:
     readme = out_dir / "README.md"
     readme.write_text(render_markdown(summary))
     written = [readme]
-    rows = summary.get("rows", [])
     for kind, name in (("kernels", "kernels_gbps.png"), ("models", "models_samples.png")):
-        if plotted(rows, kind):
+        if plotted(summary.get("rows", []), kind):
             plot(summary, out_dir / name, kind)
             written.append(out_dir / name)
     return written
@@ -367,15 +363,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = OneLineParser(prog="python bench/report.py",
-                     description="Regenerate README.md and the plots beside a bench run's summary.json.")
+                           description="Regenerate README.md and the plots beside a bench run's summary.json.")
     parser.add_argument("summary", type=Path, help="a summary.json written by the bench, e.g. "
                         "bench/results/<gpu-slug>/summary.json")
     path = parser.parse_args(argv).summary
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        print(f"python bench/report.py: cannot read {path} as a bench summary.json ({error})", file=sys.stderr)
-        return 2
+        parser.error(f"cannot read {path} as a bench summary.json ({error})")
     for written in write_report(summary, path.parent):
         print(f"wrote {written}")
     return 0

@@ -9,11 +9,11 @@ from bench.cases import cases
 
 
 @pytest.mark.parametrize("case", cases(torch.cuda.is_available()), ids=str)
-def test_bench(case, benchmark, bench_env, results, device):
+def test_bench(case, benchmark, results, device):
     from bench.measure import run_case
 
     benchmark.group = f"{case.bench} {case.row().get('video') or case.row().get('shape', '')}"
-    row = run_case(case, Timer(device, bench_env["copy_bandwidth_gbps"], benchmark), results.add)
+    row = run_case(case, Timer(device, results.env["copy_bandwidth_gbps"], benchmark), results.add)
     benchmark.extra_info.update(row)
     if row["skipped"]:
         benchmark.skipped = True  # tells pytest-benchmark the fixture was left unused on purpose
