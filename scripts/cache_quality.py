@@ -7,10 +7,12 @@ the uncached video of the same prompt and noise seed.
 
 A setting is TRIGGER:VALUE: delta:THRESHOLD, first_block:THRESHOLD or interval:EVERY (sora.schedulers.cache,
 max_skips at its default). Every seed samples scripts/score_tiny.py's six prompts (one batch, noise seeds 6 * seed
-+ i) without the cache and then with each setting, all in this process, after one short warm-up run that is not
-timed; so the wall-clock ratios (time with the setting / time without, summed over the seeds; each is a whole
-sora.sample call: model build, sampling, decoding and writing) come from one run on one machine. The cache decides
-once per batch, so its calls are counted per batch. Against the uncached video of the same prompt and seed, each
++ i) without the cache, with each setting, and without the cache again, all in this process, after one short
+warm-up run that is not timed. The time ratios (time with the setting / the mean time of the two uncached runs,
+summed over the seeds) thus come from one run on one machine, with a steady change of the machine's load
+cancelled; each time is a whole sora.sample call (model build, sampling, decoding, writing), as wall-clock and as
+this process's CPU time (all its threads), which other processes disturb less. The cache decides once per
+batch, so its calls are counted per batch. Against the uncached video of the same prompt and seed, each
 cached video gets the PSNR over all its frames and the SSIM (Gaussian window 11, sigma 1.5, on the luma Y =
 0.299 R + 0.587 G + 0.114 B, valid region, averaged over frames), both of the written mp4 files as decoded. Every
 video is also scored as score_tiny.py scores it (colour, moving, direction). It prints one line per sampling run,
@@ -34,6 +36,7 @@ from score_i2v import psnr
 from score_tiny import PROMPTS, judge, non_negative, sample_seed, track
 
 LUMA = (0.299, 0.587, 0.114)
+AGAIN = "none, again"
 
 
 def parse_setting(text):
@@ -88,48 +91,50 @@ def model_calls(output):
 
 
 def measure(checkpoint, seeds, settings, config="configs/tiny/sample.py", flags=()):
-    """{name: {"calls": [(K, N) per seed], "seconds": [per seed], "videos": [(frames, counts) per video],
-    "psnr": [...], "ssim": [...]}} for "none" (no cache) and each setting's text; `settings` maps text -> cache
-    config. `flags`: more sora.sample flags for every run."""
-    runs = {"none": [], **{text: cache_flags(cache) for text, cache in settings.items()}}
-    results = {name: {"calls": [], "seconds": [], "counts": [], "psnr": [], "ssim": []} for name in runs}
+    """{name: {"calls": [(K, N) per seed], "seconds": [wall per seed], "cpu": [CPU seconds per seed],
+    "counts": [judge() per video], "psnr": [per video], "ssim": [per video]}} for "none" (no cache), each
+    setting's text (`settings` maps text -> cache config) and AGAIN, the uncached run repeated after the
+    settings. `flags`: more sora.sample flags for every run."""
+    runs = {"none": [], **{text: cache_flags(cache) for text, cache in settings.items()}, AGAIN: []}
+    results = {name: {"calls": [], "seconds": [], "cpu": [], "counts": [], "psnr": [], "ssim": []} for name in runs}
     with tempfile.TemporaryDirectory() as warm:
         sample_seed(checkpoint, seeds[0], warm, config, [*flags, "--num-sampling-steps", "2"])
     for seed in seeds:
         with tempfile.TemporaryDirectory() as folder:
-            for name, extra in runs.items():
-                out = os.path.join(folder, name.replace(":", "-"))
-                start = time.perf_counter()
+            for index, (name, extra) in enumerate(runs.items()):
+                out = os.path.join(folder, str(index))
+                start, cpu = time.perf_counter(), time.process_time()
                 output = sample_seed(checkpoint, seed, out, config, [*flags, *extra])
                 result = results[name]
                 result["seconds"].append(time.perf_counter() - start)
+                result["cpu"].append(time.process_time() - cpu)
                 result["calls"].append(model_calls(output))
                 for i, (colour, direction) in enumerate(PROMPTS):
                     path = os.path.join(out, f"sample_{i:04d}.mp4")
                     result["counts"].append(judge(*track(path), colour, direction))
                     frames = read_video(path)[0].numpy()
-                    reference = read_video(os.path.join(folder, "none", f"sample_{i:04d}.mp4"))[0].numpy()
+                    reference = read_video(os.path.join(folder, "0", f"sample_{i:04d}.mp4"))[0].numpy()
                     result["psnr"].append(psnr(frames, reference))
                     result["ssim"].append(ssim(frames, reference))
                 print(f"seed {seed}  {name:16s} model calls {result['calls'][-1][0]} of {result['calls'][-1][1]}  "
-                      f"{result['seconds'][-1]:.1f} s  PSNR min {min(result['psnr'][-len(PROMPTS):]):.2f} dB",
-                      flush=True)
+                      f"{result['seconds'][-1]:.1f} s (CPU {result['cpu'][-1]:.1f} s)  "
+                      f"PSNR min {min(result['psnr'][-len(PROMPTS):]):.2f} dB", flush=True)
     return results
 
 
 def table(results):
-    """The Markdown table of measure()'s results."""
-    base = results["none"]
-    base_seconds = sum(base["seconds"])
-    lines = ["| cache | model calls K of N (mean) | fewer calls | wall-clock ratio | PSNR mean / min (dB) | "
-             "SSIM mean / min | colour | moving | direction |", "|" + "---|" * 9]
+    """The Markdown table of measure()'s results. A time ratio divides by the mean of the two uncached runs."""
+    base = {key: (sum(results["none"][key]) + sum(results[AGAIN][key])) / 2 for key in ("seconds", "cpu")}
+    lines = ["| cache | model calls K of N (mean) | fewer calls | wall-clock ratio | CPU time ratio | "
+             "PSNR mean / min (dB) | SSIM mean / min | colour | moving | direction |", "|" + "---|" * 10]
     for name, result in results.items():
         calls = np.mean([k for k, _ in result["calls"]])
         steps = np.mean([n for _, n in result["calls"]])
         counts = {key: sum(c[key] for c in result["counts"]) for key in ("colour", "moving", "direction")}
         total = len(result["counts"])
         lines.append(f"| {name} | {calls:.1f} of {steps:.0f} | {steps / calls:.2f}x | "
-                     f"{sum(result['seconds']) / base_seconds:.2f} | {np.mean(result['psnr']):.2f} / "
+                     f"{sum(result['seconds']) / base['seconds']:.2f} | {sum(result['cpu']) / base['cpu']:.2f} | "
+                     f"{np.mean(result['psnr']):.2f} / "
                      f"{min(result['psnr']):.2f} | {np.mean(result['ssim']):.4f} / {min(result['ssim']):.4f} | "
                      f"{counts['colour']}/{total} | {counts['moving']}/{total} | {counts['direction']}/{total} |")
     return "\n".join(lines)
@@ -150,7 +155,8 @@ def main(argv=None):
         parser.exit(2, f"error: {error}\n")
     results = measure(args.checkpoint, args.seeds, settings, args.config)
     print(f"{len(args.seeds) * len(PROMPTS)} videos, seeds {' '.join(map(str, args.seeds))}, {args.config}, "
-          f"{args.checkpoint}; the uncached calls took {sum(results['none']['seconds']):.1f} s in all")
+          f"{args.checkpoint}; the uncached runs took {sum(results['none']['seconds']):.1f} s and "
+          f"{sum(results[AGAIN]['seconds']):.1f} s in all")
     print(table(results))
 
 
