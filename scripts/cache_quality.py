@@ -2,8 +2,8 @@
 the uncached video of the same prompt and noise seed.
 
     python scripts/cache_quality.py outputs/000-STDiT/epoch124-global_step2000 --seeds 1 11 21 \\
-        --settings delta:0.05 first_block:0.1 interval:2
-    python scripts/cache_quality.py CHECKPOINT --config configs/tiny/stdit2/sample.py --settings delta:0.1
+        --settings delta:0.4 first_block:0.16 interval:2
+    python scripts/cache_quality.py CHECKPOINT --config configs/tiny/stdit2/sample.py --settings delta:0.4 interval:2
 
 A setting is TRIGGER:VALUE: delta:THRESHOLD, first_block:THRESHOLD or interval:EVERY (sora.schedulers.cache,
 max_skips at its default). Every seed samples scripts/score_tiny.py's six prompts (one batch, noise seeds 6 * seed
