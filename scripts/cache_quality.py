@@ -28,12 +28,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from score_i2v import psnr
+from score_tiny import PROMPTS, judge, non_negative, sample_seed, track
 
 from sora.data.video import read_video
 from sora.schedulers.cache import TRIGGER_KEYS, check_cache
-
-from score_i2v import psnr
-from score_tiny import PROMPTS, judge, non_negative, sample_seed, track
 
 LUMA = (0.299, 0.587, 0.114)
 AGAIN = "none, again"
@@ -125,8 +124,9 @@ def measure(checkpoint, seeds, settings, config="configs/tiny/sample.py", flags=
 def table(results):
     """The Markdown table of measure()'s results. A time ratio divides by the mean of the two uncached runs."""
     base = {key: (sum(results["none"][key]) + sum(results[AGAIN][key])) / 2 for key in ("seconds", "cpu")}
-    lines = ["| cache | model calls K of N (mean) | fewer calls | wall-clock ratio | CPU time ratio | "
-             "PSNR mean / min (dB) | SSIM mean / min | colour | moving | direction |", "|" + "---|" * 10]
+    header = ("| cache | model calls K of N (mean) | fewer calls | wall-clock ratio | CPU time ratio | "
+              "PSNR mean / min (dB) | SSIM mean / min | colour | moving | direction |")
+    lines = [header, "|" + "---|" * 10]
     for name, result in results.items():
         calls = np.mean([k for k, _ in result["calls"]])
         steps = np.mean([n for _, n in result["calls"]])
