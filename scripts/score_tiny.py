@@ -46,8 +46,8 @@ def track(path, threshold=80):
 
 
 def sample_quietly(argv):
-    """Run sora.sample on argv with its output (config, weights line, bars, 'wrote' lines) held back; shown
-    only when it fails."""
+    """Run sora.sample on argv with its output (config, weights line, bars, 'model calls' and 'wrote' lines)
+    held back and returned; shown only when it fails."""
     held = io.StringIO()
     try:
         with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
@@ -55,25 +55,41 @@ def sample_quietly(argv):
     except SystemExit:
         sys.stderr.write(held.getvalue())
         raise
+    return held.getvalue()
+
+
+def sample_seed(checkpoint, seed, out, config="configs/tiny/sample.py", flags=()):
+    """Sample the six prompts of seed `seed` (prompt i gets the noise seed 6 * seed + i) into the folder `out`
+    as sample_0000.mp4 ... sample_0005.mp4 (PROMPTS' order), with more sora.sample `flags`; sora.sample's
+    output."""
+    prompts = [arg for c, d in PROMPTS for arg in ("--prompt", f"a {c} square moving {d}")]
+    weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
+    return sample_quietly([config, *weights, "--save-dir", out, "--seed", str(len(PROMPTS) * seed),
+                           "--batch-size", str(len(PROMPTS)), *prompts, *flags])
+
+
+def judge(rgb, slope, colour, direction):
+    """{"colour", "moving", "direction"}: whether a video tracked as (rgb, slope) shows the prompted colour,
+    moves (> 3 px/frame), and the prompted way; all False when nothing was lit (rgb None)."""
+    if rgb is None:
+        return {"colour": False, "moving": False, "direction": False}
+    return {"colour": COLORS[int(np.argmax(rgb))] == colour, "moving": abs(slope) > 3,
+            "direction": (slope < 0) == (direction == "left")}
 
 
 def score(checkpoint, seeds, config="configs/tiny/sample.py"):
     counts = {"samples": 0, "colour": 0, "moving": 0, "direction": 0}
-    flags = [arg for c, d in PROMPTS for arg in ("--prompt", f"a {c} square moving {d}")]
-    weights = [] if checkpoint == "none" else ["--ckpt-path", checkpoint]
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
-            sample_quietly([config, *weights, "--save-dir", out, "--seed", str(len(PROMPTS) * seed),
-                            "--batch-size", str(len(PROMPTS)), *flags])
+            sample_seed(checkpoint, seed, out, config)
             for i, (colour, direction) in enumerate(PROMPTS):
                 rgb, slope = track(os.path.join(out, f"sample_{i:04d}.mp4"))
                 counts["samples"] += 1
+                for key, right in judge(rgb, slope, colour, direction).items():
+                    counts[key] += right
                 if rgb is None:
                     print(f"seed {seed}  {colour:5s} {direction:5s}  nothing lit", flush=True)
                     continue
-                counts["colour"] += COLORS[int(np.argmax(rgb))] == colour
-                counts["moving"] += abs(slope) > 3
-                counts["direction"] += (slope < 0) == (direction == "left")
                 print(f"seed {seed}  {colour:5s} {direction:5s}  mean RGB {np.round(rgb).astype(int)}  "
                       f"x slope {slope:+.2f} px/frame", flush=True)
     print(f"{counts['samples']} samples: colour right {counts['colour']}, moving (> 3 px/frame) "

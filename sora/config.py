@@ -183,7 +183,7 @@ SCHEMAS = {
         # Of a training checkpoint folder (model.from_pretrained): its EMA or the trained weights themselves.
         "weights": Field("str", "ema", WEIGHTS),
         "compile": Field("bool", False),  # torch.compile the model call of every denoising step
-        # The sampling loop's residual cache (sora.schedulers.cache), e.g. dict(type="residual", threshold=0.1).
+        # The sampling loop's residual cache (sora.schedulers.cache), e.g. dict(type="residual", threshold=0.4).
         "cache": Field("dict?", None),
     },
     "train": {

@@ -304,3 +304,9 @@ def test_bad_cache_flags_exit_2_with_one_line(flags, message, tmp_path, monkeypa
                                              "--cache.type", "residual", *flags])
     assert exit_info.value.code == 2
     assert stderr.getvalue().count("\n") == 1 and stderr.getvalue().startswith(message)
+
+
+def test_a_trigger_without_threshold_gets_the_measured_one():
+    """The thresholds that halved the model calls of the trained tiny STDiT (README.md's cache table)."""
+    assert check_cache(dict(type="residual"))["threshold"] == 0.4
+    assert check_cache(dict(type="residual", trigger="first_block"))["threshold"] == 0.16

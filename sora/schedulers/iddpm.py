@@ -457,7 +457,7 @@ class IDDPM:
         samples exactly what no mask samples (the re-noising noise is drawn only for steps that release a
         frame, after the ancestral noise). The mask is read once on the host, before the loop.
 
-        cache: None, or a residual cache config such as dict(type="residual", trigger="delta", threshold=0.1)
+        cache: None, or a residual cache config such as dict(type="residual", trigger="delta", threshold=0.4)
         (sora.schedulers.cache). After sampling, `model_calls` is (full model calls, steps).
         """
         check_sample_inputs(z, y, y_null, mask)
