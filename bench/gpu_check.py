@@ -1,6 +1,6 @@
 """The GPU check: the kernel tests on the GPU, then the bench's cases by priority, under one hard deadline.
 
-    python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 520] [--tiny]
+    python bench/gpu_check.py --out DIR [--commit SHA] [--deadline 420] [--tiny]
 
 bench/NOTES.md ("The GPU check") says what each of SECTIONS runs, what it writes (summary.json after every row and
 test, also on a failure, the deadline or SIGTERM) and its exit codes: 0 passed, 1 a failure, 2 bad arguments, 3
@@ -33,9 +33,9 @@ from bench.bench_utils import Results, Timer, collect_env, run_facts  # noqa: E4
 from bench.cases import by_priority, row_id  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
-DEFAULT_DEADLINE_S = 520.0  # with GRACE_S and the start-up, the whole check under 10 minutes (bench/NOTES.md)
+DEFAULT_DEADLINE_S = 420.0  # with GRACE_S and the start-up, the whole check under 8 minutes (bench/NOTES.md)
 GRACE_S = 45.0  # after the deadline, the time to write what the run has; then the process exits (exit code 3)
-ROWS_RESERVE_S = 340.0  # the kernel tests stop this long before the deadline, leaving it to the rows (bench/NOTES.md)
+ROWS_RESERVE_S = 260.0  # the kernel tests stop this long before the deadline, leaving it to the rows (bench/NOTES.md)
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_temporal_attention.py", "tests/test_qk_norm.py",
                 "tests/test_models.py::test_kernels_on_equals_off", "tests/test_stdit2.py::test_kernels_on_equals_off"]
 GPU_SELECTION = "not triton_kernels_ran"  # every test but those that check the interpreter; --tiny: a selection

@@ -242,5 +242,5 @@ def test_tiny_says_its_numbers_are_the_interpreters_and_how_to_measure_on_a_gpu(
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert lines[1].startswith("on a CPU under the Triton interpreter: these numbers check the harness, they are "
                                "not results")
-    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 520 s "
+    assert lines[-1].startswith("on a GPU: python bench/gpu_check.py --out DIR (the whole check, within its 420 s "
                                 "deadline) or pytest bench/ --benchmark")
