@@ -14,8 +14,8 @@ from einops import rearrange
 
 import sora.kernels as K
 from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, is_oom, randomize
-from bench.cases import (CFG, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS, all_to_all_volume,
-                         kernel_bytes)
+from bench.cases import (CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS,
+                         all_to_all_volume, kernel_bytes)
 from sora.kernels.layout import swap_leading, swap_leading_reference
 from sora.schedulers import IDDPM
 from sora.schedulers.cache import check_cache
@@ -61,74 +61,62 @@ def compile_mode(provider: str = "+compile", mode: str | None = None) -> str | N
     return mode if provider.endswith("compile") else None
 
 
-# ---- kernels: one entry of KERNEL_OPS per op ------------------------------------------------------------------------
-TOKENS_OUT, TEMPORAL_OUT = (lambda s: [(s.B, s.N, s.C)]), (lambda s: [(s.B * s.S, s.T, s.C)])  # an op's outputs
-
-
+# ---- kernels ------------------------------------------------------------------------------------------------------
 def temporal(T, x):
     return rearrange(x, "B (T S) C -> (B S) T C", T=T).contiguous()
 
 
-def layernorm_modulate_op(temporal_layout: bool):
-    def eager(s, norm, flash):
-        def forward(x, shift, scale):
-            y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
-            return temporal(s.T, y) if temporal_layout else y
+def kernel_op(bench: str, s):
+    """A kernel bench at Shape s: (its random inputs (never zeros) from randn, sora's call, eager(norm, flash): the path
+    Open-Sora v1 (v1.1 for qk_norm) runs with the kernels off (with apex's or Liger's LayerNorm `norm`, flash-attn's
+    `flash`), the shapes of its outputs). A _temporal variant has its y in the "(B S) T C" layout."""
+    layout = s.T if bench.endswith("_temporal") else None
+    tokens, rows, frame_major = (s.B, s.N, s.C), (s.B, 1, s.C), (s.B * s.S, s.T, s.C)
+    if bench.startswith("layernorm_modulate"):
+        def eager(norm, flash):
+            def forward(x, shift, scale):
+                y = (norm(x) if norm is not None else F.layer_norm(x, (x.shape[-1],), eps=EPS)) * (1 + scale) + shift
+                return temporal(s.T, y) if layout else y
+            return forward
+
+        return (lambda randn: dict(x=randn(*tokens), shift=randn(*rows, scale=0.1), scale=randn(*rows, scale=0.1)),
+                lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS, temporal=layout),
+                eager, [frame_major if layout else tokens])
+    if bench.startswith("gated_residual"):
+        return (lambda randn: dict(x=randn(*tokens), gate=randn(*rows, scale=0.1),
+                                   y=randn(*(frame_major if layout else tokens))),
+                lambda x, y, gate: K.gated_residual(x, y, gate, temporal=layout),
+                lambda norm, flash: lambda x, y, gate: x + gate * (
+                    rearrange(y, "(B S) T C -> B (T S) C", B=s.B) if layout else y), [tokens])
+    if bench == "to_temporal":
+        return (lambda randn: dict(x=randn(*tokens)), lambda x: K.to_temporal(x, s.T),
+                lambda norm, flash: lambda x: temporal(s.T, x), [frame_major])
+    if bench == "temporal_attention":
+        def eager(norm, flash):
+            def forward(qkv):
+                q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3,
+                                    H=s.heads).contiguous()
+                out = flash(q, k, v) if flash else F.scaled_dot_product_attention(
+                    *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+                return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=s.B).contiguous()
+            return forward
+
+        return (lambda randn: dict(qkv=randn(s.B, s.N, 3 * s.C)), lambda qkv: K.temporal_attention(qkv, s.T, s.heads),
+                eager, [tokens])
+
+    def eager(norm, flash):  # qk_norm, the last of cases.KERNEL_PROVIDERS
+        """Open-Sora v1.1's spatial attention: q, k, v (B*T, H, S, D) views of qkv; q and k through LlamaRMSNorm."""
+        rms_norm = importable("tests.stdit2_reference", "rms_norm")
+
+        def forward(qkv, q_weight, k_weight):
+            q, k, v = qkv.view(*qkv.shape[:2], 3, s.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            return rms_norm(q_weight, q, True), rms_norm(k_weight, k, True), v
         return forward
 
-    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), shift=randn(s.B, 1, s.C, scale=0.1),
-                                  scale=randn(s.B, 1, s.C, scale=0.1)),
-            lambda s: lambda x, shift, scale: K.layernorm_modulate(x, shift, scale, eps=EPS,
-                                                                   temporal=s.T if temporal_layout else None),
-            eager, TEMPORAL_OUT if temporal_layout else TOKENS_OUT)
-
-
-def gated_residual_op(temporal_layout: bool):
-    def eager(s, norm, flash):
-        return lambda x, y, gate: x + gate * (rearrange(y, "(B S) T C -> B (T S) C", B=s.B) if temporal_layout else y)
-
-    return (lambda s, randn: dict(x=randn(s.B, s.N, s.C), gate=randn(s.B, 1, s.C, scale=0.1),
-                                  y=randn(*((s.B * s.S, s.T, s.C) if temporal_layout else (s.B, s.N, s.C)))),
-            lambda s: lambda x, y, gate: K.gated_residual(x, y, gate, temporal=s.T if temporal_layout else None),
-            eager, TOKENS_OUT)
-
-
-def eager_temporal_attention(s, norm, flash):
-    def forward(qkv):
-        q, k, v = rearrange(qkv, "B (T S) (three H D) -> three (B S) T H D", T=s.T, three=3, H=s.heads).contiguous()
-        out = flash(q, k, v) if flash else F.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        return rearrange(out, "(B S) T H D -> B (T S) (H D)", B=qkv.shape[0]).contiguous()
-    return forward
-
-
-def eager_qk_norm(s, norm, flash):
-    """Open-Sora v1.1's spatial attention: q, k, v (B*T, H, S, D) views of qkv; q and k through LlamaRMSNorm."""
-    rms_norm = importable("tests.stdit2_reference", "rms_norm")
-
-    def forward(qkv, q_weight, k_weight):
-        q, k, v = qkv.view(*qkv.shape[:2], 3, s.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return rms_norm(q_weight, q, True), rms_norm(k_weight, k, True), v
-    return forward
-
-
-# bench -> (its random inputs (never zeros), sora's call, the eager path Open-Sora v1 (v1.1 for qk_norm) runs with the
-# kernels off (with apex's or Liger's LayerNorm `norm`, flash-attn's `flash`), the shapes of its outputs).
-KERNEL_OPS = {
-    "layernorm_modulate": layernorm_modulate_op(False),
-    "layernorm_modulate_temporal": layernorm_modulate_op(True),
-    "gated_residual": gated_residual_op(False),
-    "gated_residual_temporal": gated_residual_op(True),
-    "to_temporal": (lambda s, randn: dict(x=randn(s.B, s.N, s.C)), lambda s: lambda x: K.to_temporal(x, s.T),
-                    lambda s, norm, flash: lambda x: temporal(s.T, x), TEMPORAL_OUT),
-    "temporal_attention": (lambda s, randn: dict(qkv=randn(s.B, s.N, 3 * s.C)),
-                           lambda s: lambda qkv: K.temporal_attention(qkv, s.T, s.heads), eager_temporal_attention,
-                           TOKENS_OUT),
-    "qk_norm": (lambda s, randn: dict(qkv=randn(s.B * s.T, s.S, 3 * s.C), q_weight=randn(s.C // s.heads),
-                                      k_weight=randn(s.C // s.heads)),
-                lambda s: lambda qkv, q_weight, k_weight: K.qk_norm(qkv, s.heads, q_weight, k_weight, EPS),
-                eager_qk_norm, lambda s: [(s.B * s.T, s.heads, s.S, s.C // s.heads)] * 3),
-}
+    return (lambda randn: dict(qkv=randn(s.B * s.T, s.S, 3 * s.C), q_weight=randn(s.C // s.heads),
+                               k_weight=randn(s.C // s.heads)),
+            lambda qkv, q_weight, k_weight: K.qk_norm(qkv, s.heads, q_weight, k_weight, EPS),
+            eager, [(s.B * s.T, s.heads, s.S, s.C // s.heads)] * 3)
 
 
 EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
@@ -138,14 +126,14 @@ EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("fl
 def kernel_forward(case, device):
     """sora's call, or the eager path: plain, compiled, with apex's FusedLayerNorm, Liger's LayerNorm (weight 1, bias
     0: Liger has no affine-free mode) or flash-attn."""
-    _, sora, eager, _ = KERNEL_OPS[case.bench]
+    _, sora, eager, _ = kernel_op(case.bench, case.spec)
     if case.provider == "sora":
-        return sora(case.spec)
+        return sora
     C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
     found = importable(*EXTERNAL[case.provider]) if case.provider in EXTERNAL else None
     norm = (found(C, eps=EPS, elementwise_affine=False).to(device) if case.provider == "apex" else
             found(C, eps=EPS).to(device, dtype).requires_grad_(False) if case.provider == "liger" else None)
-    forward = eager(case.spec, norm, found if case.provider == "flash-attn" else None)
+    forward = eager(norm, found if case.provider == "flash-attn" else None)
     return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
 
 
@@ -165,15 +153,15 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
     s, device, dtype = case.spec, timer.device, DTYPES[case.fields["dtype"]]
     backward = case.fields["direction"] == "fwd+bwd"
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
-    forward, (inputs_of, _, eager, out_shapes) = kernel_forward(case, device), KERNEL_OPS[case.bench]
+    forward, (inputs_of, _, eager, out_shapes) = kernel_forward(case, device), kernel_op(case.bench, s)
 
     def randn(*shape, scale=1.0):
         tensor = torch.randn(shape, device=device, dtype=dtype)
         return (tensor.mul_(scale) if scale != 1.0 else tensor).requires_grad_(backward)  # in place: no copy
 
     def make_inputs():
-        douts = [torch.randn(shape, device=device, dtype=dtype) for shape in out_shapes(s)] if backward else None
-        return inputs_of(s, randn), douts
+        douts = [torch.randn(shape, device=device, dtype=dtype) for shape in out_shapes] if backward else None
+        return inputs_of(randn), douts
 
     def step(inputs_dout):
         inputs, douts = inputs_dout
@@ -184,7 +172,7 @@ def measure_kernel(case, batch, timer: Timer) -> dict:
     if case.provider == "sora":  # ||out - ref|| / ||ref|| of the forward (all its outputs) against the fp32 eager op
         with torch.no_grad():
             probe = {name: tensor.detach() for name, tensor in run.sets[0][0].items()}
-            out, ref = flat(forward(**probe)), flat(eager(s, None, None)(**{k: t.float() for k, t in probe.items()}))
+            out, ref = flat(forward(**probe)), flat(eager(None, None)(**{k: t.float() for k, t in probe.items()}))
             row["rel_err"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
             del out, ref
     return {**row, **bandwidth(nbytes, timer.kernel(run), timer)}
@@ -516,7 +504,7 @@ def measure_diffusers_block(case, batch, timer: Timer) -> dict:
 
 
 MEASURES = {
-    **{bench: measure_kernel for bench in KERNEL_OPS},
+    **{bench: measure_kernel for bench in KERNEL_PROVIDERS},
     "all_to_all_pack": measure_pack,
     "all_to_all_volume": compute_volume,
     "temporal_branch": measure_temporal_branch,
