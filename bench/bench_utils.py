@@ -19,8 +19,6 @@ import torch
 from bench.cases import ID_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
-CPU_SLUG = "cpu-smoke"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
 
 WARMUP_MS, REP_MS = 25, 200  # do_bench's warm-up and repetition (ms): a stable median of 1-10 ms kernels
@@ -40,11 +38,6 @@ def git_commit() -> str:
         return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout here; set SORA_BENCH_COMMIT)"
-
-
-def slug(name: str) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the results folder of a device."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
 
 
 def nvml(index: int) -> dict:
@@ -84,16 +77,6 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def measure_copy_bandwidth(device: torch.device) -> float:
-    """GB/s of one large device-to-device copy, counting bytes read plus bytes written (median)."""
-    numel = (2**30 if device.type == "cuda" else 2**26) // 4  # 1 GiB on the GPU (20x L2), 64 MiB on a CPU
-    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    bandwidth = 2 * numel * 4 / (time_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
-    del src, dst
-    free_memory()
-    return bandwidth
-
-
 def run_facts(device: torch.device) -> dict:
     """What summary.json says about the run before anything is measured: device, versions, commit, date."""
     import triton
@@ -105,13 +88,18 @@ def run_facts(device: torch.device) -> dict:
 
 
 def collect_env(device: torch.device) -> dict:
-    """run_facts, the timing, the copy bandwidth measured now and the clocks read right after it, while they are up
-    (an idle H100 reports its SM clock at ~345 MHz)."""
+    """run_facts, the timing, the copy bandwidth measured now (one large device-to-device copy, bytes read plus bytes
+    written, median) and the clocks read right after it, while they are up (an idle H100 reports its SM clock at ~345
+    MHz)."""
     env = run_facts(device)
     env["timing"] = (f"triton.testing.do_bench median (warmup={WARMUP_MS} ms, rep={REP_MS} ms, L2 flushed per run) "
                      "for kernels; CUDA events around each step, median, for models" if device.type == "cuda"
                      else "CPU smoke set: wall clock (time.perf_counter) median; not results")
-    env["copy_bandwidth_gbps"] = round(measure_copy_bandwidth(device), 1)
+    numel = (2**30 if device.type == "cuda" else 2**26) // 4  # 1 GiB on the GPU (20x L2), 64 MiB on a CPU
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    env["copy_bandwidth_gbps"] = round(2 * numel * 4 / (time_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9, 1)
+    del src, dst
+    free_memory()
     with contextlib.suppress(Exception):  # None where NVML is unavailable: the run still measures
         env["clocks"] = nvml(device.index)["clocks"] if device.type == "cuda" else None
     return env
@@ -222,11 +210,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def is_oom(error: BaseException) -> bool:
-    """CUDA out of memory, however the library that hit it reports it."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 # ---- rows ----------------------------------------------------------------------------------------------
 def row_key(row: dict) -> str:
     """Rows of two runs with this key measure the same thing (a later run replaces the earlier row)."""
@@ -245,7 +228,9 @@ class Results:
     def out_dir(self) -> Path:
         if self.out_override is not None:
             return Path(self.out_override)
-        return RESULTS_DIR / (CPU_SLUG if self.env["smoke"] else slug(self.env["device"]["name"]))
+        # "NVIDIA H100 80GB HBM3" -> bench/results/nvidia-h100-80gb-hbm3
+        name = "cpu-smoke" if self.env["smoke"] else re.sub(r"[^a-z0-9]+", "-", self.env["device"]["name"].lower())
+        return REPO / "bench" / "results" / (name.strip("-") or "unknown-device")
 
     def add(self, row: dict) -> None:
         self.rows.append(row)

@@ -316,9 +316,5 @@ def run(args: argparse.Namespace, sections=SECTIONS, backstop: bool = False) -> 
         torch.set_num_threads(threads)
 
 
-def main(argv=None) -> int:
-    return run(parse_args(argv), backstop=True)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(parse_args(), backstop=True))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sora.kernels as K
-from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, is_oom, randomize
+from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, randomize
 from bench.cases import (CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS,
                          all_to_all_volume, kernel_bytes)
 from sora.kernels.layout import swap_leading, swap_leading_reference
@@ -530,7 +530,7 @@ def run_case(case, timer: Timer, add) -> dict:
         except Unavailable as reason:
             row.update(ms=None, skipped=str(reason))
         except Exception as error:
-            if not is_oom(error):
+            if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()):
                 message = (str(error).strip().splitlines() or [""])[0]
                 row.update(ms=None, skipped=f"error: {type(error).__name__}: {message}"[:300])
                 add(row)
