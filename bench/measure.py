@@ -3,6 +3,7 @@
 encoder and the SD VAE built from their published configs; on a CPU the same code runs tiny sizes (the smoke set)."""
 
 import copy
+import functools
 import importlib
 import itertools
 import math
@@ -322,22 +323,19 @@ def size_inputs(model, video, batch, device, ar) -> dict:
     return {name: torch.full((batch,), float(value), device=device) for name, value in values.items()}
 
 
-RESIDENT = {}  # T5-XXL (9.5 GB), built once, kept for the cases that encode text (run_case drops it for the others)
-
-
+@functools.cache  # T5-XXL (9.5 GB), built once, kept for the cases that encode text (run_case drops it for the others)
 def text_encoder(device):
-    if "t5" not in RESIDENT:
-        T5Encoder, TINY_T5_CONFIG = importable("sora.models.text_encoder", "T5Encoder", "TINY_T5_CONFIG")
-        cuda = device.type == "cuda"
-        with device:  # 4.76B parameters initialised on the GPU, not the host
-            RESIDENT["t5"] = T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG, device=device,
-                                       model_max_length=120 if cuda else TINY["model_max_length"],
-                                       dtype=torch.bfloat16 if cuda else torch.float32)
-    return RESIDENT["t5"]
+    T5Encoder, TINY_T5_CONFIG = importable("sora.models.text_encoder", "T5Encoder", "TINY_T5_CONFIG")
+    cuda = device.type == "cuda"
+    with device:  # 4.76B parameters initialised on the GPU, not the host
+        return T5Encoder(config=T5_XXL_CONFIG if cuda else TINY_T5_CONFIG, device=device,
+                         model_max_length=120 if cuda else TINY["model_max_length"],
+                         dtype=torch.bfloat16 if cuda else torch.float32)
 
 
 def drop_text_encoder():
-    if RESIDENT.pop("t5", None) is not None:
+    if text_encoder.cache_info().currsize:
+        text_encoder.cache_clear()
         free_memory()
 
 
