@@ -124,20 +124,6 @@ EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("fl
             "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
 
 
-def kernel_forward(case, device):
-    """sora's call, or the eager path: plain, compiled, with apex's FusedLayerNorm, Liger's LayerNorm (weight 1, bias
-    0: Liger has no affine-free mode) or flash-attn."""
-    _, sora, eager, _ = kernel_op(case.bench, case.spec)
-    if case.provider == "sora":
-        return sora
-    C, dtype = case.spec.C, DTYPES[case.fields["dtype"]]
-    found = importable(*EXTERNAL[case.provider]) if case.provider in EXTERNAL else None
-    norm = (found(C, eps=EPS, elementwise_affine=False).to(device) if case.provider == "apex" else
-            found(C, eps=EPS).to(device, dtype).requires_grad_(False) if case.provider == "liger" else None)
-    forward = eager(norm, found if case.provider == "flash-attn" else None)
-    return torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
-
-
 def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
     gbps = nbytes / (ms * 1e-3) / 1e9
     return dict(ms=ms, gbps=gbps, frac_copy_bw=gbps / timer.copy_bandwidth_gbps, bytes=nbytes)
@@ -150,11 +136,18 @@ def flat(out) -> torch.Tensor:
 
 def measure_kernel(case, batch, timer: Timer) -> dict:
     """One op, one direction (Timer.kernel): ms, GB/s of the minimum bytes, their share of the copy bandwidth; sora's
-    forward's rel_err against the fp32 eager op. fwd+bwd: fresh gradients by torch.autograd.grad (nothing adds up)."""
+    forward's rel_err against the fp32 eager op. fwd+bwd: fresh gradients by torch.autograd.grad (nothing adds up).
+    The op is sora's call, or the eager path: plain, compiled, with apex's FusedLayerNorm, Liger's LayerNorm (weight 1,
+    bias 0: Liger has no affine-free mode) or flash-attn."""
     s, device, dtype = case.spec, timer.device, DTYPES[case.fields["dtype"]]
     backward = case.fields["direction"] == "fwd+bwd"
     nbytes = kernel_bytes(case.bench, case.fields["direction"], s.B, s.N, s.C, dtype.itemsize)
-    forward, (inputs_of, _, eager, out_shapes) = kernel_forward(case, device), kernel_op(case.bench, s)
+    inputs_of, sora, eager, out_shapes = kernel_op(case.bench, s)
+    found = importable(*EXTERNAL[case.provider]) if case.provider in EXTERNAL else None
+    norm = (found(s.C, eps=EPS, elementwise_affine=False).to(device) if case.provider == "apex" else
+            found(s.C, eps=EPS).to(device, dtype).requires_grad_(False) if case.provider == "liger" else None)
+    forward = sora if case.provider == "sora" else eager(norm, found if case.provider == "flash-attn" else None)
+    forward = torch.compile(forward, dynamic=False) if case.provider == "torch.compile" else forward
 
     def randn(*shape, scale=1.0):
         tensor = torch.randn(shape, device=device, dtype=dtype)
