@@ -68,9 +68,9 @@ def temporal(T, x):
 
 
 def kernel_op(bench: str, s):
-    """A kernel bench at Shape s: (its random inputs (never zeros) from randn, sora's call, eager(norm, flash): the path
-    Open-Sora v1 (v1.1 for qk_norm) runs with the kernels off (with apex's or Liger's LayerNorm `norm`, flash-attn's
-    `flash`), the shapes of its outputs). A _temporal variant has its y in the "(B S) T C" layout."""
+    """A kernel bench at Shape s: (its random inputs (never zeros) from randn, sora's call, eager(norm, flash): the
+    path Open-Sora v1 (v1.1 for qk_norm) runs with the kernels off (with apex's or Liger's LayerNorm `norm`,
+    flash-attn's `flash`), the shapes of its outputs). A _temporal variant has its y in the "(B S) T C" layout."""
     layout = s.T if bench.endswith("_temporal") else None
     tokens, rows, frame_major = (s.B, s.N, s.C), (s.B, 1, s.C), (s.B * s.S, s.T, s.C)
     if bench.startswith("layernorm_modulate"):
