@@ -52,16 +52,12 @@ def results(request, device) -> Results:
 
 
 @pytest.fixture(scope="session")
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread_on_cpu(device):
-    """One thread for the CPU smoke set's tiny ops: a thread pool costs more than such an op (bench/NOTES.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads if device.type == "cuda" else 1)
-    yield
+def device():
+    """The GPU, else the CPU with one thread for the smoke set's tiny ops: a thread pool costs more than such an op
+    (bench/NOTES.md)."""
+    threads, cuda = torch.get_num_threads(), torch.cuda.is_available()
+    torch.set_num_threads(threads if cuda else 1)
+    yield torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.set_num_threads(threads)
 
 
