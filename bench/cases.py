@@ -42,13 +42,15 @@ class Video:
 class Bench:
     """A report table: its suite, title, note, target (read off the tables, never asserted) and columns, each
     "field:header:form" (header defaults to the field, form to "text": what the row is; field "-": computed by the
-    report); bench/report.py's FORMS writes a form (the kernel and pack tables lay out a cell per provider)."""
+    report); bench/report.py's FORMS writes a form. With per_provider (the fields of a setting) a line is a setting,
+    its column "provider" a cell per provider, the columns before it read its first row, those after sora's."""
 
     suite: str
     title: str
     note: str = ""
     target: str = ""
     columns: tuple = ()
+    per_provider: tuple = ()
 
     def table_columns(self) -> list[tuple]:
         """(header, field or None, form) per column."""
@@ -190,14 +192,18 @@ STEP_NOTE = (
     "pre-encoded (class ids for DiT and Latte). sora: enable_layernorm_kernel=True; eager: False; flash attention in "
     "both. Open-Sora's figures: per GPU of 8x H800. STDiT2: their size inputs and stage-1 mask_ratios (x_mask on "
     "every step). " + OPEN_SORA_V11)
+KERNEL = dict(per_provider=("shape", "dtype"), columns=(
+    "shape:shape (B, N, C):dims", "video", "T", "dtype", "provider", "-:sora vs torch:vs_torch",
+    "-:sora vs torch.compile:vs_torch.compile", "rel_err:sora rel. error:e1"))
 BENCHES = {
-    **{name: Bench("kernels", name) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
+    **{name: Bench("kernels", name, **KERNEL) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
     "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
         "fwd, bf16, C=1152, >= 1M rows: >= 85% of copy bandwidth, >= 2.5x eager, >= torch.compile; fwd+bwd: >= 2x "
-        "eager and >= torch.compile; the temporal variant within 10% of the plain one and >= 2x eager.")),
+        "eager and >= torch.compile; the temporal variant within 10% of the plain one and >= 2x eager."), **KERNEL),
     "temporal_attention": Bench("kernels", "temporal_attention", target=(
-        "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path.")),
-    "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth."),
+        "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path."), **KERNEL),
+    "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth.",
+                     **KERNEL),
     "temporal_branch": Bench(
         "models", "Temporal branch, fwd+bwd",
         "STDiT: qkv, attention, proj, gated residual; eager adds the rearranges. STDiT2 with x_mask: norm, modulate, "
@@ -210,7 +216,10 @@ BENCHES = {
         "The pack and unpack of each rank's qkv (B*S, T/sp, 3, H, D) and output (B*S, T, H/sp, D) on one GPU, as the "
         "swap (A, B, M) -> (B, A, M); batch = sp x the training batch. GB/s: the tensor read and written once. sora: "
         "the Triton kernel; torch: view + transpose + contiguous; exact: bit for bit equal.",
-        "sora >= 80% of copy bandwidth."),
+        "sora >= 80% of copy bandwidth.", ("video", "sp", "exchange", "direction", "shape:view (A, B, M):dims",
+                                           "batch_size:batch", "bytes:tensor MB:half_M", "provider",
+                                           "-:sora vs torch:vs_torch", "exact::yes"),
+        ("video", "sp", "exchange", "direction")),
     "all_to_all_volume": Bench(
         "comm", "All-to-all volume per rank: computed, not timed",
         f"Bytes one rank sends for a sample of bf16 STDiT-XL/2 split over sp ranks by frames, per layer and per step "

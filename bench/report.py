@@ -89,39 +89,21 @@ def kernel_cell(row):
     return f"{row['ms']:.3f} ms<br>{fmt(row['gbps'])} GB/s ({100 * row['frac_copy_bw']:.0f}%)"
 
 
-def provider_table(group, keys, texts, extras):
-    """One line per setting (the rows' `keys`), one cell per provider (time, GB/s, share of copy bandwidth);
-    texts: (header, cell(first row)) before the providers, extras: (header, cell(rows by provider)) after."""
-    providers, body = providers_of(group), []
-    setting = lambda row: tuple(json.dumps(row.get(k)) for k in keys)  # noqa: E731
+def provider_table(bench, group):
+    """A per_provider table of bench/cases.py: a line per setting, a cell per provider (time, GB/s, share of copy
+    bandwidth) where the columns have "provider"; the columns before it read the setting's first row, those after
+    sora's (FORMS get the setting's rows by provider as `measured`)."""
+    columns, providers, body = BENCHES[bench].table_columns(), providers_of(group), []
+    split = [field for _, field, _ in columns].index("provider")
+    setting = lambda row: tuple(json.dumps(row.get(k)) for k in BENCHES[bench].per_provider)  # noqa: E731
     for key in unique(setting(row) for row in group):
         cases = {row["provider"]: row for row in group if setting(row) == key}
-        first = next(iter(cases.values()))
-        body.append([cell(first) for _, cell in texts] + [kernel_cell(cases[p]) if p in cases else "-"
-                                                           for p in providers] + [cell(cases) for _, cell in extras])
-    return table([header for header, _ in texts] + providers + [header for header, _ in extras], body)
-
-
-def text(field):
-    return lambda row: str(row.get(field, ""))
-
-
-def faster(rows_by_provider, base):
-    """How many times faster sora ran than `base` (time ratio), or "-"."""
-    return rate_ratio(rows_by_provider.get(base) or {}, rows_by_provider.get("sora"), "ms")
-
-
-KERNEL_TEXTS = (("shape (B, N, C)", lambda row: shape_text(row["shape"])), ("video", text("video")), ("T", text("T")),
-                ("dtype", text("dtype")))
-KERNEL_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
-                 ("sora vs torch.compile", lambda cases: faster(cases, "torch.compile")),
-                 ("sora rel. error", lambda cases: f"{cases['sora']['rel_err']:.1e}"
-                  if cases.get("sora", {}).get("rel_err") is not None else "-"))
-PACK_TEXTS = (*((name, text(name)) for name in ("video", "sp", "exchange", "direction")),
-              ("view (A, B, M)", lambda row: shape_text(row.get("shape"))), ("batch", text("batch_size")),
-              ("tensor MB", lambda row: scaled(row["bytes"] / 2 if row.get("bytes") else None)))  # bytes: read + write
-PACK_EXTRAS = (("sora vs torch", lambda cases: faster(cases, "torch")),
-               ("exact", lambda cases: {None: "-", True: "yes", False: "**NO**"}[cases.get("sora", {}).get("exact")]))
+        first, sora = next(iter(cases.values())), cases.get("sora", {})
+        body.append([FORMS[form](first, first.get(field), cases) for _, field, form in columns[:split]]
+                    + [kernel_cell(cases[p]) if p in cases else "-" for p in providers]
+                    + [FORMS[form](sora, sora.get(field), cases) for _, field, form in columns[split + 1:]])
+    headers = [header for header, _, _ in columns]
+    return table(headers[:split] + providers + headers[split + 1:], body)
 
 
 def kernel_tables(group):
@@ -130,8 +112,7 @@ def kernel_tables(group):
         lines += [f"**Target, {bench}:** {BENCHES[bench].target}", ""]
     for direction in unique(row["direction"] for row in group):
         rows = [row for row in group if row["direction"] == direction]
-        table_lines = provider_table(rows, ("shape", "dtype"), KERNEL_TEXTS, KERNEL_EXTRAS)
-        lines += [f"### {bench}, {direction}", "", *table_lines, ""]
+        lines += [f"### {bench}, {direction}", "", *provider_table(bench, rows), ""]
     return lines
 
 
@@ -198,9 +179,15 @@ def speedup(row, measured):
 
 SETTING = ("model", "shape", "encoders", "dtype", "micro_batch_size", "direction")  # what a speedup compares at
 FORMATS = {"int": str, "f1": "{:.1f}".format, "f2": "{:.2f}".format, "fmt": fmt, "M": scaled,
-           "G": lambda value: scaled(value, 1e9), "pct": "{:.0%}".format}  # form -> cell(value)
+           "G": lambda value: scaled(value, 1e9), "pct": "{:.0%}".format, "dims": shape_text,
+           "e1": lambda value: "-" if value is None else f"{value:.1e}",
+           "yes": {None: "-", True: "yes", False: "**NO**"}.get,
+           "half_M": lambda value: scaled(value / 2 if value else None)}  # form -> cell(value); half_M: read + write
 FORMS = {  # form -> cell(row, value, measured)
     **{form: lambda row, value, measured, cell=cell: cell(value) for form, cell in FORMATS.items()},
+    # per_provider tables (measured: the setting's rows by provider): how many times faster sora ran (time ratio)
+    **{f"vs_{base}": lambda row, value, measured, base=base: rate_ratio(measured.get(base) or {}, measured.get("sora"),
+                                                                      "ms") for base in ("torch", "torch.compile")},
     "text": lambda row, value, measured: "-" if value is None else str(value),
     "gc": lambda row, value, measured: value + (" (GC)" if row.get("grad_checkpoint") else ""),
     "speedup": lambda row, value, measured: speedup(row, measured),
@@ -217,8 +204,7 @@ SUITE_NOTES = {"kernels": (
     "LayerNorm + eager modulate. Speedups are time ratios. The sora forward output's relative error "
     "||out - ref|| / ||ref|| is against the fp32 eager reference.")}
 CUSTOM = {bench: kernel_tables for bench, entry in BENCHES.items() if entry.suite == "kernels"}
-CUSTOM["all_to_all_pack"] = lambda group: heading("all_to_all_pack") + provider_table(
-    group, ("video", "sp", "exchange", "direction"), PACK_TEXTS, PACK_EXTRAS) + [""]
+CUSTOM["all_to_all_pack"] = lambda group: heading("all_to_all_pack") + provider_table("all_to_all_pack", group) + [""]
 
 
 def plotted(rows, plot):
