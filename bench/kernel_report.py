@@ -67,14 +67,8 @@ SM90_DRIVER = SimpleNamespace(
 # A launch: case, kernel, grid, num_warps, constexprs, ints (the int arguments as the JIT saw them), useful_bytes,
 # loop_trips (loop iterations summed over all programs, 0 without a loop), error; analyse adds what the cubin and
 # SASS say: registers, spill_bytes, shared_bytes, loads, stores, instructions (per program outside the loop, fast
-# paths only), loop_instructions (per iteration), blocks_per_sm, per_byte, loop_per_byte, waves.
-def per_byte(launch: dict, loop_only=False) -> float:
-    """Warp instructions issued per useful byte; loop_only: the loop's alone (a long loop's steady state)."""
-    issued = launch["loop_instructions"] * launch["loop_trips"]
-    issued += 0 if loop_only else launch["instructions"] * math.prod(launch["grid"])
-    return issued * launch["num_warps"] / launch["useful_bytes"]
-
-
+# paths only), loop_instructions (per iteration), blocks_per_sm, per_byte (warp instructions issued per useful byte),
+# loop_per_byte (the loop's alone: a long loop's steady state), waves.
 def _loop_trips(kernel: JITFunction, bound: dict, grid: tuple) -> int:
     """Loop iterations of a kernel that walks `rows_per_program` of each sample's N rows (each frame's SF rows,
     for per-frame modulation), BLOCK_M at a time (grid (B or B*F, programs per sample or frame, ...)); 0 for
@@ -208,7 +202,9 @@ def analyse(launch: dict) -> dict:
     launch["instructions"], launch["loop_instructions"] = count_instructions(sass)
     launch["blocks_per_sm"] = blocks_per_sm(launch["registers"], launch["num_warps"], launch["shared_bytes"])
     programs, slots = math.prod(launch["grid"]), launch["blocks_per_sm"] * SMS  # waves: above 1, a part-empty last
-    launch.update(per_byte=per_byte(launch), loop_per_byte=per_byte(launch, True),
+    loop_issued = launch["loop_instructions"] * launch["loop_trips"]
+    issued = {"per_byte": loop_issued + launch["instructions"] * programs, "loop_per_byte": loop_issued}
+    launch.update({key: n * launch["num_warps"] / launch["useful_bytes"] for key, n in issued.items()},
                   waves=programs / slots if slots else math.inf)
     # The TB/s the SMs issuing flat out move at that many warp-instructions per byte, at either clock.
     return dict(launch, ceiling_tbs=[SMS * ISSUE_PER_CLOCK * ghz / launch["per_byte"] / 1e3 for ghz in CLOCKS_GHZ])
