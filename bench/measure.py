@@ -105,7 +105,10 @@ def kernel_op(bench: str, s):
         return (lambda randn: dict(qkv=randn(s.B, s.N, 3 * s.C)), lambda qkv: K.temporal_attention(qkv, s.T, s.heads),
                 eager, [tokens])
 
-    def eager(norm, flash):  # qk_norm, the last of cases.KERNEL_PROVIDERS
+    if bench != "qk_norm":
+        raise ValueError(f"no kernel op for bench {bench!r}")
+
+    def eager(norm, flash):
         """Open-Sora v1.1's spatial attention: q, k, v (B*T, H, S, D) views of qkv; q and k through LlamaRMSNorm."""
         rms_norm = importable("tests.stdit2_reference", "rms_norm")
 
