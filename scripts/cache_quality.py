@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from score_i2v import psnr
-from score_tiny import PROMPTS, judge, non_negative, sample_seed, track
+from score_tiny import PROMPTS, judge, non_negative, sample_seed, track_frames
 
 from sora.data.video import read_video
 from sora.schedulers.cache import TRIGGER_KEYS, check_cache
@@ -111,8 +111,8 @@ def measure(checkpoint, seeds, settings, config="configs/tiny/sample.py", flags=
                 result["calls"].append(model_calls(output))
                 for i, (colour, direction) in enumerate(PROMPTS):
                     path = os.path.join(out, f"sample_{i:04d}.mp4")
-                    result["counts"].append(judge(*track(path), colour, direction))
                     frames = read_video(path)[0].numpy()
+                    result["counts"].append(judge(*track_frames(frames), colour, direction))
                     if index == 0:
                         references.append(frames)
                     result["psnr"].append(psnr(frames, references[i]))

@@ -32,7 +32,12 @@ PROMPTS = tuple((c, d) for c in COLORS for d in DIRECTIONS)
 
 def track(path, threshold=80):
     """(mean RGB of the lit pixels, x slope in px/frame), or (None, None) when no frame has lit pixels."""
-    frames = read_video(path)[0].numpy().astype(np.float64)
+    return track_frames(read_video(path)[0].numpy(), threshold)
+
+
+def track_frames(frames, threshold=80):
+    """track() of decoded (T, H, W, 3) frames."""
+    frames = frames.astype(np.float64)
     xs, colours = [], []
     for t, frame in enumerate(frames):
         lit = frame.max(-1) > threshold
