@@ -26,12 +26,13 @@ import stdit2_reference  # noqa: E402
 from bench.report import OneLineParser, table as markdown_table  # noqa: E402
 from sora.kernels import _common  # noqa: E402
 from sora.models import build_model  # noqa: E402
+from sora.models.stdit2 import XL_2  # noqa: E402
 
 aten = torch.ops.aten
 UNCOUNTED = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
              aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
              aten.new_empty.default}
-XL = dict(hidden_size=1152, num_heads=16, patch_size=(1, 2, 2), depth=28, caption_channels=4096)
+XL = dict(XL_2, caption_channels=4096)
 SHAPE = dict(frames=16, height=30, width=54, batch=2, caption=200)  # 16x240x426 video: 15x27 patches; CFG batch
 # (model, kernels, x_mask, target in KiB per token per block)
 ROWS = [("STDiT", False, False, None), ("STDiT", True, False, None), ("STDiT2", False, False, None),

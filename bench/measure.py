@@ -490,7 +490,7 @@ def measure_diffusers_block(case, batch, timer: Timer) -> dict:
              else dict(timestep=randn(batch, 6 * C)))  # Wan: 6 modulation rows and RoPE; PixArt: adaLN-single's 6C
     forward = torch.compile(block, dynamic=False) if case.provider == "torch.compile" else block
     step = lambda: forward(hidden_states=x, encoder_hidden_states=text, **extra)  # noqa: E731
-    wrt, dout = [x, *block.parameters()], randn(batch, N, C)
+    wrt, dout = [x, *block.parameters()], randn(batch, N, C) if direction == "fwd+bwd" else None
     backward = lambda: torch.autograd.grad(step(), wrt, dout)  # noqa: E731
     ms = timer.kernel(backward if direction == "fwd+bwd" else torch.no_grad()(step))
     ops = ("layernorm_modulate", "gated_residual")
