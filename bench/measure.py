@@ -251,7 +251,7 @@ def captions(model, batch, device, dtype, generator):
 def stdit2_branch(provider, x, T, heads, randn):
     """STDiT2's temporal branch with x_mask (frame 0 of each sample a condition frame): sora's STDiT2Block with the
     kernels, or Open-Sora v1.1's (tests/stdit2_reference.py), eager or compiled."""
-    from sora.models.stdit2 import RotaryEmbedding, STDiT2Block, frame_rows
+    from sora.models.stdit2 import RotaryEmbedding, STDiT2Block
 
     B, N, C = x.shape
     block = STDiT2Block(C, heads, qk_norm=True, enable_flashattn=True, enable_layernorm_kernel=True).to(x)
@@ -261,11 +261,7 @@ def stdit2_branch(provider, x, T, heads, randn):
     x_mask = torch.arange(T, device=x.device).expand(B, T) > 0
     params = [t_tmp, t0_tmp, block.scale_shift_table_temporal, *block.attn_temp.parameters()]
     if provider == "sora":
-        def branch():
-            shift, scale, gate = frame_rows(block.scale_shift_table_temporal, t_tmp, t0_tmp, x_mask).unbind(2)
-            h = block.modulate(x, block.norm_temp, shift, scale)
-            return block.gated(x, block.attn_temp(h, temporal=T, rope_freqs=freqs), gate)
-        return branch, params
+        return lambda: block.temporal(x, T, t_tmp, t0_tmp, x_mask, rope_freqs=freqs), params
     temporal_branch = importable("tests.stdit2_reference", "temporal_branch")
     weights = {**{f"block.{name}": p for name, p in block.named_parameters()}, "rope.freqs": freqs}
     config = dict(num_heads=heads, qk_norm=True, qk_norm_legacy=True)
@@ -397,7 +393,7 @@ def measure_train(case, batch, timer: Timer) -> dict:
     step, model = train_step_fn(case, batch, timer.device)
     timing = timer.steps(step)
     samples_per_s = batch / (timing["ms"] * 1e-3)
-    tokens = math.prod(-(-n // p) for n, p in zip(case.spec[1].latent, model.patch_size))  # STDiT2 pads to the patch
+    tokens = math.prod(model.token_grid(case.spec[1].latent))
     return dict(timing, samples_per_s=samples_per_s, compile_mode=compile_mode(case.provider),
                 tokens_per_s=samples_per_s * tokens)
 

@@ -187,21 +187,24 @@ class STDiT2Block(nn.Module):
         shift_msa, scale_msa = self.spatial_rows(cond)[:2]
         return self.modulate(x, self.norm1, shift_msa, scale_msa)
 
+    def temporal(self, x, T, modulation, modulation_zero=None, x_mask=None, sp_group=None, rope=None, rope_freqs=None):
+        """The temporal branch: x + gate * temporal attention of norm_temp(x) shifted and scaled, its rows from
+        the (B, 3C) modulation (modulation_zero on frames where x_mask is False); forward's arguments otherwise."""
+        shift, scale, gate = frame_rows(self.scale_shift_table_temporal, modulation, modulation_zero, x_mask).unbind(2)
+        h = self.modulate(x, self.norm_temp, shift, scale)
+        return self.gated(x, self.attn_temp(h, sp_group, temporal=T, rope=rope, rope_freqs=rope_freqs), gate)
+
     def forward(self, x, y, mask, cond, T, sp_group=None):
         """x (B, T*S, C) frame-major; y (B, L, C) caption, mask (B, L) bool or None; cond: the STDiT2Conditioning
         of these frames. With a sequence-parallel group, x holds T whole frames of each sample out of T * sp."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.spatial_rows(cond)
-        shift_tmp, scale_tmp, gate_tmp = frame_rows(
-            self.scale_shift_table_temporal, cond.temporal, cond.temporal_zero, cond.x_mask).unbind(2)
 
         h = self.modulate(x, self.norm1, shift_msa, scale_msa)
         h = self.attn(h.view(B * T, N // T, C)).view(B, N, C)
         x = self.gated(x, h, gate_msa)
 
-        h = self.modulate(x, self.norm_temp, shift_tmp, scale_tmp)
-        x = self.gated(x, self.attn_temp(h, sp_group, temporal=T, rope=cond.rope, rope_freqs=cond.rope_freqs),
-                       gate_tmp)
+        x = self.temporal(x, T, cond.temporal, cond.temporal_zero, cond.x_mask, sp_group, cond.rope, cond.rope_freqs)
 
         x = x + self.cross_attn(x, y, mask)
 
@@ -344,6 +347,10 @@ class STDiT2(VideoTransformer):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def token_grid(self, size):
+        """(T, H, W) latent size -> token grid, each side rounded up: x is padded to the patch size."""
+        return tuple(-(-n // p) for n, p in zip(size, self.patch_size))
+
     def adapt_checkpoint(self, state):
         """A checkpoint's tensors (after sora.models.checkpoint's own adjustments) for this model: a null caption
         (y_embedding) of another length, e.g. PixArt-alpha's or STDiT's 120 tokens, is cut or extended by
@@ -381,7 +388,7 @@ class STDiT2(VideoTransformer):
         B = x.shape[0]
         dtype = self.x_embedder.proj.weight.dtype
         size = tuple(x.shape[2:])
-        grid = tuple(-(-n // p) for n, p in zip(size, self.patch_size))
+        grid = self.token_grid(size)
         (Tx, Hx, Wx), (pt, ph, pw) = size, self.patch_size
         x = self.x_embedder(F.pad(x.to(dtype), (0, -Wx % pw, 0, -Hx % ph, 0, -Tx % pt)))  # right-padded; (B, N, C)
         T, S = grid[0], grid[1] * grid[2]
