@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
-    sys.path.insert(0, str(REPO))
+from bench.bench_utils import Results, row_key
+from bench.cases import ATTENTION_SHAPES, BENCHES, all_to_all_volume, cases, kernel_bytes
+from bench.report import OPEN_SORA_COLUMN, main, render_markdown, write_report
 
-from bench.bench_utils import Results, row_key  # noqa: E402
-from bench.cases import ATTENTION_SHAPES, BENCHES, all_to_all_volume, cases, kernel_bytes  # noqa: E402
-from bench.report import OPEN_SORA_COLUMN, main, render_markdown, write_report  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,24 +2,20 @@
 core, and what it finds in tiny models (kernels on move fewer bytes than off; Open-Sora's x_mask costs its
 second modulation and gate, sora's almost nothing). Meta tensors: no arithmetic, a second or so per model."""
 
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
-    sys.path.insert(0, str(REPO))
-
-import sora.kernels as K  # noqa: E402
-from bench.census import census, counting, main  # noqa: E402
+import sora.kernels as K
+from bench.census import census, counting, main
 
 TINY = dict(hidden_size=48, num_heads=4, patch_size=(1, 2, 2), depth=2, caption_channels=16)
 SHAPE = dict(frames=4, height=16, width=16, batch=2, caption=5)  # 4 frames of 64 patches
 
 
+@functools.cache  # two tests count sora's STDiT2 with the kernels
 def per_token(model, kernels=False, x_mask=False):
     counted, count = census(model, kernels, x_mask, arch=TINY, shape=SHAPE)
     return sum(counted.bytes.values()) / count, counted.bytes

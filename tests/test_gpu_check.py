@@ -6,21 +6,15 @@ run a section or two of it.)"""
 import json
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is a package at the repository root, not an installed one
-    sys.path.insert(0, str(REPO))
-
-from bench import gpu_check, measure  # noqa: E402
-from bench.bench_utils import Timer  # noqa: E402
-from bench.cases import Case, by_priority  # noqa: E402
-from bench.gpu_check import Section  # noqa: E402
+from bench import gpu_check, measure
+from bench.bench_utils import Timer
+from bench.cases import Case, by_priority
+from bench.gpu_check import Section
 
 
 def tiny_args(out, deadline=60.0):
