@@ -203,8 +203,6 @@ SUITE_NOTES = {"kernels": (
     "with the kernels off); `torch.compile` is the same function under default inductor; apex and liger are their "
     "LayerNorm + eager modulate. Speedups are time ratios. The sora forward output's relative error "
     "||out - ref|| / ||ref|| is against the fp32 eager reference.")}
-CUSTOM = {bench: kernel_tables for bench, entry in BENCHES.items() if entry.suite == "kernels"}
-CUSTOM["all_to_all_pack"] = lambda group: heading("all_to_all_pack") + provider_table("all_to_all_pack", group) + [""]
 
 
 def plotted(rows, plot):
@@ -219,10 +217,13 @@ def bench_tables(suite, rows):
     lines = [f"## {SUITE_TITLES[suite]}", ""] + ([SUITE_NOTES[suite], ""] if suite in SUITE_NOTES else [])
     for bench in unique(row["bench"] for row in rows):
         group = [row for row in rows if row["bench"] == bench]
-        if bench in CUSTOM:
-            lines += CUSTOM[bench](group)
+        if BENCHES[bench].suite == "kernels":
+            lines += kernel_tables(group)
             continue
         lines += heading(bench)
+        if BENCHES[bench].per_provider:
+            lines += provider_table(bench, group) + [""]
+            continue
         compile_modes = unique(row["compile_mode"] for row in group if row.get("compile_mode"))
         if compile_modes:
             lines += [f"torch.compile applied to: {', '.join(compile_modes)} (SORA_BENCH_COMPILE).", ""]
