@@ -86,10 +86,15 @@ def _cross_attention(P, name, x, y, y_lens, heads, flash):
     D = C // heads
     q = _linear(P, f"{name}.q_linear", x).view(B, N, heads, D).transpose(1, 2)
     k, v = _linear(P, f"{name}.kv_linear", y).view(1, -1, 2, heads, D).unbind(2)
+    if flash:  # one call for the batch, as theirs: each caption right-padded to the longest, the padding masked out
+        k, v = (torch.nn.utils.rnn.pad_sequence(t[0].split(y_lens), batch_first=True).transpose(1, 2) for t in (k, v))
+        keep = torch.arange(k.shape[2], device=x.device) < torch.tensor(y_lens, device=x.device)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None])
+        return _linear(P, f"{name}.proj", out.transpose(1, 2).reshape(B, N, C))
     outs, start = [], 0
     for b, length in enumerate(y_lens):
         kb, vb = (t[0, start:start + length].transpose(0, 1) for t in (k, v))  # (heads, L_b, D)
-        outs.append(_attend(q[b], kb, vb, False, flash).transpose(0, 1).reshape(N, C))
+        outs.append(_attend(q[b], kb, vb, False, False).transpose(0, 1).reshape(N, C))
         start += length
     return _linear(P, f"{name}.proj", torch.stack(outs))
 

@@ -98,9 +98,9 @@ def test_xl2_state_dict_matches_open_sora_v11():
     torch.testing.assert_close(small.rope.freqs, 1.0 / 10000 ** (torch.arange(0, 12, 2).float() / 12))
 
 
-def run_reference(model, args, fp32_casts=False, **arch):
+def run_reference(model, args, fp32_casts=False, flash=False, **arch):
     """Open-Sora's forward with the model's weights; arch: the ARCH keys the model was built with otherwise."""
-    return stdit2_forward(model.state_dict(), {**ARCH, **arch}, *args, fp32_casts=fp32_casts)
+    return stdit2_forward(model.state_dict(), {**ARCH, **arch}, *args, fp32_casts=fp32_casts, flash=flash)
 
 
 @pytest.mark.parametrize("size", [(3, 5, 7), (1, 6, 9), (4, 3, 4)])
@@ -109,7 +109,8 @@ def run_reference(model, args, fp32_casts=False, **arch):
 def test_equals_open_sora_v11_in_float64(size, x_mask, order):
     """Odd sizes (padded to the patch and cropped back), one frame, with and without x_mask, both qk-norm orders
     and no qk-norm, a padded caption: the float32 output equals their forward's to float64 rounding (1e-7), and
-    to 1e-6 against their forward with its fp32 roundings (softmax, RMSNorm)."""
+    to 1e-6 against their forward with its fp32 roundings (softmax, RMSNorm). The reference's fused-attention form
+    (flash=True, which the bench times as Open-Sora's) equals its own math form."""
     model = randomized(tiny(**order)).double()
     args = inputs(*(2, *size), dtype=torch.float64, x_mask=x_mask)
     with torch.no_grad():
@@ -117,6 +118,7 @@ def test_equals_open_sora_v11_in_float64(size, x_mask, order):
         assert out.dtype == torch.float32 and out.shape == (2, 8, *size)
         assert rel(out, run_reference(model, args, **order)) < 1e-7
         assert rel(out, run_reference(model, args, fp32_casts=True, **order)) < 1e-6
+        assert rel(run_reference(model, args, flash=True, **order), run_reference(model, args, **order)) < 1e-12
 
 
 def test_gradients_equal_open_sora_v11_in_float64():
