@@ -137,21 +137,6 @@ def measured_by(rows, *fields):
     return {tuple(row.get(f) for f in fields) + (row["provider"],): row for row in rows if row.get("ms") is not None}
 
 
-def train_targets(rows):
-    """train_step_full's target: STDiT-XL/2 16x256 full step (T5+VAE on the fly), sora >= 1.3x Open-Sora's 7.00
-    samples/s and >= 1.2x eager in the same run. Shown, not asserted."""
-    theirs, measured, body = OPEN_SORA[("stdit_train", "16x256x256")][0], measured_by(rows, *SETTING[:3]), []
-    for encoders in ("T5+VAE", "none"):
-        sora, eager = (measured.get(("STDiT-XL/2", "16x256x256", encoders, p)) for p in ("sora", "eager"))
-        rate = {"samples_per_s": theirs}
-        body.append([f"STDiT-XL/2 16x256x256, encoders {encoders}", fmt(sora["samples_per_s"]) if sora else "-",
-                     f"{rate_ratio(sora or {}, rate, 'samples_per_s')} (goal >= 1.3x)",
-                     f"{rate_ratio(sora or {}, eager, 'samples_per_s')} (goal >= 1.2x)"])
-    return [f"The target read off: the full step with encoders, sora, >= 1.3x Open-Sora's {theirs:.2f} samples/s/GPU "
-            "and >= 1.2x eager in the same run; the pre-encoded row is shown for comparison.", "",
-            *table(["STDiT-XL/2 step", "sora samples/s", "sora / Open-Sora's 7.00", "sora / eager"], body), ""]
-
-
 def theirs(row):
     """Open-Sora's published figure for a training row: samples/s (or None) and the text of the cell."""
     bench, shape = row["bench"], row["shape"]
@@ -241,8 +226,6 @@ def bench_tables(suite, rows):
             body.append(cells)
         headers = [OPEN_SORA_COLUMN if form == "open_sora" else header for header, _, form in columns]
         lines += table(headers, body) + [""]
-        if bench == "train_step_full":
-            lines += train_targets(group)
     return lines
 
 

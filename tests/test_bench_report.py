@@ -152,7 +152,6 @@ def test_report_renders_communication_pipeline_and_training_tables(summary, tmp_
     assert "skipped: OOM at batch 8" in text
     assert "| PixArt-XL/2 | 64x512x512 (GC) | none | sora | 1 | skipped: sora.train not importable here" in text
     assert "0.08 samples/s (GC), 5k tokens/s" in text
-    assert "| STDiT-XL/2 16x256x256, encoders T5+VAE | 10 | 1.43x (goal >= 1.3x) | 1.25x (goal >= 1.2x) |" in text
     # images: 128 / 0.5 s = 256 img/s, 1.46x Open-Sora's 175, their three figures beside
     assert "| DiT-XL/2 | 1x256x256 | sora | 128 | 500.0 | 256 |" in text
     assert "| 1.46x | DiT 100 / OpenDiT 175 / Open-Sora 175 img/s (26k / 45k / 45k tokens/s) |" in text
