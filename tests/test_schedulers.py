@@ -670,6 +670,31 @@ def test_masked_sampling_holds_renoises_and_releases_frames_on_open_soras_schedu
     torch.testing.assert_close(alone, out[1:], rtol=1e-12, atol=1e-12)
 
 
+def test_held_condition_frames_stay_the_reference_and_the_rest_keep_open_soras_schedule():
+    """hold_condition_frames=True: frames of ratio 0 are condition at every step and the output there is the
+    reference; every other frame is held, re-noised and released as without it."""
+    steps = 10
+    ratios = torch.tensor([[0.0, 0.3, 1.0, 0.0, 0.3], [1.0, 1.0, 0.19, 1.0, 0.0]])
+    release = torch.tensor([[-1, 3, 10, -1, 3], [10, 10, 1, 10, -1]])
+    z, y = randn(2, *MASKED_SHAPE[1:], seed=51), torch.randn(2, 1, 3, 6)
+    calls, open_sora_calls = [], []
+    out = IDDPM(num_sampling_steps=steps, hold_condition_frames=True).sample(
+        masked_toy_model(calls), z, y, y, progress=False, generator=torch.Generator().manual_seed(3),
+        frame_mask=ratios)
+    IDDPM(num_sampling_steps=steps).sample(masked_toy_model(open_sora_calls), z, y, y, progress=False,
+                                           generator=torch.Generator().manual_seed(3), frame_mask=ratios)
+    held = (release == -1)[:, None, :, None, None].expand_as(z)
+    for call, open_sora_call, i in zip(calls, open_sora_calls, range(steps - 1, -1, -1)):
+        assert torch.equal(call["x_mask"][:2], release > i), i
+        assert torch.equal(call["x"][:2][held], z[held]), i
+        if i > 0:  # up to the last step, the same computation as Open-Sora's schedule
+            assert torch.equal(call["x"], open_sora_call["x"]), i
+    assert torch.equal(out[held], z[held])
+    assert not torch.equal(out[~held], z[~held]) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="hold_condition_frames must be True or False, got 'yes'"):
+        IDDPM(hold_condition_frames="yes")
+
+
 @pytest.mark.parametrize("frame_mask, message", [
     (torch.ones(2, 4), r"frame_mask must be a \(B, T\) tensor"),
     (torch.full((2, 5), 1.5), r"frame_mask must hold edit ratios: floats in \[0, 1\]"),

@@ -187,7 +187,7 @@ def release_noise(steps, generator, like):
     noise = {}
     for b in range(like.shape[0]) if per_sample else [None]:
         rows = steps if b is None else steps[b:b + 1]
-        for step in sorted(set(rows.flatten().tolist()), reverse=True):
+        for step in sorted({s for s in rows.flatten().tolist() if s >= 0}, reverse=True):  # -1: never released
             if b is None:
                 noise[step] = randn(like.shape, generator, like)
             else:
@@ -226,6 +226,7 @@ class IDDPM:
         diffusion_steps=1000,
         cfg_scale=4.0,
         cfg_channel=None,
+        hold_condition_frames=False,
     ):
         if not (is_int(diffusion_steps) and diffusion_steps >= 1):
             raise ValueError(f"diffusion_steps must be a positive int, got {diffusion_steps!r}.")
@@ -237,6 +238,7 @@ class IDDPM:
             predict_xstart=predict_xstart,
             learn_sigma=learn_sigma,
             rescale_learned_sigmas=rescale_learned_sigmas,
+            hold_condition_frames=hold_condition_frames,
         )
         for name, value in flags.items():
             if not isinstance(value, bool):
@@ -266,6 +268,7 @@ class IDDPM:
         self.predict_xstart = predict_xstart
         self.use_kl = use_kl
         self.rescale_learned_sigmas = rescale_learned_sigmas
+        self.hold_condition_frames = hold_condition_frames
         # The model was trained on the original indices; respaced step i calls it with timestep_map[i].
         self.timestep_map = torch.tensor(space_timesteps(diffusion_steps, timestep_respacing), dtype=torch.long)
 
@@ -456,6 +459,10 @@ class IDDPM:
         timestep-0 modulation, as in Open-Sora) goes to the model. Ratio 1 is the unmasked computation: an all-ones mask
         samples exactly what no mask samples (the re-noising noise is drawn only for steps that release a
         frame, after the ancestral noise). The mask is read once on the host, before the loop.
+        Open-Sora releases a frame of ratio 0 at the last step, where the model's output becomes the frame, an
+        output its masked loss never trains: that moves the frame by about sqrt(1 - alpha_bar_0) of it for an
+        eps model, and replaces it for an x_0 model (predict_xstart). With hold_condition_frames=True such
+        frames stay the reference to the end, and the model sees them as condition at every step.
 
         cache: None, or a residual cache config such as dict(type="residual", trigger="delta", threshold=0.4)
         (sora.schedulers.cache). After sampling, `model_calls` is (full model calls, steps).
@@ -466,6 +473,8 @@ class IDDPM:
         if frame_mask is not None:
             check_frame_mask(frame_mask, x, "ratio")
             held = release_steps(frame_mask, self.num_timesteps)
+            if self.hold_condition_frames:  # never released: -1 is below every step
+                held = held.masked_fill(held == 0, -1)
         batch = x.shape[0]
         timesteps = self._on("timestep_map", x.device)
         steps = range(self.num_timesteps - 1, -1, -1)
