@@ -22,7 +22,10 @@ model = dict(
 )
 vae = dict(type="PixelVAE", factor=16)
 text_encoder = dict(type="t5", config=TINY_T5_CONFIG, model_max_length=32)
-scheduler = dict(type="iddpm", num_sampling_steps=50, cfg_scale=4.0)
+# predict_xstart: the tiny model predicts the clean clip (configs/tiny/stdit2/train.py says why); with it,
+# hold_condition_frames keeps reference frames (edit ratio 0) the reference to the end, where Open-Sora's schedule
+# would put the model's output for them, which its masked loss never trains (README.md, "Masked sampling").
+scheduler = dict(type="iddpm", num_sampling_steps=50, cfg_scale=4.0, predict_xstart=True, hold_condition_frames=True)
 dtype = "fp32"
 
 batch_size = 2
