@@ -18,10 +18,9 @@ PROVIDER_ORDER = ["sora", "torch", "torch.compile", "apex", "liger", "sora+compi
 
 REFERENCE = json.loads((Path(__file__).resolve().parent / "reference_figures.json").read_text())
 OPEN_SORA_COLUMN = REFERENCE["column"]
-# Open-Sora's tables: training (bench, shape) -> (samples/s, the cell's text); the encoder table (STDiT with T5 and
-# the VAE on the fly) by shape; the image table (DiT-XL/2 on 256x256 images, batch 128). Our train_step_full rows
-# name the model, their table names it by a bench (MODEL_BENCH).
-OPEN_SORA = {(r["bench"], r["shape"]): (r["samples_per_s"], f"{r['samples_per_s']:.2f} samples/s"
+# Open-Sora's tables: training (model, shape) -> (samples/s, the cell's text); the encoder table (STDiT with T5 and
+# the VAE on the fly) by shape; the image table (DiT-XL/2 on 256x256 images, batch 128).
+OPEN_SORA = {(r["model"], r["shape"]): (r["samples_per_s"], f"{r['samples_per_s']:.2f} samples/s"
                                         f"{' (GC)' if r['grad_checkpoint'] else ''}, {r['ktokens_per_s']}k tokens/s")
              for r in REFERENCE["training"]}
 OPEN_SORA_ENCODERS = {r["shape"]: f"encoders: baseline {r['baseline']:.2f} / {r['faster_label']} {r['faster']:.2f} "
@@ -31,16 +30,8 @@ _IMAGES = REFERENCE["images"]["rows"]
 OPEN_SORA_IMAGES = (" / ".join(f"{r['name']} {r['img_per_s']}" for r in _IMAGES) + " img/s ("
                     + " / ".join(f"{r['ktokens_per_s']}k" for r in _IMAGES) + " tokens/s)")
 OPEN_SORA_IMAGES_BEST = float(max(r["img_per_s"] for r in _IMAGES))
-MODEL_BENCH = {"STDiT-XL/2": "stdit_train", "PixArt-XL/2": "pixart_train"}
 SPEEDUP_BASE = {"sora": ("eager", "open-sora", "open-sora+compile"), "sora+compile": ("eager+compile",),
                 "eager+compile": ("eager",), "sora+cache": ("sora",)}
-
-
-def heading(bench):
-    """A bench's table heading, note and target, from bench/cases.py."""
-    entry = BENCHES[bench]
-    return ([f"### {entry.title} (`{bench}`)", ""] + ([entry.note, ""] if entry.note else [])
-            + ([f"**Target:** {entry.target}", ""] if entry.target else []))
 
 
 def providers_of(rows):
@@ -132,17 +123,12 @@ def rate_ratio(row, base, key):
     return "-" if not base or row.get(key) is None or base.get(key) is None else f"{row[key] / base[key]:.2f}x"
 
 
-def measured_by(rows, *fields):
-    """{(fields..., provider): the measured row}: the batch that ran, where a larger one ran out of memory."""
-    return {tuple(row.get(f) for f in fields) + (row["provider"],): row for row in rows if row.get("ms") is not None}
-
-
 def theirs(row):
     """Open-Sora's published figure for a training row: samples/s (or None) and the text of the cell."""
     bench, shape = row["bench"], row["shape"]
     if bench == "dit_image_train" and row.get("model") == "DiT-XL/2" and shape == "1x256x256":
         return OPEN_SORA_IMAGES_BEST, OPEN_SORA_IMAGES
-    key = (MODEL_BENCH.get(row.get("model")), shape)
+    key = (row.get("model"), shape)
     if bench != "train_step_full" or key not in OPEN_SORA:
         return None, "-"
     samples, text = OPEN_SORA[key]
@@ -201,19 +187,22 @@ def bench_tables(suite, rows):
     """One table per bench, columns as bench/cases.py says; a skipped row's reason fills its first measured cell."""
     lines = [f"## {SUITE_TITLES[suite]}", ""] + ([SUITE_NOTES[suite], ""] if suite in SUITE_NOTES else [])
     for bench in unique(row["bench"] for row in rows):
-        group = [row for row in rows if row["bench"] == bench]
-        if BENCHES[bench].suite == "kernels":
+        group, entry = [row for row in rows if row["bench"] == bench], BENCHES[bench]
+        if entry.suite == "kernels":
             lines += kernel_tables(group)
             continue
-        lines += heading(bench)
-        if BENCHES[bench].per_provider:
+        lines += ([f"### {entry.title} (`{bench}`)", ""] + ([entry.note, ""] if entry.note else [])
+                  + ([f"**Target:** {entry.target}", ""] if entry.target else []))
+        if entry.per_provider:
             lines += provider_table(bench, group) + [""]
             continue
         compile_modes = unique(row["compile_mode"] for row in group if row.get("compile_mode"))
         if compile_modes:
             lines += [f"torch.compile applied to: {', '.join(compile_modes)} (SORA_BENCH_COMPILE).", ""]
-        columns = BENCHES[bench].table_columns()
-        measured = measured_by(group, *SETTING)
+        columns = entry.table_columns()
+        # By SETTING and provider, the measured row: the batch that ran, where a larger one ran out of memory.
+        measured = {tuple(row.get(f) for f in SETTING) + (row["provider"],): row
+                    for row in group if row.get("ms") is not None}
         body = []
         for row in group:
             cells, shown = [], False
