@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import ID_FIELDS
+from bench.cases import row_id
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
@@ -212,8 +212,9 @@ def free_memory() -> None:
 
 # ---- rows ----------------------------------------------------------------------------------------------
 def row_key(row: dict) -> str:
-    """Rows of two runs with this key measure the same thing (a later run replaces the earlier row)."""
-    return json.dumps([row.get(field) for field in ("suite", "bench", "provider", "batch_size", *ID_FIELDS)])
+    """The row's case by its pytest id (`pytest bench/ --benchmark -k ID` measures it again), and its batch: rows of
+    two runs with one key measure the same thing (a later run replaces the earlier row)."""
+    return row_id(row) + (f" batch {row['batch_size']}" if row.get("batch_size") else "")
 
 
 class Results:

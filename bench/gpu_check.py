@@ -29,8 +29,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from bench.bench_utils import Results, Timer, collect_env, run_facts  # noqa: E402
-from bench.cases import by_priority, row_id  # noqa: E402
+from bench.bench_utils import Results, Timer, collect_env, row_key, run_facts  # noqa: E402
+from bench.cases import by_priority  # noqa: E402
 from bench.report import OneLineParser  # noqa: E402
 
 DEFAULT_DEADLINE_S = 420.0  # with GRACE_S and the start-up, the whole check under 8 minutes (bench/NOTES.md)
@@ -90,7 +90,7 @@ class Check:
     def add_row(self, row: dict) -> None:
         self.results.rows.append(row)
         self.save()
-        self.log(f"row {row_label(row)}: {row_numbers(row)}")
+        self.log(f"row {row_key(row)}: {row_numbers(row)}")
 
     def fail(self, message: str) -> None:
         self.status["failures"].append(message)
@@ -135,11 +135,6 @@ class Check:
             self.fail(f"section {section.name}: {status}")
         self.status["sections"][section.name] = {"status": status, "seconds": round(time.monotonic() - started, 1)}
         self.save()
-
-
-def row_label(row: dict) -> str:
-    """The row's case by its pytest id (`pytest bench/ --benchmark -k ID` measures it again), and its batch."""
-    return row_id(row) + (f" batch {row['batch_size']}" if row.get("batch_size") else "")
 
 
 def row_numbers(row: dict) -> str:
@@ -206,19 +201,16 @@ def kernel_tests(check: Check) -> None:
 
 def measure_cases(check: Check, first: int, last: int) -> None:
     """The cases with priority first..last through run_case; an error is a failure named by its row, then the next."""
-    from bench.measure import drop_text_encoder, run_case
+    from bench.measure import run_case  # it drops the resident T5 before every case that encodes no text
 
     timer = Timer(check.device, check.results.env["copy_bandwidth_gbps"])
-    try:
-        for case in by_priority(check.device.type == "cuda", first, last):
-            check.tick()
-            try:
-                run_case(case, timer, check.add_row)
-            except Exception as error:
-                check.log(traceback.format_exc())
-                check.fail(f"row {row_label(check.results.rows[-1])}: {type(error).__name__}: {error}"[:300])
-    finally:
-        drop_text_encoder()
+    for case in by_priority(check.device.type == "cuda", first, last):
+        check.tick()
+        try:
+            run_case(case, timer, check.add_row)
+        except Exception as error:
+            check.log(traceback.format_exc())
+            check.fail(f"row {row_key(check.results.rows[-1])}: {type(error).__name__}: {error}"[:300])
 
 
 SECTIONS = [
