@@ -221,7 +221,7 @@ class Results:
     """A run's rows and environment, saved to out_dir/summary.json after every row, the report at the end; append:
     keep an earlier summary.json's rows (same device) not measured again, so a suite run in parts ends in one."""
 
-    def __init__(self, out_dir: Path | None = None, append: bool = False):
+    def __init__(self, out_dir: str | Path | None = None, append: bool = False):
         self.rows, self.env, self.written = [], None, []
         self.out_override, self.append = out_dir, append
 
@@ -235,8 +235,7 @@ class Results:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        if self.env is not None:
-            self.save()
+        self.save()
 
     @functools.cached_property
     def earlier(self) -> dict:

@@ -195,15 +195,14 @@ STEP_NOTE = (
 KERNEL = dict(per_provider=("shape", "dtype"), columns=(
     "shape:shape (B, N, C):dims", "video", "T", "dtype", "provider", "-:sora vs torch:vs_torch",
     "-:sora vs torch.compile:vs_torch.compile", "rel_err:sora rel. error:e1"))
+KERNEL_TARGETS = {
+    "layernorm_modulate": "fwd, bf16, C=1152, >= 1M rows: >= 85% of copy bandwidth, >= 2.5x eager, >= torch.compile; "
+                          "fwd+bwd: >= 2x eager and >= torch.compile; the temporal variant within 10% of the plain "
+                          "one and >= 2x eager.",
+    "temporal_attention": "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path.",
+    "qk_norm": "fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth."}
 BENCHES = {
-    **{name: Bench("kernels", name, **KERNEL) for name in KERNEL_PROVIDERS if name != "layernorm_modulate"},
-    "layernorm_modulate": Bench("kernels", "layernorm_modulate", target=(
-        "fwd, bf16, C=1152, >= 1M rows: >= 85% of copy bandwidth, >= 2.5x eager, >= torch.compile; fwd+bwd: >= 2x "
-        "eager and >= torch.compile; the temporal variant within 10% of the plain one and >= 2x eager."), **KERNEL),
-    "temporal_attention": Bench("kernels", "temporal_attention", target=(
-        "bf16, 16 heads of 72: fwd >= 70% of the copy bandwidth; fwd+bwd >= 3x the torch path."), **KERNEL),
-    "qk_norm": Bench("kernels", "qk_norm", target="fwd, bf16, 16 heads of 72: >= 85% of the copy bandwidth.",
-                     **KERNEL),
+    **{name: Bench("kernels", name, target=KERNEL_TARGETS.get(name, ""), **KERNEL) for name in KERNEL_PROVIDERS},
     "temporal_branch": Bench(
         "models", "Temporal branch, fwd+bwd",
         "STDiT: qkv, attention, proj, gated residual; eager adds the rearranges. STDiT2 with x_mask: norm, modulate, "

@@ -29,8 +29,7 @@ def benchmarking(config) -> bool:
 
 
 def pytest_configure(config):
-    out = config.getoption("--bench-out", None)
-    config.stash[RESULTS] = Results(out and Path(out), config.getoption("--bench-append", False))
+    config.stash[RESULTS] = Results(config.getoption("--bench-out", None), config.getoption("--bench-append", False))
     if benchmarking(config) and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 would time the Triton interpreter on the GPU: unset it for bench/")
 

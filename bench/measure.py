@@ -15,8 +15,8 @@ from einops import rearrange
 
 import sora.kernels as K
 from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, randomize
-from bench.cases import (CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, VIDEOS,
-                         all_to_all_volume, kernel_bytes)
+from bench.cases import (CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, all_to_all_volume,
+                         kernel_bytes)
 from sora.kernels.layout import swap_leading, swap_leading_reference
 from sora.schedulers import IDDPM
 from sora.schedulers.cache import check_cache
@@ -455,7 +455,7 @@ def measure_optimizer_step(case, batch, timer: Timer) -> dict:
     """sora.train.optimizer_step over STDiT-XL/2's fp32 parameters, gradients and EMA: ms, GB/s, share of copy."""
     build_optimizer, optimizer_step = importable("sora.train", "build_optimizer", "optimizer_step")
     device = timer.device
-    model = build_dit("STDiT-XL/2", VIDEOS[device.type == "cuda"][0].latent, "sora", device, torch.float32).train()
+    model = build_dit("STDiT-XL/2", case.spec.latent, "sora", device, torch.float32).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model, LR)
     generator = torch.Generator(device=device).manual_seed(0)
