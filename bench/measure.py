@@ -325,12 +325,6 @@ def text_encoder(device):
                          dtype=torch.bfloat16 if cuda else torch.float32)
 
 
-def drop_text_encoder():
-    if text_encoder.cache_info().currsize:
-        text_encoder.cache_clear()
-        free_memory()
-
-
 def build_vae(device, dtype, micro_batch_size):
     """Stable Diffusion's VAE per frame (TINY_VAE_CONFIG on a CPU), seeded random weights."""
     VideoAutoencoderKL, TINY_VAE_CONFIG = importable("sora.models.vae", "VideoAutoencoderKL", "TINY_VAE_CONFIG")
@@ -509,8 +503,10 @@ def run_case(case, timer: Timer, add) -> dict:
     """Measure a case at the first of case.batches that fits, handing each row to add(row) as it is done; returns
     the last row. Out of memory is a skipped row ("OOM at batch 8") and the next batch is tried; a provider that
     cannot run here is a skipped row with the reason; any other error is a row "error: ...", and raised."""
-    if case.bench not in ("t5_encode", "sample_e2e") and case.fields.get("encoders") != "T5+VAE":
-        drop_text_encoder()
+    encodes = case.bench in ("t5_encode", "sample_e2e") or case.fields.get("encoders") == "T5+VAE"
+    if not encodes and text_encoder.cache_info().currsize:  # the resident T5 goes before a case that encodes no text
+        text_encoder.cache_clear()
+        free_memory()
     for batch in case.batches:
         row, oom = case.row(batch), False
         try:
