@@ -97,16 +97,6 @@ def provider_table(bench, group):
     return table(headers[:split] + providers + headers[split + 1:], body)
 
 
-def kernel_tables(group):
-    bench, lines = group[0]["bench"], []
-    if BENCHES[bench].target:
-        lines += [f"**Target, {bench}:** {BENCHES[bench].target}", ""]
-    for direction in unique(row["direction"] for row in group):
-        rows = [row for row in group if row["direction"] == direction]
-        lines += [f"### {bench}, {direction}", "", *provider_table(bench, rows), ""]
-    return lines
-
-
 # ---- communication, pipeline and training tables ------------------------------------------------------
 def table(columns, body):
     """A markdown table: a header row and one row per list of cells."""
@@ -184,12 +174,16 @@ def plotted(rows, plot):
 
 
 def bench_tables(suite, rows):
-    """One table per bench, columns as bench/cases.py says; a skipped row's reason fills its first measured cell."""
+    """A suite's benches as bench/cases.py lays them out: a kernel bench's target and a provider table per direction;
+    another's heading, then a provider table or a line per row (a skipped row's reason in its first measured cell)."""
     lines = [f"## {SUITE_TITLES[suite]}", ""] + ([SUITE_NOTES[suite], ""] if suite in SUITE_NOTES else [])
     for bench in unique(row["bench"] for row in rows):
         group, entry = [row for row in rows if row["bench"] == bench], BENCHES[bench]
         if entry.suite == "kernels":
-            lines += kernel_tables(group)
+            lines += [f"**Target, {bench}:** {entry.target}", ""] if entry.target else []
+            for direction in unique(row["direction"] for row in group):
+                rows_at = [row for row in group if row["direction"] == direction]
+                lines += [f"### {bench}, {direction}", "", *provider_table(bench, rows_at), ""]
             continue
         lines += ([f"### {entry.title} (`{bench}`)", ""] + ([entry.note, ""] if entry.note else [])
                   + ([f"**Target:** {entry.target}", ""] if entry.target else []))
