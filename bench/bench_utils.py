@@ -150,8 +150,7 @@ class Timer:
         def measure():
             for _ in range(2 if self.device.type == "cuda" else 1):
                 fn()
-            synchronize(self.device)
-            return time_ms(fn, self.device)
+            return time_ms(fn, self.device)  # do_bench calls fn and synchronizes before it times
         return self.once(measure)
 
     def steps(self, step, warmup: int = 2) -> dict:

@@ -15,8 +15,7 @@ from einops import rearrange
 
 import sora.kernels as K
 from bench.bench_utils import DTYPES, REPO, Rotation, Timer, free_memory, randomize
-from bench.cases import (CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, SAMPLE_VAE_MICRO_BATCH, all_to_all_volume,
-                         kernel_bytes)
+from bench.cases import CFG, KERNEL_PROVIDERS, OPTIMIZER_BYTES_PER_PARAM, all_to_all_volume, kernel_bytes
 from sora.kernels.layout import swap_leading, swap_leading_reference
 from sora.schedulers import IDDPM
 from sora.schedulers.cache import check_cache
@@ -435,7 +434,7 @@ def measure_sample_e2e(case, batch, timer: Timer) -> dict:
     """One video from a prompt by sora.sample.sample_videos (T5, IDDPM steps with CFG, VAE, to host): s per video."""
     sample_videos = importable("sora.sample", "sample_videos")
     device, dtype, video = timer.device, DTYPES[case.fields["dtype"]], case.spec
-    encoder, vae = text_encoder(device), build_vae(device, dtype, SAMPLE_VAE_MICRO_BATCH)
+    encoder, vae = text_encoder(device), build_vae(device, dtype, case.fields["vae_micro_batch_size"])
     model = build_dit("STDiT-XL/2", video.latent, case.provider, device, dtype).eval()
     model = torch.compile(model) if case.provider.endswith("compile") else model  # as sora.sample's --compile true
     scheduler = IDDPM(num_sampling_steps=case.fields["steps"], **CFG)
