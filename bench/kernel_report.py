@@ -88,8 +88,7 @@ def sm90_capture(case: str, launches: list):
     def capture(kernel, *args, grid, warmup, **kwargs):
         if warmup:  # a launcher asking for the compiled kernel (one_wave), not a launch
             return original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
-        bound = dict(zip([p.name for p in kernel.params], args))
-        bound.update(kwargs)
+        bound = dict(zip([p.name for p in kernel.params], args), **kwargs)
         grid = tuple(grid(bound) if callable(grid) else grid)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         launch = dict(
@@ -160,15 +159,13 @@ def count_instructions(sass: str) -> tuple[int, int]:
     last_exit = max(i for i, b in enumerate(blocks) if any(re.search(r"\bEXIT\b", line) for line in b))
     blocks = blocks[:last_exit + 1]
     labels = {b[0][:-1]: i for i, b in enumerate(blocks) if b[0].endswith(":")}
-    loop = None
+    first, last = 0, -1  # the loop's first and last block; without a loop, an empty range
     for i, b in enumerate(blocks):
         target = re.search(r"BRA (\w+)", b[-1])
         if target and target.group(1) in labels and labels[target.group(1)] <= i:
-            loop = (labels[target.group(1)], i)
+            first, last = labels[target.group(1)], i
     issued = [0 if _slow_path(b) else _issued(b, lines) for b in blocks]
-    if loop is None:
-        return sum(issued), 0
-    body = sum(issued[loop[0]:loop[1] + 1])
+    body = sum(issued[first:last + 1])
     return sum(issued) - body, body
 
 
