@@ -268,16 +268,14 @@ def plot(summary, path, kind):
         if kernels:
             label = lambda row: f"{row['direction']} {shape_text(row['shape'])} {row['dtype']}"  # noqa: E731
             values = {(label(row), row["provider"]): row.get("gbps") for row in group}
-            if summary.get("copy_bandwidth_gbps"):
-                ax.axhline(summary["copy_bandwidth_gbps"], color="black", linestyle="--", linewidth=1,
-                           label="copy bandwidth")
         else:
             label = lambda row: row["shape"]  # noqa: E731
-            rate = {}
-            for row in group:  # the first measured batch size per (shape, provider), the largest that ran
-                rate.setdefault((row["shape"], row["provider"]), row["samples_per_s"])
+            # Per (shape, provider) the first measured batch size, the largest that ran (reversed: the first wins).
+            rate = {(row["shape"], row["provider"]): row["samples_per_s"] for row in reversed(group)}
             values = {key: value / rate[(key[0], "eager")] for key, value in rate.items() if (key[0], "eager") in rate}
-            ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        line = summary.get("copy_bandwidth_gbps") if kernels else 1.0  # the copy bandwidth, or eager's rate
+        if line:
+            ax.axhline(line, color="black", linestyle="--", linewidth=1, label="copy bandwidth" if kernels else None)
         labels, providers = unique(label(row) for row in group), providers_of(group)
         for i, provider in enumerate(providers):  # one bar per provider in each label's group
             positions = [x + (i - (len(providers) - 1) / 2) * 0.8 / len(providers) for x in range(len(labels))]
