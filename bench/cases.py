@@ -104,6 +104,7 @@ ATTENTION_SHAPES = {True: [(Shape("16x256", 64, 16, 256, 1152), ("bf16",)),
 # qk_norm: STDiT2-XL/2's spatial attention at 16x240x426 (16 frames of 15x27 tokens), qkv (B*T, S, 3C) of 1.8 GB.
 QK_NORM_SHAPES = {True: [(Shape("16x240x426", 40, 16, 405, 1152), ("bf16",))],
                   False: [(Shape("tiny", 1, 2, 8, 64, heads=2), ("fp32",))]}
+HEADS_SHAPES = {"temporal_attention": ATTENTION_SHAPES, "qk_norm": QK_NORM_SHAPES}  # ops that split C in heads
 PLAIN_PROVIDERS = ("sora", "torch", "torch.compile")
 LN_PROVIDERS = (*PLAIN_PROVIDERS, "apex", "liger")
 KERNEL_PROVIDERS = {**dict.fromkeys(("layernorm_modulate", "layernorm_modulate_temporal"), LN_PROVIDERS),
@@ -288,9 +289,6 @@ def kernel_priority(bench: str, first: bool, provider: str, dtype: str, C: int) 
     if provider in ("sora", "torch"):
         return (3 if bench == "qk_norm" else 1) if first else 5 if dtype == "bf16" and C == 1152 else 6
     return 3 if provider == "torch.compile" and first else None
-
-
-HEADS_SHAPES = {"temporal_attention": ATTENTION_SHAPES, "qk_norm": QK_NORM_SHAPES}  # ops that split C in heads
 
 
 def kernel_cases(cuda: bool) -> list[Case]:

@@ -35,7 +35,9 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
 SD_SCALING_FACTOR = SD_VAE_CONFIG["scaling_factor"]
 LR, GRAD_CLIP, EMA_DECAY = 2e-5, 1.0, 0.9999  # Open-Sora v1's training configs
 TRAIN_VAE_MICRO_BATCH = 32  # frames per VAE call on the fly (Open-Sora's: 128 or 64): room for T5 and the EMA
-CUDA_ONLY = ("apex", "liger", "flash-attn")  # with torch.compile's providers: skipped on a CPU
+# Providers that run another package's op (module, name); with torch.compile's, measured on GPUs only.
+EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
+            "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
 LABEL_MODELS = {"DiT-XL/2": dict(condition="label_1000"), "Latte-XL/2": dict(condition="label_101")}
 STAGE1 = REPO / "configs" / "opensora-v1-1" / "train" / "stage1.py"  # Open-Sora v1.1's mask_ratios
 
@@ -120,10 +122,6 @@ def kernel_op(bench: str, s):
                                k_weight=randn(s.C // s.heads)),
             lambda qkv, q_weight, k_weight: K.qk_norm(qkv, s.heads, q_weight, k_weight, EPS),
             eager, [(s.B * s.T, s.heads, s.S, s.C // s.heads)] * 3)
-
-
-EXTERNAL = {"apex": ("apex.normalization", "FusedLayerNorm"), "flash-attn": ("flash_attn", "flash_attn_func"),
-            "liger": ("liger_kernel.transformers", "LigerLayerNorm")}
 
 
 def bandwidth(nbytes: int, ms: float, timer: Timer) -> dict:
@@ -301,8 +299,7 @@ def open_sora_v11(model, dtype):
         with torch.autocast(x.device.type, enabled=False):
             weights = {name: t.to(dtype) for name, t in itertools.chain(model.named_parameters(),
                                                                         model.named_buffers())}
-            return stdit2_forward(weights, config, x, timestep, y, mask, x_mask, **sizes, fp32_casts=True,
-                                  flash=True)
+            return stdit2_forward(weights, config, x, timestep, y, mask, x_mask, **sizes, fp32_casts=True, flash=True)
     return forward
 
 
@@ -509,7 +506,7 @@ def run_case(case, timer: Timer, add) -> dict:
     for batch in case.batches:
         row, oom = case.row(batch), False
         try:
-            if timer.device.type != "cuda" and ("compile" in case.provider or case.provider in CUDA_ONLY):
+            if timer.device.type != "cuda" and ("compile" in case.provider or case.provider in EXTERNAL):
                 raise Unavailable(f"CPU smoke set: {case.provider} is measured on GPUs only")
             row.update(MEASURES[case.bench](case, batch, timer))
         except Unavailable as reason:
