@@ -111,7 +111,6 @@ KERNEL_PROVIDERS = {**dict.fromkeys(("layernorm_modulate", "layernorm_modulate_t
                     **dict.fromkeys(("gated_residual", "gated_residual_temporal", "to_temporal"), PLAIN_PROVIDERS),
                     "temporal_attention": ("sora", "torch", "flash-attn", "torch.compile"), "qk_norm": PLAIN_PROVIDERS}
 
-# Training steps: 16x256 at batch 8 (else 4), 16x512 at 2 (else 1), 64x512 at 1 under gradient checkpointing.
 VIDEOS = {True: [Video("16x256x256", 16, 256, 256, (8, 4)), Video("16x512x512", 16, 512, 512, (2, 1)),
                  Video("64x512x512", 64, 512, 512, (1,), grad_checkpoint=True)],
           False: [Video("4x64x64", 4, 64, 64, (2,))]}
