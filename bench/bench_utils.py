@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.cases import row_id
+from bench.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a row's dtype field
@@ -262,8 +263,6 @@ class Results:
 
     def finish(self) -> list[Path]:
         """summary.json, then the report (README.md, plots) beside it."""
-        from bench.report import write_report
-
         path, summary = self.save()
         self.written = [path, *write_report(summary, path.parent)]
         return self.written
