@@ -322,7 +322,7 @@ def text_encoder(device):
 
 
 def build_vae(device, dtype, micro_batch_size):
-    """Stable Diffusion's VAE per frame (TINY_VAE_CONFIG on a CPU), seeded random weights."""
+    """Stable Diffusion's VAE per frame (TINY_VAE_CONFIG on a CPU), diffusers' initial weights (timed, not read)."""
     VideoAutoencoderKL, TINY_VAE_CONFIG = importable("sora.models.vae", "VideoAutoencoderKL", "TINY_VAE_CONFIG")
     with device:
         vae = VideoAutoencoderKL(config=SD_VAE_CONFIG if device.type == "cuda" else TINY_VAE_CONFIG,

@@ -4,7 +4,6 @@ with the most self time after two warm-up steps (CPU operators, tiny STDiT, with
     python bench/profile_step.py [--video 16x256x256] [--batch-size 4] [--rows 25] [--out profile.md]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,17 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a pack
 from bench.bench_utils import free_memory, synchronize  # noqa: E402
 from bench.cases import VIDEOS, train_case  # noqa: E402
 from bench.measure import train_step_fn  # noqa: E402
+from bench.report import OneLineParser  # noqa: E402
 
 
-def main():
+def main(argv=None):
     cuda = torch.cuda.is_available()
     videos = {video.label: video for video in VIDEOS[cuda]}
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python bench/profile_step.py", description=__doc__.splitlines()[0])
     parser.add_argument("--video", default=next(iter(videos)), choices=sorted(videos))
     parser.add_argument("--batch-size", type=int, default=4 if cuda else 2)
     parser.add_argument("--rows", type=int, default=25, help="kernels (operators) shown per provider")
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.rows < 1:
+        parser.error(f"--batch-size and --rows must be at least 1, got {args.batch_size} and {args.rows}")
     device = torch.device("cuda" if cuda else "cpu")
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     where = torch.cuda.get_device_name() if cuda else "CPU (tiny STDiT: a check that the script runs, not a result)"

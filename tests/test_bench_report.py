@@ -198,6 +198,20 @@ def test_report_cli_help_and_bad_input():
         assert "Traceback" not in failed.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--video", "nope"], "argument --video: invalid choice: 'nope'"),
+    (["--batch-size", "0"], "--batch-size and --rows must be at least 1, got 0 and 25"),
+])
+def test_profile_step_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    from bench.profile_step import main as profile_step
+
+    with pytest.raises(SystemExit) as exit_:
+        profile_step(args)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.startswith(f"python bench/profile_step.py: {message}")
+    assert error.count("\n") == 1
+
+
 def test_smoke_report_says_gpu_rows_were_skipped(summary, tmp_path):
     write_report({**summary, "smoke": True, "clocks": None}, tmp_path)
     text = (tmp_path / "README.md").read_text()
